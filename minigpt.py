@@ -1,0 +1,763 @@
+"""minigpt: a GPT you can read in one sitting.
+
+This one file holds everything the scripts share, in the order the data flows:
+
+  1. files      get a public data file: from data/, a mirror folder, or the web (checked by sha256)
+  2. tokens     GPT-2's byte-pair encoding (tiktoken)
+  3. model      config, attention, MLP, transformer block, the GPT, a key/value cache
+  4. generate   greedy, temperature and top-k sampling
+  5. GPT-2      read OpenAI's weights (safetensors, numpy only), convert, load
+  6. data       the sliding-window dataset for pretraining, the padding dataset for classifying
+  7. training   losses, one training loop with periodic evaluation, checkpoints, an SVG plot
+
+`python minigpt.py --model gpt2-small --prompt "Every effort moves you"` generates text.
+pretrain.py, finetune.py and classify.py build on the pieces below.
+"""
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+import numpy as np
+import tiktoken
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+DATA_DIR = HERE / "data"  # downloads and converted weights live here (git-ignored)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Files: every data file is public; we fetch it once, check its bytes, and never trust a copy
+#    whose sha256 is wrong. Writes go to a temporary name first and are renamed into place, so a
+#    crash or Ctrl+C never leaves a half-written file under the real name.
+# ----------------------------------------------------------------------------------------------
+
+class DataError(RuntimeError):
+    """A data file could not be had or is not what it should be. The message says what to do."""
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)  # atomic on POSIX and Windows when both are on one file system
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path, text):
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def sha256_of(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def fetch(name, url, sha256, archive_sha256=None):
+    """Return the local path of the public file `name`, whose sha256 must be `sha256` (None: no
+    published digest; the caller checks the file's structure instead).
+
+    Looks, in order, at data/<name>; at $MINIGPT_MIRROR/<name> (a folder of files by name, for
+    offline machines and CI), which it copies into data/; at `url`, which it downloads. When
+    `archive_sha256` is given, `url` is a zip archive (checked against that hash) holding `name`.
+    """
+    dest = DATA_DIR / name
+    if dest.exists():
+        if sha256 is None or sha256_of(dest) == sha256:
+            return dest
+        print(f"{dest} has the wrong sha256; fetching it again", file=sys.stderr)
+    mirror = os.environ.get("MINIGPT_MIRROR")
+    if mirror and (Path(mirror) / name).exists():
+        source = Path(mirror) / name
+        if sha256 is not None and sha256_of(source) != sha256:
+            raise DataError(f"{source} (from MINIGPT_MIRROR) has the wrong sha256: expected {sha256}")
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(source, tmp)
+        return dest
+    if archive_sha256 is None:
+        download(url, dest, sha256, name)
+    else:
+        archive = fetch(Path(name).parent / Path(url).name, url, archive_sha256)
+        with zipfile.ZipFile(archive) as z, atomic_path(dest) as tmp:
+            with z.open(Path(name).name) as src, open(tmp, "wb") as out:
+                shutil.copyfileobj(src, out)
+            if sha256_of(tmp) != sha256:
+                raise DataError(f"{Path(name).name} inside {archive} has the wrong sha256")
+    return dest
+
+
+def download(url, dest, sha256, name):
+    """Download `url` to `dest` with a progress line, resuming a partial `.part` file (HTTP Range)."""
+    part = dest.with_name(dest.name + ".part")
+    part.parent.mkdir(parents=True, exist_ok=True)
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            if have and response.status != 206:  # the server ignored Range: start from zero
+                have = 0
+            total = have + int(response.headers.get("Content-Length") or 0)
+            with open(part, "ab" if have else "wb") as out:
+                start, done, shown = time.time(), have, 0.0
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    done += len(chunk)
+                    if time.time() - shown > 0.5 or done == total:
+                        shown = time.time()
+                        rate = (done - have) / max(shown - start, 1e-9)
+                        eta = (total - done) / rate if total and rate else 0
+                        print(f"\r{name}: {done / 1e6:.1f}/{total / 1e6:.1f} MB, {rate / 1e6:.1f} MB/s, "
+                              f"ETA {eta:.0f} s  ", end="", file=sys.stderr, flush=True)
+            print(file=sys.stderr)
+    except urllib.error.HTTPError as e:
+        if e.code != 416:  # 416: nothing left after `have` bytes, so the .part is complete
+            raise DataError(f"could not download {name} from {url}: HTTP {e.code} {e.reason}") from e
+    except (urllib.error.URLError, OSError) as e:
+        raise DataError(
+            f"could not download {name} from {url} ({getattr(e, 'reason', e)}).\n"
+            f"Offline? Put the file in a folder as '{name}' and set MINIGPT_MIRROR to that folder."
+        ) from e
+    if sha256 is not None and sha256_of(part) != sha256:
+        part.unlink()
+        raise DataError(f"{name} downloaded from {url} has the wrong sha256 (expected {sha256}); "
+                        "the partial file was removed, run again to retry")
+    os.replace(part, dest)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Tokens: GPT-2 reads integers, not text. Its byte-pair encoding maps text to ids 0..50256;
+#    id 50256 is <|endoftext|>, which we also use as padding.
+# ----------------------------------------------------------------------------------------------
+
+EOT = 50256
+
+
+def get_tokenizer():
+    """tiktoken's GPT-2 encoding. It downloads two small files once, then reads its cache."""
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # tiktoken raises whatever its HTTP client raised
+        raise DataError(
+            f"tiktoken could not load the GPT-2 encoding ({type(e).__name__}: {e}).\n"
+            "Offline? Seed a cache and point TIKTOKEN_CACHE_DIR at it (see README, 'Running offline'):\n"
+            "  sh ../shared/data/gpt2-bpe/seed_tiktoken_cache.sh /tmp/tiktoken && "
+            "export TIKTOKEN_CACHE_DIR=/tmp/tiktoken"
+        ) from e
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The model. Shapes: B batch, T positions, C = emb_dim channels, nh heads, hs = C // nh.
+#    Module names follow OpenAI's GPT-2 (wte, h.0.attn.c_attn, ...) so its weights load by name.
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 50257     # GPT-2's BPE vocabulary
+    context_length: int = 1024  # the most positions the model can see
+    emb_dim: int = 768          # C
+    n_heads: int = 12           # nh
+    n_layers: int = 12          # transformer blocks
+    dropout: float = 0.0        # GPT-2 trained with 0.1; we use 0 unless asked
+
+
+PRESETS = {
+    "gpt2-small": GPTConfig(emb_dim=768, n_layers=12, n_heads=12),    # 124M parameters
+    "gpt2-medium": GPTConfig(emb_dim=1024, n_layers=24, n_heads=16),  # 355M
+    "gpt2-large": GPTConfig(emb_dim=1280, n_layers=36, n_heads=20),   # 774M
+    "gpt2-xl": GPTConfig(emb_dim=1600, n_layers=48, n_heads=25),      # 1558M
+    # Small enough to pretrain on a laptop CPU in minutes. Most of its 7M parameters are the
+    # 50257 x 128 token embedding, which is also the output layer.
+    "verdict": GPTConfig(context_length=128, emb_dim=128, n_layers=4, n_heads=4, dropout=0.1),
+    # For tests only: a few hundred thousand parameters.
+    "tiny": GPTConfig(context_length=64, emb_dim=32, n_layers=2, n_heads=2),
+}
+
+
+class KVCache:
+    """Keys and values of every position seen so far, for every layer.
+
+    Generating token t+1 needs the keys and values of positions 0..t. Without a cache the model
+    recomputes all of them for every new token; with it, each new token costs one position.
+    """
+
+    def __init__(self, cfg, batch_size, max_len, device=None, dtype=torch.float32):
+        hs = cfg.emb_dim // cfg.n_heads
+        shape = (cfg.n_layers, batch_size, cfg.n_heads, max_len, hs)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, nh, max_len, hs)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled; GPT.forward advances it after the last layer
+
+    def append(self, layer, k, v):
+        """Store the (B, nh, T, hs) keys and values of T new positions; return all so far."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, end, hs)
+
+
+class CausalSelfAttention(nn.Module):
+    """Each position mixes in the values of the positions up to itself, weighted by how well its
+    query matches their keys. nh heads do this side by side on slices of hs = C // nh channels."""
+
+    def __init__(self, cfg, layer):
+        super().__init__()
+        assert cfg.emb_dim % cfg.n_heads == 0
+        self.c_attn = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim)  # query, key and value in one matmul
+        self.c_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)      # mixes the heads' outputs
+        self.n_heads, self.dropout, self.layer = cfg.n_heads, cfg.dropout, layer
+
+    def forward(self, x, cache=None, only=None):
+        """x: (B, T, C) -> (B, T, C).
+
+        cache: a KVCache; x then holds only the new positions, which come after cache.length.
+        only: (B,) position per row; then only that position's output is computed, (B, 1, C).
+              It still attends to the keys and values of every position up to it.
+        """
+        B, T, C = x.shape
+        heads = lambda t: t.view(B, -1, self.n_heads, C // self.n_heads).transpose(1, 2)
+        if only is None:
+            q, k, v = self.c_attn(x).split(C, dim=2)       # each (B, T, C)
+        else:  # project the one query per row, but keys and values at every position
+            w, b = self.c_attn.weight, self.c_attn.bias    # (3C, C), (3C,)
+            x_only = x[torch.arange(B), only].unsqueeze(1)  # (B, 1, C)
+            q = F.linear(x_only, w[:C], b[:C])             # (B, 1, C)
+            k, v = F.linear(x, w[C:], b[C:]).split(C, dim=2)
+        q, k, v = heads(q), heads(k), heads(v)              # (B, nh, T, hs); q: (B, nh, 1, hs) with only
+        mask, causal = None, True
+        if cache is not None and cache.length > 0:
+            past = cache.length  # new position i (absolute past + i) sees keys 0..past + i
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+            causal = False
+        elif only is not None:  # row b's query at position only[b] sees keys 0..only[b]
+            mask = (torch.arange(T, device=x.device) <= only[:, None])[:, None, None, :]  # (B,1,1,T)
+            causal = False
+        if cache is not None:
+            k, v = cache.append(self.layer, k, v)           # (B, nh, past + T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, -1, C)             # (B, T, C): heads side by side again
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    """Per position: widen to 4C, bend with GELU (GPT-2's tanh approximation), project back to C."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)
+        self.c_proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attention(norm(x)), then x + mlp(norm(x)).
+    The residual sums let each block add a correction instead of rewriting x."""
+
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.attn = CausalSelfAttention(cfg, layer)
+        self.ln_2 = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cache=None, only=None):
+        """x: (B, T, C) -> (B, T, C), or (B, 1, C) at positions `only` (see the attention)."""
+        attended = self.drop(self.attn(self.ln_1(x), cache, only))
+        if only is not None:
+            x = x[torch.arange(x.shape[0]), only].unsqueeze(1)  # (B, 1, C)
+        x = x + attended
+        return x + self.drop(self.mlp(self.ln_2(x)))
+
+
+class GPT(nn.Module):
+    """Token ids (B, T) -> next-token logits (B, T, vocab_size)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.emb_dim)       # token id -> vector
+        self.wpe = nn.Embedding(cfg.context_length, cfg.emb_dim)   # position -> vector
+        self.drop = nn.Dropout(cfg.dropout)
+        self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
+        self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied, as in GPT-2: reading and writing share one table
+        # GPT-2's initialisation: N(0, 0.02), zero biases; the layers that write into the residual
+        # stream are scaled down by sqrt(2 * n_layers) so the sum of 2 * n_layers corrections stays O(1).
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif "ln_" in name:
+                nn.init.ones_(p)
+            else:
+                std = 0.02 / math.sqrt(2 * cfg.n_layers) if name.endswith("c_proj.weight") else 0.02
+                nn.init.normal_(p, 0.0, std)
+
+    def embed(self, idx, start=0):
+        """Token ids (B, T) at positions start..start+T-1 -> (B, T, C)."""
+        if start + idx.shape[1] > self.cfg.context_length:
+            raise ValueError(f"{start + idx.shape[1]} positions, but the context is {self.cfg.context_length}")
+        pos = torch.arange(start, start + idx.shape[1], device=idx.device)
+        return self.drop(self.wte(idx) + self.wpe(pos))
+
+    def forward(self, idx, cache=None):
+        x = self.embed(idx, cache.length if cache is not None else 0)  # (B, T, C)
+        for block in self.h:
+            x = block(x, cache)
+        if cache is not None:
+            cache.length += idx.shape[1]
+        return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Generation: repeatedly append the next token. Greedy takes the most likely one; sampling
+#    draws from softmax(logits / temperature), optionally among the top_k most likely only.
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=None,
+             use_cache=True, generator=None):
+    """idx: (B, T) prompt ids -> (B, T + up to max_new_tokens) ids.
+
+    Stops early once every row has produced `eos_id`. Only the last context_length tokens are
+    fed to the model. With `use_cache`, each step feeds one token and reuses the earlier keys and
+    values; once the window is full and slides, positions shift, so the cache is rebuilt from the
+    cropped window each step: the tokens are exactly those of the cache-free path.
+    """
+    was_training = model.training
+    model.eval()
+    ctx, cache = model.cfg.context_length, None
+    for _ in range(max_new_tokens):
+        if not use_cache:
+            logits = model(idx[:, -ctx:])
+        elif cache is not None and cache.length < ctx:
+            logits = model(idx[:, -1:], cache)
+        else:  # first step, or the window slid: (re)fill a cache from the cropped window
+            window = idx[:, -ctx:]
+            cache = KVCache(model.cfg, idx.shape[0], min(ctx, window.shape[1] + max_new_tokens),
+                            idx.device, model.wte.weight.dtype)
+            logits = model(window, cache)
+        logits = logits[:, -1, :]  # (B, vocab_size): only the last position predicts a new token
+        if temperature == 0:
+            next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+        else:
+            if top_k is not None:
+                kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1): k-th largest
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = torch.softmax(logits / temperature, dim=-1)
+            next_id = torch.multinomial(probs, 1, generator=generator)
+        idx = torch.cat([idx, next_id], dim=1)
+        if eos_id is not None and (next_id == eos_id).all():
+            break
+    model.train(was_training)
+    return idx
+
+
+def complete(model, tokenizer, prompt, max_new_tokens, **kwargs):
+    """Text in, text out: the prompt followed by its continuation."""
+    device = next(model.parameters()).device
+    idx = torch.tensor([tokenizer.encode(prompt, allowed_special={"<|endoftext|>"})], device=device)
+    return tokenizer.decode(generate(model, idx, max_new_tokens, **kwargs)[0].tolist())
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. GPT-2's weights. OpenAI's weights are published by Hugging Face as one `model.safetensors`
+#    file per size. We read that format with numpy, convert once to one .npy file per minigpt
+#    parameter, and load from those from then on.
+# ----------------------------------------------------------------------------------------------
+
+HF_URL = "https://huggingface.co/openai-community/{repo}/resolve/{revision}/model.safetensors"
+# Model name -> (Hugging Face repo, revision, sha256). Only gpt2-small's revision and digest are
+# pinned (published, see README). For the others we take the current file ("main") and check what
+# can be checked without a published digest: that the file is complete (its size equals the header
+# plus every tensor's bytes) and that every tensor has the shape the preset demands.
+GPT2_FILES = {
+    "gpt2-small": ("gpt2", "607a30d783dfa663caf39e06633721c8d4cfcd7e",
+                   "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707"),
+    "gpt2-medium": ("gpt2-medium", "main", None),
+    "gpt2-large": ("gpt2-large", "main", None),
+    "gpt2-xl": ("gpt2-xl", "main", None),
+}
+# OpenAI stored these four as Conv1D (in, out) matrices; nn.Linear keeps (out, in).
+TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # BF16: see below
+
+
+def read_safetensors(path):
+    """Yield (name, float32 array) for each tensor of a .safetensors file.
+
+    Format: 8 bytes little-endian header length N, N bytes of JSON {name: {dtype, shape,
+    data_offsets: [begin, end]}} (plus an optional "__metadata__"), then the raw little-endian
+    tensor bytes, offsets counted from the end of the header. The file is memory-mapped, so
+    only the tensor being converted is in memory.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= n <= size - 8:
+            raise DataError(f"{path} is not a safetensors file (or is truncated)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise DataError(f"{path}: the safetensors header is not valid JSON ({e})") from e
+    header.pop("__metadata__", None)
+    end = 8 + n + max((t["data_offsets"][1] for t in header.values()), default=0)
+    if end != size:
+        raise DataError(f"{path} is {size:,} bytes but its header describes {end:,}: "
+                        "truncated or corrupted; delete it and download it again")
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+    for name, t in header.items():
+        if t["dtype"] not in SAFETENSORS_DTYPES:
+            raise DataError(f"{path}: tensor {name} has dtype {t['dtype']}; we read {list(SAFETENSORS_DTYPES)}")
+        begin, stop = t["data_offsets"]
+        a = data[begin:stop].view(SAFETENSORS_DTYPES[t["dtype"]]).reshape(t["shape"])
+        if t["dtype"] == "BF16":  # bfloat16 is the top half of a float32's bits
+            a = (a.astype(np.uint32) << 16).view(np.float32)
+        yield name, a.astype(np.float32)
+
+
+def gpt2_tensors(path):
+    """Yield (minigpt name, float32 array) from a GPT-2 safetensors file.
+
+    Two layouts exist. OpenAI's file on the Hub names tensors `wte.weight`, `h.0.attn.c_attn.weight`,
+    ..., and stores each layer's causal mask as a buffer `h.N.attn.bias` (1, 1, 1024, 1024).
+    `save_pretrained` in today's transformers prefixes every name with `transformer.` and stores no
+    masks. Neither stores `lm_head.weight`: it is `wte.weight`. Masks are skipped (we have ours).
+    """
+    for name, a in read_safetensors(path):
+        name = name.removeprefix("transformer.")
+        if name.endswith((".attn.bias", ".attn.masked_bias")):  # not c_attn.bias
+            continue
+        yield name, (np.ascontiguousarray(a.T) if name.endswith(TRANSPOSED) else a)
+
+
+def config_from_hf(path):
+    """A GPTConfig from a Hugging Face GPT-2 config.json (the head count is not in the weights)."""
+    c = json.loads(Path(path).read_text())
+    if c.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise DataError(f"{path}: activation {c['activation_function']}, but minigpt uses tanh GELU")
+    return GPTConfig(vocab_size=c["vocab_size"], context_length=c["n_positions"],
+                     emb_dim=c["n_embd"], n_heads=c["n_head"], n_layers=c["n_layer"])
+
+
+def load_weights(cfg, tensors, device="cpu"):
+    """Build a GPT from (name, array) pairs, checking that every parameter comes once, with its shape.
+
+    The model is first built on the "meta" device (shapes only, no memory, no random init), then
+    each array becomes the parameter itself: peak memory is about one model, not two.
+    """
+    with torch.device("meta"):
+        model = GPT(cfg)
+    expected = {name: p.shape for name, p in model.named_parameters()}  # lm_head is tied: not listed
+    state = {}
+    for name, a in tensors:
+        if name == "lm_head.weight":  # tied to wte.weight (some files store it anyway)
+            continue
+        if name not in expected:
+            raise DataError(f"unexpected tensor {name} {tuple(a.shape)}")
+        if tuple(a.shape) != tuple(expected[name]):
+            raise DataError(f"tensor {name} has shape {tuple(a.shape)}, expected {tuple(expected[name])}")
+        state[name] = torch.as_tensor(a, device=device)  # shares a CPU array's memory: no copy
+    if missing := sorted(expected.keys() - state.keys()):
+        raise DataError(f"missing tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    state["lm_head.weight"] = state["wte.weight"]
+    model.load_state_dict(state, assign=True)
+    model.lm_head.weight = model.wte.weight  # assign=True replaced the parameters: tie them again
+    return model.eval()
+
+
+def convert(safetensors_path, cfg, out_dir):
+    """Write the converted model to out_dir: config.json plus one <name>.npy per parameter.
+
+    Why one .npy per parameter: the format is numpy's own (no pickle, safe to load), each file
+    loads with one read straight into the array that becomes the parameter, and a reader can
+    inspect any tensor with np.load. The folder is written beside out_dir and renamed into place.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+
+    def save(tensors):
+        for name, a in tensors:
+            np.save(tmp / f"{name}.npy", a)
+            yield name, a
+
+    try:  # loading onto "meta" checks every name and shape as the tensors stream past
+        load_weights(cfg, save(gpt2_tensors(safetensors_path)), device="meta")
+        (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def gpt2_dir(name):
+    """data/gpt2/<name>/ with converted weights: downloaded (or mirrored) and converted if needed.
+    The mirror holds `$MINIGPT_MIRROR/<name>/model.safetensors`."""
+    out = DATA_DIR / "gpt2" / name
+    if not (out / "config.json").exists():
+        repo, revision, sha = GPT2_FILES[name]
+        path = fetch(f"{name}/model.safetensors", HF_URL.format(repo=repo, revision=revision), sha)
+        print(f"converting {path} to {out}", file=sys.stderr)
+        convert(path, PRESETS[name], out)
+    return out
+
+
+def load_model(spec, device="cpu", **config_changes):
+    """A GPT from `spec`: a GPT-2 name (gpt2-small, ...), a converted folder (config.json + .npy),
+    a folder written by transformers' save_pretrained (config.json + model.safetensors), or a
+    checkpoint written by pretrain.py (.pt). config_changes: e.g. dropout=0.0."""
+    path = gpt2_dir(spec) if spec in GPT2_FILES else Path(spec)
+    if path.is_file():
+        return load_checkpoint(path, device, **config_changes)[0]
+    if (path / "model.safetensors").exists():
+        cfg = replace(config_from_hf(path / "config.json"), **config_changes)
+        return load_weights(cfg, gpt2_tensors(path / "model.safetensors"), device)
+    if (path / "config.json").exists():
+        cfg = replace(GPTConfig(**json.loads((path / "config.json").read_text())), **config_changes)
+        return load_weights(cfg, ((p.stem, np.load(p)) for p in path.glob("*.npy")), device)
+    raise DataError(f"{spec}: not a GPT-2 name ({', '.join(GPT2_FILES)}), a model folder or a checkpoint file")
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Data as tensors.
+# ----------------------------------------------------------------------------------------------
+
+class WindowDataset(torch.utils.data.Dataset):
+    """Pretraining examples from one long token stream: windows of `max_length` ids starting every
+    `stride` ids. The target is the input shifted by one: at every position, the next token."""
+
+    def __init__(self, ids, max_length, stride):
+        self.ids = torch.as_tensor(ids, dtype=torch.long)
+        self.max_length = max_length
+        self.starts = range(0, len(ids) - max_length, stride)  # each window needs one more id as target
+
+    def __len__(self):
+        return len(self.starts)
+
+    def __getitem__(self, i):
+        s = self.starts[i]
+        return self.ids[s:s + self.max_length], self.ids[s + 1:s + self.max_length + 1]  # (L,), (L,)
+
+
+class PaddedDataset(torch.utils.data.Dataset):
+    """Classification examples: texts as token ids, cut to `max_length` (default: the longest text)
+    and padded on the right with <|endoftext|> to that length, plus labels and real lengths.
+    The lengths say where each text ends, so a classifier can read its last real token."""
+
+    def __init__(self, texts, labels, tokenizer, max_length=None):
+        ids = [tokenizer.encode(t) for t in texts]
+        self.max_length = max_length or max(map(len, ids))
+        self.truncated = torch.tensor([len(i) > self.max_length for i in ids])
+        ids = [i[:self.max_length] or [EOT] for i in ids]  # an empty text reads as one <|endoftext|>
+        self.lengths = torch.tensor([len(i) for i in ids])                           # (N,)
+        self.ids = torch.tensor([i + [EOT] * (self.max_length - len(i)) for i in ids])  # (N, max_length)
+        self.labels = torch.as_tensor(labels, dtype=torch.long)                       # (N,)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.ids[i], self.labels[i], self.lengths[i]
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Training: losses, one loop for pretraining and finetuning, checkpoints, a plot.
+# ----------------------------------------------------------------------------------------------
+
+def pick_device(name=None):
+    """The fastest device here (CUDA, then Apple's MPS, then the CPU), unless one is named."""
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def lm_loss(model, batch, device):
+    """Mean cross-entropy of predicting each next token. batch: inputs and targets, (B, T) each."""
+    x, y = (t.to(device) for t in batch)
+    return F.cross_entropy(model(x).flatten(0, 1), y.flatten())  # (B*T, vocab) against (B*T,)
+
+
+@torch.no_grad()
+def evaluate(model, loss_fn, batches, max_batches=None):
+    """Mean loss over (at most `max_batches` of) `batches`, in eval mode (no dropout)."""
+    was_training = model.training
+    model.eval()
+    losses = [loss_fn(batch).item() for _, batch in zip(range(max_batches or 10**9), batches)]
+    model.train(was_training)
+    return sum(losses) / max(len(losses), 1)
+
+
+def cosine_lr(step, total_steps, peak_lr, warmup_steps, min_lr=0.0):
+    """Linear warmup to peak_lr, then a half cosine down to min_lr."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def train(model, optimizer, loss_fn, train_batches, val_batches, epochs, eval_every, eval_batches=None,
+          count=len, lr_at=None, clip=None, on_epoch_end=None):
+    """The training loop, shared by pretraining and finetuning.
+
+    loss_fn(batch) -> scalar loss. train_batches and val_batches are re-iterated every epoch (a
+    shuffling DataLoader gives new batches each time). Every `eval_every` steps it prints the mean
+    loss over `eval_batches` batches of each. count(batch) is what `seen` counts (tokens, examples).
+    lr_at(step) -> learning rate, and clip (max gradient norm) are optional.
+    on_epoch_end(epoch) runs after each epoch (print a sample, an accuracy).
+    Returns the history: step, seen, train_loss, val_loss at each evaluation.
+    """
+    history = {"step": [], "seen": [], "train_loss": [], "val_loss": []}
+    step, seen = -1, 0
+    model.train()
+    for epoch in range(1, epochs + 1):
+        for batch in train_batches:
+            step += 1
+            if lr_at is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step)
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(batch).backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+            seen += count(batch)
+            if step % eval_every == 0:
+                train_loss = evaluate(model, loss_fn, train_batches, eval_batches)
+                val_loss = evaluate(model, loss_fn, val_batches, eval_batches)
+                for key, value in zip(history, (step, seen, train_loss, val_loss)):
+                    history[key].append(value)
+                print(f"Ep {epoch} (Step {step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
+    return history
+
+
+def save_checkpoint(path, model, **extra):
+    """config + weights (+ anything in extra), written atomically: never a half-written file."""
+    with atomic_path(path) as tmp:
+        torch.save({"config": asdict(model.cfg), "model": model.state_dict(), **extra}, tmp)
+
+
+def load_checkpoint(path, device="cpu", **config_changes):
+    """(model, checkpoint dict). weights_only=True: a checkpoint cannot run code when loaded."""
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+        cfg = replace(GPTConfig(**ck["config"]), **config_changes)
+    except Exception as e:
+        raise DataError(f"{path} is not a minigpt checkpoint ({type(e).__name__}: {e})") from e
+    return load_weights(cfg, ck["model"].items(), device), ck
+
+
+def svg_plot(path, series, xlabel, ylabel, title=""):
+    """Write a line chart as a standalone SVG file (any browser opens it). series: {label: (xs, ys)}."""
+    W, H, left, right, top, bottom = 640, 400, 70, 20, 40, 55
+    xs = [x for s in series.values() for x in s[0]] or [0]
+    ys = [y for s in series.values() for y in s[1] if math.isfinite(y)] or [0]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+    sx = lambda x: left + (x - x0) / (x1 - x0) * (W - left - right)
+    sy = lambda y: H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom)
+
+    def ticks(lo, hi):  # about five round numbers (1, 2 or 5 times a power of ten apart)
+        raw = (hi - lo) / 5
+        step = min(m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)
+                   if m * 10 ** math.floor(math.log10(raw)) >= raw)
+        return [i * step for i in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
+           'font-family="sans-serif" font-size="12">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<text x="{W / 2}" y="22" text-anchor="middle" font-size="15">{escape(title)}</text>']
+    for x in ticks(x0, x1):
+        out.append(f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{top}" y2="{H - bottom}" stroke="#eee"/>'
+                   f'<text x="{sx(x):.1f}" y="{H - bottom + 16}" text-anchor="middle">{x:g}</text>')
+    for y in ticks(y0, y1):
+        out.append(f'<line x1="{left}" x2="{W - right}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#eee"/>'
+                   f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:g}</text>')
+    out += [f'<rect x="{left}" y="{top}" width="{W - left - right}" height="{H - top - bottom}" '
+            'fill="none" stroke="black"/>',
+            f'<text x="{(left + W - right) / 2}" y="{H - 12}" text-anchor="middle">{escape(xlabel)}</text>',
+            f'<text transform="translate(16 {(top + H - bottom) / 2}) rotate(-90)" '
+            f'text-anchor="middle">{escape(ylabel)}</text>']
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e"]
+    for i, (label, (sxs, sys_)) in enumerate(series.items()):
+        color = colors[i % len(colors)]
+        points = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in zip(sxs, sys_) if math.isfinite(y))
+        out.append(f'<polyline points="{points}" fill="none" stroke="{color}" stroke-width="2"/>')
+        ly = top + 18 + 18 * i  # legend, top right
+        out.append(f'<line x1="{W - right - 150}" x2="{W - right - 125}" y1="{ly}" y2="{ly}" '
+                   f'stroke="{color}" stroke-width="2"/>'
+                   f'<text x="{W - right - 120}" y="{ly + 4}">{escape(label)}</text>')
+    write_text(path, "\n".join(out + ["</svg>\n"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: generate text with any model load_model understands.
+# ----------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Generate text with a GPT (GPT-2 weights or a minigpt checkpoint).")
+    p.add_argument("--model", default="gpt2-small",
+                   help=f"{', '.join(GPT2_FILES)}, a converted or save_pretrained folder, or a .pt checkpoint")
+    p.add_argument("--prompt", default="Every effort moves you")
+    p.add_argument("--max-new-tokens", type=int, default=25)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (always the most likely token)")
+    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
+    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--no-cache", action="store_true", help="recompute every position for every token")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: the fastest available)")
+    args = p.parse_args(argv)
+    try:
+        device = pick_device(args.device)
+        t0 = time.time()
+        model = load_model(args.model, device)
+        print(f"loaded {args.model} in {time.time() - t0:.1f} s", file=sys.stderr)
+        tokenizer = get_tokenizer()
+        gen = torch.Generator(device).manual_seed(args.seed)
+        t0 = time.time()
+        text = complete(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, eos_id=EOT, use_cache=not args.no_cache, generator=gen)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    seconds = time.time() - t0
+    n = len(tokenizer.encode(text, allowed_special="all")) - len(tokenizer.encode(args.prompt))
+    print(text)
+    print(f"{n} tokens in {seconds:.2f} s ({n / seconds:.1f} tokens/s)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

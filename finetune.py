@@ -331,6 +331,7 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--max-length", type=int, help="tokens per message (default: the longest training message)")
     p.add_argument("--eval-every", type=int, default=50, help="steps between loss evaluations")
+    p.add_argument("--data", type=Path, help="a label<TAB>text file to use instead of the UCI collection")
     p.add_argument("--dedupe", action="store_true", help="drop exact duplicate messages before balancing")
     p.add_argument("--unseen-ham", default="1000",
                    help="how many left-out ham messages to measure false positives on, or 'all'")
@@ -348,7 +349,7 @@ def main(argv=None):
     tokenizer = minigpt.get_tokenizer()
 
     # Data.
-    messages = read_sms(minigpt.fetch(*SMS, archive_sha256=SMS_ZIP_SHA256))
+    messages = read_sms(args.data or minigpt.fetch(*SMS, archive_sha256=SMS_ZIP_SHA256))
     print(f"{len(messages):,} messages: {dict(Counter(label for label, _ in messages))}")
     splits = split_sms(messages, args.seed, args.dedupe)
     train_texts = {text for _, text in splits["train"]}
@@ -421,8 +422,9 @@ def main(argv=None):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                   weight_decay=args.weight_decay, fused=device.type in ("cpu", "cuda"))
     t0 = time.time()
-    history = minigpt.train(model, optimizer, loss_fn, batches["train_shuffled"], batches["validation"],
-                            args.epochs, args.eval_every, eval_batches=5, count=lambda b: len(b[1]),
+    history = minigpt.train(model, optimizer, loss_fn, batches["train_shuffled"], args.epochs, args.eval_every,
+                            {"train": batches["train_shuffled"], "val": batches["validation"]},
+                            eval_batches=5, count=lambda b: len(b[1]),
                             on_epoch_end=on_epoch_end)
     train_seconds = time.time() - t0
     seen = args.epochs * len(batches["train_shuffled"]) * args.batch_size
@@ -452,8 +454,8 @@ def main(argv=None):
 
     save_classifier(args.out, model, meta)
     minigpt.write_text(args.out / "metrics.json", json.dumps(metrics, indent=1))
-    minigpt.svg_plot(args.out / "loss.svg", {"train": (history["seen"], history["train_loss"]),
-                                             "validation": (history["seen"], history["val_loss"])},
+    minigpt.svg_plot(args.out / "loss.svg", {"train": (history["seen"], history["train"]),
+                                             "validation": (history["seen"], history["val"])},
                      "examples seen", "cross-entropy loss", "Finetuning: loss")
     minigpt.svg_plot(args.out / "accuracy.svg", {name: (accuracies["epoch"], accuracies[name])
                                                  for name in ("train", "validation")},

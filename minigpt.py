@@ -629,18 +629,18 @@ def cosine_lr(step, total_steps, peak_lr, warmup_steps, min_lr=0.0):
     return min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def train(model, optimizer, loss_fn, train_batches, val_batches, epochs, eval_every, eval_batches=None,
+def train(model, optimizer, loss_fn, train_batches, epochs, eval_every, eval_sets, eval_batches=None,
           count=len, lr_at=None, clip=None, on_epoch_end=None):
     """The training loop, shared by pretraining and finetuning.
 
-    loss_fn(batch) -> scalar loss. train_batches and val_batches are re-iterated every epoch (a
-    shuffling DataLoader gives new batches each time). Every `eval_every` steps it prints the mean
-    loss over `eval_batches` batches of each. count(batch) is what `seen` counts (tokens, examples).
-    lr_at(step) -> learning rate, and clip (max gradient norm) are optional.
-    on_epoch_end(epoch) runs after each epoch (print a sample, an accuracy).
-    Returns the history: step, seen, train_loss, val_loss at each evaluation.
+    loss_fn(batch) -> scalar loss. train_batches is re-iterated every epoch (a shuffling
+    DataLoader gives a new order each time). Every `eval_every` steps it prints the mean loss over
+    (at most `eval_batches` batches of) each of eval_sets, e.g. {"train": ..., "val": ...}.
+    count(batch) is what `seen` counts (tokens, examples). lr_at(step) -> learning rate, and clip
+    (max gradient norm) are optional. on_epoch_end(epoch) runs after each epoch (a sample, an accuracy).
+    Returns the history: step, seen and each eval set's loss at every evaluation.
     """
-    history = {"step": [], "seen": [], "train_loss": [], "val_loss": []}
+    history = {"step": [], "seen": [], **{name: [] for name in eval_sets}}
     step, seen = -1, 0
     model.train()
     for epoch in range(1, epochs + 1):
@@ -656,11 +656,11 @@ def train(model, optimizer, loss_fn, train_batches, val_batches, epochs, eval_ev
             optimizer.step()
             seen += count(batch)
             if step % eval_every == 0:
-                train_loss = evaluate(model, loss_fn, train_batches, eval_batches)
-                val_loss = evaluate(model, loss_fn, val_batches, eval_batches)
-                for key, value in zip(history, (step, seen, train_loss, val_loss)):
+                losses = {name: evaluate(model, loss_fn, batches, eval_batches) for name, batches in eval_sets.items()}
+                for key, value in {"step": step, "seen": seen, **losses}.items():
                     history[key].append(value)
-                print(f"Ep {epoch} (Step {step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+                print(f"Ep {epoch} (Step {step:06d}): " +
+                      ", ".join(f"{name.capitalize()} loss {loss:.3f}" for name, loss in losses.items()))
         if on_epoch_end is not None:
             on_epoch_end(epoch)
     return history

@@ -148,10 +148,10 @@ def test_loss_falls_when_overfitting_a_tiny_batch(capsys):
     batch = (torch.randint(0, 100, (4, 16)), torch.randint(0, 100, (4, 16)))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     loss = lambda b: minigpt.lm_loss(model, b, "cpu")
-    history = minigpt.train(model, opt, loss, [batch], [batch], epochs=40, eval_every=10, eval_batches=1,
+    history = minigpt.train(model, opt, loss, [batch], epochs=40, eval_every=10, eval_sets={"train": [batch]},
                             count=lambda b: b[0].numel())
-    assert history["seen"][-1] == 31 * 64 and history["train_loss"][0] > 10
-    assert history["train_loss"][-1] < 0.5 * history["train_loss"][0]
+    assert history["seen"][-1] == 31 * 64 and history["train"][0] > 10
+    assert history["train"][-1] < 0.5 * history["train"][0]
     assert "Ep 1 (Step 000000): Train loss" in capsys.readouterr().out
 
 
@@ -419,4 +419,291 @@ def test_pretrain_runs_and_writes_its_files(tmp_path, monkeypatch, capsys):
     model, _ = minigpt.load_checkpoint(tmp_path / "model.pt")
     assert model.cfg.context_length == 32
     ET.parse(tmp_path / "loss.svg")
-    assert json.loads((tmp_path / "history.json").read_text())["train_loss"]
+    assert json.loads((tmp_path / "history.json").read_text())["train"]
+
+
+# ---------------------------------------------------------------- finetune.py
+
+import finetune  # noqa: E402  (here, next to the tests that use it)
+
+
+def test_read_sms_splits_at_the_first_tab_and_keeps_text_exact(tmp_path):
+    path = tmp_path / "sms.txt"
+    path.write_bytes('ham\t"Quoted" start, never closed\nspam\tWin £100\tnow \nham\t  spaces kept \n'.encode())
+    assert finetune.read_sms(path) == [("ham", '"Quoted" start, never closed'), ("spam", "Win £100\tnow "),
+                                       ("ham", "  spaces kept ")]
+    path.write_bytes(b"ham\tfine\nspam no tab here\n")
+    with pytest.raises(minigpt.DataError, match="line 2"):
+        finetune.read_sms(path)
+    path.write_bytes(b"ham\tfine\nham\t\xff\xfe\n")
+    with pytest.raises(minigpt.DataError, match="line 2: not UTF-8"):
+        finetune.read_sms(path)
+
+
+def synthetic_messages(n_ham=60, n_spam=20, seed=0):
+    rng = np.random.default_rng(seed)
+    ham_words = "see you at lunch later ok thanks love home dinner tomorrow".split()
+    spam_words = "WIN cash PRIZE claim now call 0800 FREE txt urgent".split()
+    return ([("ham", " ".join(rng.choice(ham_words, 6))) for _ in range(n_ham)] +
+            [("spam", " ".join(rng.choice(spam_words, 6))) for _ in range(n_spam)])
+
+
+def test_balance_and_split_are_deterministic():
+    messages = synthetic_messages() + [("ham", "dup"), ("ham", "dup")]
+    a, b = finetune.split_sms(messages, seed=1), finetune.split_sms(messages, seed=1)
+    assert a == b and a != finetune.split_sms(messages, seed=2)
+    assert [len(a[k]) for k in ("train", "validation", "test", "unseen_ham")] == [28, 4, 8, 42]
+    balanced = a["train"] + a["validation"] + a["test"]
+    assert sum(label == "spam" for label, _ in balanced) == 20
+    assert sorted(balanced + a["unseen_ham"]) == sorted(messages)  # every message used exactly once
+    assert len(finetune.split_sms(messages, seed=1, dedupe=True)["unseen_ham"]) == 41
+
+
+@needs_mirror
+def test_the_real_collection_parses_to_the_published_counts():
+    messages = finetune.read_sms(MIRROR / "SMSSpamCollection")
+    assert len(messages) == 5574 and sum(label == "spam" for label, _ in messages) == 747
+    assert ("ham", '"HI BABE UAWAKE?FEELLIKW SHIT.JUSTFOUND OUT VIA ALETTER THATMUM GOTMARRIED 4thNOV.'
+                   'BEHIND OURBACKS \u2013 FUCKINNICE!SELFISH,DEVIOUSBITCH.ANYWAY,I\u2019L CALL U"') in messages
+    splits = finetune.split_sms(messages, seed=123)
+    assert [len(splits[k]) for k in ("train", "validation", "test", "unseen_ham")] == [1045, 149, 300, 4080]
+
+
+def trainable_names(model):
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("trainable", finetune.TRAINABLE)
+def test_each_trainable_choice_trains_exactly_its_parameters(trainable):
+    model = finetune.make_classifier(tiny_model(), trainable)
+    names = trainable_names(model)
+    head = {"lm_head.weight", "lm_head.bias"}
+    last = {n for n, _ in model.named_parameters() if n.startswith("h.1.")}
+    expected = {"head": head, "last_block": head | last | {"ln_f.weight", "ln_f.bias"},
+                "last_two_blocks": {n for n, _ in model.named_parameters() if n.startswith(("h.", "ln_f", "lm_head"))},
+                "all": {n for n, _ in model.named_parameters()},
+                "lora": head | {f"h.{i}.{m}.{ab}" for i in range(2) for m in
+                                ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj") for ab in "AB"}}
+    assert names == expected[trainable]
+    assert model.lm_head.weight.shape == (2, TINY.emb_dim) and model.wte.weight.shape[0] == TINY.vocab_size
+
+
+def test_lora_starts_as_an_exact_no_op():
+    plain = finetune.make_classifier(tiny_model(), "head")
+    lora = finetune.make_classifier(tiny_model(), "lora", lora_rank=4, lora_alpha=8)
+    lora.lm_head.load_state_dict(plain.lm_head.state_dict())
+    ids, lengths = torch.randint(0, TINY.vocab_size, (3, 10)), torch.tensor([10, 4, 7])
+    with torch.no_grad():
+        assert torch.equal(finetune.classify(lora, ids, lengths, "last_real"),
+                           finetune.classify(plain, ids, lengths, "last_real"))
+        lora.h[0].attn.c_attn.B.fill_(0.1)  # once B moves, the output moves
+        assert not torch.equal(finetune.classify(lora, ids, lengths, "last_real"),
+                               finetune.classify(plain, ids, lengths, "last_real"))
+
+
+@pytest.mark.parametrize("pool", finetune.POOLS)
+@pytest.mark.parametrize("trainable", ["head", "last_block", "last_two_blocks"])
+def test_cached_frozen_blocks_give_the_full_forward_logits_and_loss(tokenizer, pool, trainable):
+    torch.manual_seed(0)
+    model = finetune.make_classifier(minigpt.GPT(replace(TINY, n_layers=3)).eval(), trainable)
+    texts = ["hello there", "WIN a free prize now, call 0800 123", "ok", "see you at lunch tomorrow then"]
+    data = minigpt.PaddedDataset(texts, [0, 1, 0, 0], tokenizer)
+    lengths = torch.full_like(data.lengths, data.max_length) if pool == "last" else data.lengths
+    start = finetune.first_trainable_block(model, trainable)
+    features = finetune.frozen_features(model, finetune.examples_of(data, pool), start, "cpu", batch_size=3)
+    x = torch.nn.utils.rnn.pad_sequence(features, batch_first=True)
+    with torch.no_grad():
+        full = finetune.classify(model, data.ids, lengths, pool)
+        cached = finetune.classify(model, x, lengths, pool, start)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
+    loss = lambda logits: torch.nn.functional.cross_entropy(logits, data.labels).item()
+    assert loss(cached) == pytest.approx(loss(full), abs=1e-5)
+
+
+def test_padding_does_not_change_last_real_or_mean(tokenizer):
+    model = finetune.make_classifier(tiny_model(), "last_block")
+    ids = torch.tensor(tokenizer.encode("free prize call now"))
+    short = ids[None]
+    padded = torch.cat([ids, torch.full((9,), minigpt.EOT)])[None]
+    n = torch.tensor([len(ids)])
+    with torch.no_grad():
+        for pool in ("last_real", "mean"):
+            torch.testing.assert_close(finetune.classify(model, padded, n, pool),
+                                       finetune.classify(model, short, n, pool), atol=1e-6, rtol=0)
+
+
+def write_messages(path, messages):
+    path.write_text("".join(f"{label}\t{text}\n" for label, text in messages), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory):
+    """A tiny classifier finetuned end to end on a trivially separable synthetic set."""
+    tmp = tmp_path_factory.mktemp("classifier")
+    data = write_messages(tmp / "sms.txt", synthetic_messages(200, 100))
+    finetune.main(["--data", str(data), "--init", "random", "--preset", "tiny", "--trainable", "all",
+                   "--lr", "1e-3", "--epochs", "3", "--unseen-ham", "all", "--out", str(tmp / "out")])
+    return tmp / "out"
+
+
+def test_finetune_end_to_end_learns_a_separable_set(tiny_classifier):
+    metrics = json.loads((tiny_classifier / "metrics.json").read_text())
+    for key in ("train_accuracy", "val_accuracy", "test_accuracy", "precision", "recall", "f1",
+                "unseen_ham_false_positive_rate", "train_seconds"):
+        assert 0 <= metrics[key] <= 1 or key == "train_seconds", key
+    assert metrics["test_accuracy"] >= 0.9 and metrics["unseen_ham_false_positive_rate"] <= 0.1
+    for plot in ("loss.svg", "accuracy.svg"):
+        ET.parse(tiny_classifier / plot)
+
+
+def test_saved_classifier_reloads_to_identical_predictions(tiny_classifier, tokenizer):
+    model, meta = finetune.load_classifier(tiny_classifier)
+    texts = ["WIN cash PRIZE claim now", "see you at lunch later", "call me"]
+    probs, tokens, truncated = finetune.spam_probabilities(model, meta, tokenizer, texts)
+    again, _, _ = finetune.spam_probabilities(*finetune.load_classifier(tiny_classifier), tokenizer, texts)
+    assert probs == again and probs[0] > 0.5 > probs[1]
+    assert tokens == [len(tokenizer.encode(t)) for t in texts] and truncated == [False] * 3
+
+
+@pytest.mark.parametrize("trainable,pool", [("last_block", "last_real"), ("lora", "mean"),
+                                            ("last_two_blocks", "last")])
+def test_finetune_saves_only_what_changed_and_reloads(tmp_path, trainable, pool, tokenizer):
+    data = write_messages(tmp_path / "sms.txt", synthetic_messages(40, 20))
+    out = tmp_path / "out"
+    finetune.main(["--data", str(data), "--init", "random", "--preset", "tiny", "--trainable", trainable,
+                   "--pool", pool, "--epochs", "1", "--out", str(out)])
+    saved = torch.load(out / "classifier.pt", weights_only=True)["state"]
+    model, meta = finetune.load_classifier(out)
+    assert set(saved) == trainable_names(model)
+    assert meta["pool"] == pool and meta["trainable"] == trainable
+
+
+def test_missing_classifier_says_to_run_finetune(tmp_path):
+    with pytest.raises(minigpt.DataError, match="finetune.py"):
+        finetune.load_classifier(tmp_path)
+
+
+# ---------------------------------------------------------------- classify.py
+
+import classify  # noqa: E402
+import urllib.error  # noqa: E402
+import urllib.request  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+
+
+def test_command_line_classifies_texts_files_and_stdin(tiny_classifier, tmp_path):
+    messages = tmp_path / "m.txt"
+    messages.write_text("WIN cash PRIZE claim now\n\nsee you at lunch later\n", encoding="utf-8")
+    run = lambda *a, **kw: subprocess.run([sys.executable, str(HERE / "classify.py"), "--model",
+                                           str(tiny_classifier), *a], capture_output=True, text=True,
+                                          timeout=120, **kw)
+    plain = run("FREE txt urgent call 0800 now", "love you, home for dinner tomorrow")
+    assert plain.returncode == 0, plain.stderr
+    lines = plain.stdout.splitlines()
+    assert lines[0].startswith("spam") and lines[1].startswith("ham") and "messages/s" in plain.stderr
+    as_json = run("--file", str(messages), "--json", "-", input="ok thanks\n")
+    results = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [r["label"] for r in results] == ["ham", "spam", "ham"]  # stdin ('-'), then the file
+    assert results[0]["text"] == "ok thanks" and set(results[0]) >= {"spam_probability", "tokens", "truncated"}
+    missing = run("hello", "--model", str(tmp_path / "nothing"))
+    assert missing.returncode != 0 and "run finetune.py" in missing.stderr
+    assert run("--file", str(tmp_path / "nope.txt")).returncode != 0
+
+
+def test_inference_matches_what_finetune_measured(tiny_classifier, tokenizer):
+    """classify.py must give a message the probability finetune.py's cached evaluation gave it."""
+    model, meta = finetune.load_classifier(tiny_classifier)
+    texts = [t for _, t in synthetic_messages(30, 30, seed=5)]
+    data = minigpt.PaddedDataset(texts, [0] * len(texts), tokenizer, meta["max_length"])
+    start = finetune.first_trainable_block(model, "last_block")  # evaluate through a cached prefix
+    features = finetune.frozen_features(model, finetune.examples_of(data, meta["pool"]), start, "cpu")
+    _, cached = finetune.predict(model, finetune.Batches(features, torch.arange(len(texts)), 64, shuffle=False),
+                                 meta["pool"], start, "cpu")
+    order = np.argsort(data.lengths.numpy(), kind="stable")
+    served = torch.tensor([r["spam_probability"] for r in classify.Classifier(tiny_classifier)(texts)])
+    torch.testing.assert_close(served[order], cached, atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def server_url(tiny_classifier):
+    server = classify.make_server(classify.Classifier(tiny_classifier), port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def call(url, body=None, method=None, headers=None):
+    """(status, parsed JSON or text) of one HTTP request; error statuses are returned, not raised."""
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data, headers or {"Content-Type": "application/json"}, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            status, raw, kind = r.status, r.read(), r.headers["Content-Type"]
+    except urllib.error.HTTPError as e:
+        status, raw, kind = e.code, e.read(), e.headers["Content-Type"]
+    return status, (json.loads(raw) if kind.startswith("application/json") else raw.decode())
+
+
+def test_api_classifies_one_text_or_many(server_url):
+    status, r = call(f"{server_url}/api/classify", {"text": "WIN cash PRIZE claim now"})
+    assert status == 200 and r["label"] == "spam" and 0.5 < r["spam_probability"] <= 1
+    assert r["tokens"] == 6 and r["truncated"] is False
+    status, r = call(f"{server_url}/api/classify", {"texts": ["see you at lunch", "FREE txt " * 40]})
+    assert status == 200 and [x["label"] for x in r["results"]] == ["ham", "spam"]
+    assert r["results"][1]["truncated"] is True  # longer than the model's max length
+    status, health = call(f"{server_url}/healthz")
+    assert status == 200 and health["status"] == "ok" and "random" in health["model"]
+
+
+@pytest.mark.parametrize("body,status", [
+    (b"{not json", 400), ({"nothing": 1}, 400), ({"text": 5}, 400), ({"text": "   "}, 400),
+    ({"texts": []}, 400), ({"texts": ["a"] * 65}, 400), ({"texts": ["ok", None]}, 400),
+    ([1, 2], 400), ({"text": "a", "texts": ["b"]}, 400), (b"\xff\xfe", 400), (b"x" * (64 * 1024 + 1), 413)])
+def test_api_rejects_bad_input_with_a_json_error(server_url, body, status):
+    got, r = call(f"{server_url}/api/classify", body)
+    assert got == status and isinstance(r["error"], str) and r["error"]
+    assert call(f"{server_url}/healthz")[0] == 200  # the server lives on
+
+
+def test_unknown_paths_and_wrong_methods(server_url):
+    assert call(f"{server_url}/nope")[0] == 404
+    assert call(f"{server_url}/../etc/passwd")[0] == 404
+    assert call(f"{server_url}/api/classify")[0] == 405          # GET
+    assert call(f"{server_url}/", b"{}")[0] == 405               # POST
+    assert call(f"{server_url}/api/classify", b"{}", method="PUT")[0] == 405
+    status, page = call(f"{server_url}/")
+    assert status == 200 and "<textarea" in page and "http" not in page.split("<body>")[1]  # nothing external
+
+
+def test_fifty_concurrent_requests(server_url):
+    texts = [f"WIN cash PRIZE {i}" if i % 2 else f"see you at lunch {i}" for i in range(50)]
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda t: call(f"{server_url}/api/classify", {"text": t}), texts))
+    assert all(status == 200 for status, _ in answers)
+    alone = [call(f"{server_url}/api/classify", {"text": t})[1] for t in texts[:4]]
+    assert [a for _, a in answers[:4]] == alone  # the same answer as when asked one at a time
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="no browser: apt-get install chromium (.ci/run does)")
+def test_web_page_in_a_real_browser(server_url, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (requirements-test.txt)")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        page = browser.new_page(viewport={"width": 390, "height": 800})  # a phone-sized screen
+        page.goto(server_url)
+        page.fill("#text", "WIN cash PRIZE claim now call 0800")
+        page.click("#go")
+        page.wait_for_selector("#verdict.spam")
+        assert page.inner_text("#label") == "Spam" and "spam probability" in page.inner_text("#detail")
+        page.fill("#text", "see you at lunch later")
+        page.press("#text", "Control+Enter")
+        page.wait_for_selector("#verdict.ham")
+        page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scrolling
+        browser.close()
+    assert (tmp_path / "page.png").stat().st_size > 1000

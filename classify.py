@@ -1,0 +1,272 @@
+"""Use the spam classifier that finetune.py saved: from the command line, a web page, or a JSON API.
+
+    python classify.py "WINNER! Claim your prize now" "See you at 6?"   # label + spam probability
+    python classify.py --file messages.txt --json                      # one message per line
+    python classify.py --serve                                         # http://127.0.0.1:8000
+    python classify.py --benchmark 200                                 # API latency, p50 / p95
+
+API: POST /api/classify {"text": "..."} -> {"label", "spam_probability", "tokens", "truncated"};
+{"texts": [...]} (at most 64) -> {"results": [...]}. GET /healthz -> 200 and the model's description.
+Only the standard library on top of numpy, torch and tiktoken.
+"""
+
+import argparse
+import http.server
+import json
+import statistics
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+import finetune
+import minigpt
+
+MAX_BODY = 64 * 1024  # bytes
+MAX_TEXTS = 64
+
+
+class Classifier:
+    """The finetuned model, loaded once. Calls are serialised: on a CPU, one forward pass already
+    uses every core, so running two at once only makes both slower."""
+
+    def __init__(self, model_dir, device="cpu"):
+        self.model, self.meta = finetune.load_classifier(model_dir, device)
+        self.tokenizer, self.device, self.lock = minigpt.get_tokenizer(), device, threading.Lock()
+        metrics = Path(model_dir) / "metrics.json"
+        accuracy = json.loads(metrics.read_text()).get("test_accuracy") if metrics.exists() else None
+        self.description = (f"GPT ({self.meta['init']}, {self.model.cfg.n_layers} blocks) finetuned to tell "
+                            f"spam from ham SMS: trained {self.meta['trainable']}, reads "
+                            f"{self.meta['pool']} token, up to {self.meta['max_length']} tokens"
+                            + (f", {accuracy:.1%} test accuracy" if accuracy is not None else ""))
+
+    def __call__(self, texts):
+        with self.lock, torch.inference_mode():
+            probs, tokens, truncated = finetune.spam_probabilities(self.model, self.meta, self.tokenizer,
+                                                                   texts, self.device)
+        return [{"label": "spam" if p > 0.5 else "ham", "spam_probability": round(p, 6), "tokens": n,
+                 "truncated": t} for p, n, t in zip(probs, tokens, truncated)]
+
+
+# ----------------------------------------------------------------------------------------------
+# The web page: one self-contained file (inline CSS and JS, nothing fetched from elsewhere).
+# ----------------------------------------------------------------------------------------------
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>minigpt spam check</title>
+<style>
+ body { font: 16px/1.45 system-ui, sans-serif; max-width: 40rem; margin: 0 auto; padding: 1rem; color: #222; }
+ h1 { font-size: 1.4rem; margin: .2rem 0; }
+ #about { color: #666; font-size: .85rem; margin: 0 0 1rem; }
+ textarea { width: 100%; box-sizing: border-box; min-height: 7rem; font: inherit; padding: .5rem; }
+ button { font: inherit; padding: .45rem 1.1rem; margin: .5rem 0; cursor: pointer; }
+ #verdict { margin: 1rem 0; padding: .8rem; border-radius: .4rem; display: none; }
+ #verdict.spam { background: #fde8e8; } #verdict.ham { background: #e6f6ea; } #verdict.error { background: #eee; }
+ #label { font-size: 1.3rem; font-weight: bold; }
+ .bar { height: .7rem; background: #ddd; border-radius: .35rem; overflow: hidden; margin-top: .4rem; }
+ .bar div { height: 100%; background: #c0392b; width: 0; }
+ .examples button { display: block; width: 100%; text-align: left; font-size: .9rem; background: #f4f4f4;
+                    border: 1px solid #ddd; border-radius: .3rem; margin: .3rem 0; }
+</style></head>
+<body>
+<h1>Is this SMS spam?</h1>
+<p id="about">ABOUT</p>
+<textarea id="text" placeholder="Paste a text message (Ctrl+Enter to classify)" autofocus></textarea>
+<button id="go">Classify</button>
+<div id="verdict"><div id="label"></div><div id="detail"></div><div class="bar"><div id="fill"></div></div></div>
+<div class="examples"><p>Or try one:</p>
+ <button>WINNER!! You have been selected to receive a &pound;900 prize reward! Call 09061701461 to claim now.</button>
+ <button>Ok lar... I'll be home by 7, want me to pick up some milk?</button>
+ <button>Free entry in 2 a wkly comp to win FA Cup final tkts. Text FA to 87121 to receive entry.</button>
+ <button>Sorry I missed your call, can we talk tomorrow morning?</button>
+</div>
+<script>
+const $ = id => document.getElementById(id);
+async function classify() {
+  const text = $("text").value, box = $("verdict");
+  box.style.display = "block";
+  try {
+    const r = await fetch("/api/classify", {method: "POST", headers: {"Content-Type": "application/json"},
+                                             body: JSON.stringify({text})});
+    const data = await r.json();
+    if (!r.ok) throw new Error(data.error || r.statusText);
+    const p = data.spam_probability;
+    box.className = data.label;
+    $("label").textContent = data.label === "spam" ? "Spam" : "Not spam (ham)";
+    $("detail").textContent = "spam probability " + (100 * p).toFixed(1) + " %, " + data.tokens + " tokens" +
+                              (data.truncated ? " (truncated: only the start was read)" : "");
+    $("fill").style.width = (100 * p).toFixed(1) + "%";
+  } catch (e) {
+    box.className = "error"; $("label").textContent = "Error"; $("detail").textContent = e.message;
+    $("fill").style.width = "0";
+  }
+}
+$("go").onclick = classify;
+$("text").addEventListener("keydown", e => { if (e.key === "Enter" && e.ctrlKey) classify(); });
+document.querySelectorAll(".examples button").forEach(b => b.onclick = () => {
+  $("text").value = b.textContent; classify(); });
+</script>
+</body></html>
+"""
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    classifier = None  # set by serve()
+    routes = {"/": "GET", "/healthz": "GET", "/api/classify": "POST"}
+
+    def reply(self, status, body, content_type="application/json"):
+        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", f"{content_type}; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        if status == 405:
+            self.send_header("Allow", self.routes[self.path])
+        self.end_headers()
+        self.wfile.write(data)
+
+    def check_route(self, method):
+        """True if this path takes this method; else reply 404 or 405."""
+        if self.path not in self.routes:
+            self.reply(404, {"error": f"no such path: {self.path}"})
+        elif self.routes[self.path] != method:
+            self.reply(405, {"error": f"{self.path} takes {self.routes[self.path]}"})
+        return self.routes.get(self.path) == method
+
+    def do_GET(self):
+        if not self.check_route("GET"):
+            return
+        if self.path == "/":
+            about = self.classifier.description.replace("&", "&amp;").replace("<", "&lt;")
+            self.reply(200, PAGE.replace("ABOUT", about), "text/html")
+        else:
+            self.reply(200, {"status": "ok", "model": self.classifier.description})
+
+    def do_POST(self):
+        if not self.check_route("POST"):
+            return
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0:
+            self.close_connection = True
+            return self.reply(400, {"error": "bad Content-Length"})
+        if length > MAX_BODY:
+            self.close_connection = True  # the body is not read: this connection cannot go on
+            return self.reply(413, {"error": f"request body over {MAX_BODY} bytes"})
+        try:
+            texts, batch = parse_request(self.rfile.read(length))
+        except ValueError as e:
+            return self.reply(400, {"error": str(e)})
+        results = self.classifier(texts)
+        self.reply(200, {"results": results} if batch else results[0])
+
+    do_PUT = do_DELETE = do_PATCH = lambda self: self.check_route(self.command)
+
+    def log_message(self, fmt, *args):  # one short line per request on stderr
+        sys.stderr.write(f"{self.address_string()} {fmt % args}\n")
+
+
+def parse_request(body):
+    """(texts, is_batch) from a JSON body, or ValueError with a message for the client."""
+    try:
+        request = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"body is not valid JSON: {e}") from e
+    if not isinstance(request, dict) or ("text" in request) == ("texts" in request):
+        raise ValueError('send {"text": "..."} or {"texts": ["...", ...]}')
+    batch = "texts" in request
+    texts = request["texts"] if batch else [request["text"]]
+    if not isinstance(texts, list) or not texts:
+        raise ValueError('"texts" must be a non-empty list')
+    if len(texts) > MAX_TEXTS:
+        raise ValueError(f"at most {MAX_TEXTS} texts per request, got {len(texts)}")
+    for t in texts:
+        if not isinstance(t, str):
+            raise ValueError(f"each text must be a string, got {type(t).__name__}")
+        if not t.strip():
+            raise ValueError("text is empty")
+    return texts, batch
+
+
+def make_server(classifier, host="127.0.0.1", port=8000):
+    """A threading HTTP server (port 0: any free port); call serve_forever() on it."""
+    handler = type("BoundHandler", (Handler,), {"classifier": classifier})
+    return http.server.ThreadingHTTPServer((host, port), handler)
+
+
+def benchmark(classifier, n, text="Hey, are we still on for dinner tonight? Let me know what time works for you"):
+    """Latency of single-message API calls over HTTP on this machine: p50 and p95 in ms."""
+    server = make_server(classifier, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/api/classify"
+    body = json.dumps({"text": text}).encode()
+    times = []
+    for i in range(n + 5):  # the first few warm up
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(urllib.request.Request(url, body, {"Content-Type": "application/json"})) as r:
+            answer = json.load(r)
+        if i >= 5:
+            times.append(1000 * (time.perf_counter() - t0))
+    server.shutdown()
+    q = statistics.quantiles(times, n=100)
+    print(f"{n} requests of one {answer['tokens']}-token message: p50 {q[49]:.1f} ms, p95 {q[94]:.1f} ms, "
+          f"mean {statistics.mean(times):.1f} ms")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("texts", nargs="*", help="messages to classify; '-' reads one per line from stdin")
+    p.add_argument("--file", type=Path, help="read messages from this file, one per line")
+    p.add_argument("--json", action="store_true", help="print one JSON object per line")
+    p.add_argument("--model", type=Path, default=Path("runs/spam-classifier"), help="folder finetune.py wrote")
+    p.add_argument("--serve", action="store_true", help="serve the web page and the API")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--benchmark", type=int, metavar="N", help="time N API requests and print p50/p95")
+    p.add_argument("--device", help="cpu, cuda, mps (default: the fastest available)")
+    args = p.parse_args(argv)
+
+    texts = []  # in the order given: each '-' stands for the lines of stdin, then --file's lines
+    for t in args.texts:
+        texts += sys.stdin.read().splitlines() if t == "-" else [t]
+    if args.file:
+        try:
+            texts += args.file.read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            sys.exit(f"error: cannot read {args.file}: {e.strerror}")
+    texts = [t for t in texts if t.strip()]
+    if not (texts or args.serve or args.benchmark):
+        p.error("give messages, '-', --file, --serve or --benchmark")
+    try:
+        t0 = time.time()
+        classifier = Classifier(args.model, minigpt.pick_device(args.device))
+    except minigpt.DataError as e:
+        sys.exit(f"error: {e}")
+    print(f"loaded {args.model} in {time.time() - t0:.1f} s: {classifier.description}", file=sys.stderr)
+    if texts:
+        t0 = time.time()
+        for text, r in zip(texts, classifier(texts)):
+            print(json.dumps({"text": text, **r}) if args.json else
+                  f"{r['label']:4}  {r['spam_probability']:.3f}  {text}")
+        seconds = time.time() - t0
+        print(f"{len(texts)} messages in {seconds:.2f} s ({len(texts) / seconds:.1f} messages/s)", file=sys.stderr)
+    if args.benchmark:
+        benchmark(classifier, args.benchmark)
+    if args.serve:
+        server = make_server(classifier, args.host, args.port)
+        print(f"serving on http://{args.host}:{server.server_port} (Ctrl+C stops)", file=sys.stderr)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

@@ -23,6 +23,7 @@ import argparse
 import csv
 import json
 import math
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, replace
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 
 import minigpt
 
-SMS = ("sms/SMSSpamCollection", "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
+SMS = ("SMSSpamCollection", "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
        "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d")
 SMS_ZIP_SHA256 = "1587ea43e58e82b14ff1f5425c88e17f8496bfcdb67a583dbff9eefaf9963ce3"
 LABELS = ("ham", "spam")  # index = class id
@@ -465,4 +466,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except minigpt.DataError as e:  # a missing or broken file: say what to do, without a traceback
+        sys.exit(f"error: {e}")

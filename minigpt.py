@@ -100,7 +100,10 @@ def fetch(name, url, sha256, archive_sha256=None):
     if archive_sha256 is None:
         download(url, dest, sha256, name)
     else:
-        archive = fetch(Path(name).parent / Path(url).name, url, archive_sha256)
+        try:
+            archive = fetch(Path(name).parent / Path(url).name, url, archive_sha256)
+        except DataError as e:
+            raise DataError(f"{e}\n(The mirror may also hold '{name}' itself instead of the archive.)") from e
         with zipfile.ZipFile(archive) as z, atomic_path(dest) as tmp:
             with z.open(Path(name).name) as src, open(tmp, "wb") as out:
                 shutil.copyfileobj(src, out)
@@ -692,8 +695,8 @@ def svg_plot(path, series, xlabel, ylabel, title=""):
     sx = lambda x: left + (x - x0) / (x1 - x0) * (W - left - right)
     sy = lambda y: H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom)
 
-    def ticks(lo, hi):  # about five round numbers (1, 2 or 5 times a power of ten apart)
-        raw = (hi - lo) / 5
+    def ticks(lo, hi):  # four to eight round numbers (1, 2 or 5 times a power of ten apart)
+        raw = (hi - lo) / 8
         step = min(m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)
                    if m * 10 ** math.floor(math.log10(raw)) >= raw)
         return [i * step for i in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
@@ -741,18 +744,15 @@ def main(argv=None):
     p.add_argument("--no-cache", action="store_true", help="recompute every position for every token")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: the fastest available)")
     args = p.parse_args(argv)
-    try:
-        device = pick_device(args.device)
-        t0 = time.time()
-        model = load_model(args.model, device)
-        print(f"loaded {args.model} in {time.time() - t0:.1f} s", file=sys.stderr)
-        tokenizer = get_tokenizer()
-        gen = torch.Generator(device).manual_seed(args.seed)
-        t0 = time.time()
-        text = complete(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                        top_k=args.top_k, eos_id=EOT, use_cache=not args.no_cache, generator=gen)
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    device = pick_device(args.device)
+    t0 = time.time()
+    model = load_model(args.model, device)
+    print(f"loaded {args.model} in {time.time() - t0:.1f} s", file=sys.stderr)
+    tokenizer = get_tokenizer()
+    gen = torch.Generator(device).manual_seed(args.seed)
+    t0 = time.time()
+    text = complete(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                    top_k=args.top_k, eos_id=EOT, use_cache=not args.no_cache, generator=gen)
     seconds = time.time() - t0
     n = len(tokenizer.encode(text, allowed_special="all")) - len(tokenizer.encode(args.prompt))
     print(text)
@@ -760,4 +760,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DataError as e:  # a missing or broken file: say what to do, without a traceback
+        sys.exit(f"error: {e}")

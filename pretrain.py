@@ -16,6 +16,7 @@ history.json to --out.
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -30,13 +31,14 @@ VERDICT = ("the-verdict.txt",
 
 # Named settings; any flag given on the command line overrides its value.
 SETTINGS = {
-    # About 1.6 minutes on a 2-core CPU, and it memorises the story (train loss < 1.5). Small
-    # batches give more steps per epoch; dropout 0 because here we want memorising.
-    "default": dict(preset="verdict", context_length=128, epochs=40, batch_size=2, lr=1e-3,
-                    weight_decay=0.1, dropout=0.0, warmup=20, eval_every=50, out="runs/pretrain"),
+    # About 90 s on a 2-core CPU, and it memorises the story (train loss < 1.5). Small batches
+    # give more steps per epoch; dropout 0 because here we want memorising. Warmup + cosine decay
+    # and gradient clipping made the loss fall faster and alike for every seed we tried.
+    "default": dict(preset="verdict", context_length=128, epochs=40, batch_size=2, lr=2e-3,
+                    weight_decay=0.1, dropout=0.0, warmup=20, clip=1.0, eval_every=50, out="runs/pretrain"),
     # The reference book's run (Raschka, ch. 5): GPT-2 124M shape, 256 positions, 10 epochs.
     "book": dict(preset="gpt2-small", context_length=256, epochs=10, batch_size=2, lr=4e-4,
-                 weight_decay=0.1, dropout=0.1, warmup=0, eval_every=5, out="runs/pretrain-book"),
+                 weight_decay=0.1, dropout=0.1, warmup=0, clip=0, eval_every=5, out="runs/pretrain-book"),
 }
 
 
@@ -52,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--dropout", type=float)
     p.add_argument("--warmup", type=int, help="steps of linear warmup, then cosine decay; 0: constant lr")
-    p.add_argument("--clip", type=float, default=None, help="clip the gradient norm to this (default: off)")
+    p.add_argument("--clip", type=float, help="clip the gradient norm to this; 0: off")
     p.add_argument("--eval-every", type=int, help="steps between loss evaluations")
     p.add_argument("--text", nargs="+", type=Path, help="train on these UTF-8 text files instead")
     p.add_argument("--prompt", default="Every effort moves you", help="start of the samples")
@@ -96,9 +98,10 @@ def main(argv=None):
     model = minigpt.GPT(cfg).to(device)
     print(f"model: {args.preset} shape, {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{L} positions, on {device}")
+    # betas (0.9, 0.95): GPT-3's; a shorter memory of squared gradients reacts faster to spikes.
     # fused=True does the whole AdamW update in one kernel: 10x faster than the default on a CPU.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                  fused=device.type in ("cpu", "cuda"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
+                                  weight_decay=args.weight_decay, fused=device.type in ("cpu", "cuda"))
     total_steps = args.epochs * len(train_loader)
     lr_at = (lambda step: minigpt.cosine_lr(step, total_steps, args.lr, args.warmup)) if args.warmup else None
 
@@ -130,4 +133,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except minigpt.DataError as e:  # a missing or broken file: say what to do, without a traceback
+        sys.exit(f"error: {e}")

@@ -391,7 +391,7 @@ def test_command_line_generates_from_a_save_pretrained_folder(tmp_path):
 
 def test_command_line_without_weights_or_network_says_what_to_do(data_dir, monkeypatch, capsys):
     monkeypatch.setattr(minigpt, "HF_URL", "http://127.0.0.1:9/{repo}/{revision}")
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(minigpt.DataError) as e:
         minigpt.main(["--model", "gpt2-small", "--max-new-tokens", "1"])
     assert "gpt2-small/model.safetensors" in str(e.value) and "MINIGPT_MIRROR" in str(e.value)
 

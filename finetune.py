@@ -103,34 +103,34 @@ TRAINABLE = ("head", "last_block", "last_two_blocks", "all", "lora")
 POOLS = ("last", "last_real", "mean")
 
 
-class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a trainable low-rank update (LoRA, Hu et al. 2021):
+class LoRA(nn.Module):
+    """A frozen Dense layer plus a trainable low-rank update (LoRA, Hu et al. 2021):
 
-        weight = W + (alpha / rank) * B @ A,   A: (rank, in) random,  B: (out, rank) zero
+        weight = W + (alpha / rank) * A @ B,   A: (in, rank) random,  B: (rank, out) zero
 
     B starts at zero, so at first the layer is exactly the old one. Only rank * (in + out)
-    numbers train instead of in * out. `weight` and `bias` look like nn.Linear's, so code that
+    numbers train instead of in * out. `weight` and `bias` look like Dense's, so code that
     reads them (the attention's one-position path) sees the updated weight.
     """
 
-    def __init__(self, linear, rank, alpha):
+    def __init__(self, dense, rank, alpha):
         super().__init__()
-        self.linear = linear
-        self.A = nn.Parameter(torch.empty(rank, linear.in_features))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # as nn.Linear initialises its weight
-        self.B = nn.Parameter(torch.zeros(linear.out_features, rank))
+        self.dense = dense
+        n_in, n_out = dense.weight.shape
+        self.A = nn.Parameter(torch.empty(n_in, rank).uniform_(-n_in ** -0.5, n_in ** -0.5))
+        self.B = nn.Parameter(torch.zeros(rank, n_out))
         self.scale = alpha / rank
 
     @property
     def weight(self):
-        return self.linear.weight + self.scale * (self.B @ self.A)  # (out, in)
+        return self.dense.weight + self.scale * (self.A @ self.B)  # (in, out)
 
     @property
     def bias(self):
-        return self.linear.bias
+        return self.dense.bias
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias)
+        return x @ self.weight + self.bias
 
 
 def first_trainable_block(model, trainable):
@@ -143,11 +143,11 @@ def make_classifier(model, trainable, lora_rank=16, lora_alpha=16):
     """Turn a GPT into a classifier in place: new 2-way head, and only `trainable` parts train."""
     model.lm_head = nn.Linear(model.cfg.emb_dim, len(LABELS)).to(model.wte.weight.device)  # untied, new
     model.requires_grad_(trainable == "all")
-    if trainable == "lora":  # low-rank updates on every linear layer of every block
+    if trainable == "lora":  # low-rank updates on every Dense layer of every block
         for block in model.h:
             for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"),
                                  (block.mlp, "c_fc"), (block.mlp, "c_proj")):
-                setattr(parent, name, LoRALinear(getattr(parent, name), lora_rank, lora_alpha))
+                setattr(parent, name, LoRA(getattr(parent, name), lora_rank, lora_alpha))
     start = first_trainable_block(model, trainable)
     if trainable in ("last_block", "last_two_blocks"):
         model.h[start:].requires_grad_(True)
@@ -334,7 +334,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=50, help="steps between loss evaluations")
     p.add_argument("--data", type=Path, help="a label<TAB>text file to use instead of the UCI collection")
     p.add_argument("--dedupe", action="store_true", help="drop exact duplicate messages before balancing")
-    p.add_argument("--unseen-ham", default="1000",
+    p.add_argument("--unseen-ham", default=1000, type=lambda v: v if v == "all" else int(v),
                    help="how many left-out ham messages to measure false positives on, or 'all'")
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--device", help="cpu, cuda, mps (default: the fastest available)")
@@ -362,7 +362,7 @@ def main(argv=None):
         print(f"  {name}: {len(splits[name])} ({counts['ham']} ham, {counts['spam']} spam){seen}")
     if args.unseen_ham != "all":
         rng = np.random.default_rng(args.seed)
-        pick = rng.permutation(len(splits["unseen_ham"]))[:int(args.unseen_ham)]
+        pick = rng.permutation(len(splits["unseen_ham"]))[:args.unseen_ham]
         splits["unseen_ham"] = [splits["unseen_ham"][i] for i in sorted(pick)]
     print(f"  unseen ham: {len(splits['unseen_ham'])} of the ham left out by balancing")
 
@@ -439,7 +439,8 @@ def main(argv=None):
     fn, tn = int(((pred == 0) & (labels == 1)).sum()), int(((pred == 0) & (labels == 0)).sum())
     precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
     f1 = 2 * precision * recall / max(precision + recall, 1e-12)
-    unseen_fpr = 1 - acc("unseen_ham")  # all unseen ham is label 0: accuracy = share called ham
+    # All unseen ham is label 0, so 1 - accuracy is the share wrongly called spam.
+    unseen_fpr = 1 - acc("unseen_ham") if splits["unseen_ham"] else None
     wall = time.time() - started
     metrics = {"train_accuracy": final["train"], "val_accuracy": final["validation"],
                "test_accuracy": final["test"], "precision": precision, "recall": recall, "f1": f1,
@@ -451,7 +452,8 @@ def main(argv=None):
           f"Test accuracy: {final['test']:.2%}")
     print(f"Test spam: precision {precision:.2%}, recall {recall:.2%}, F1 {f1:.2%}; "
           f"confusion [[ham->ham {tn}, ham->spam {fp}], [spam->ham {fn}, spam->spam {tp}]]")
-    print(f"False positives on {len(splits['unseen_ham'])} unseen ham: {unseen_fpr:.2%}")
+    if unseen_fpr is not None:
+        print(f"False positives on {len(splits['unseen_ham'])} unseen ham: {unseen_fpr:.2%}")
 
     save_classifier(args.out, model, meta)
     minigpt.write_text(args.out / "metrics.json", json.dumps(metrics, indent=1))

@@ -321,8 +321,6 @@ def test_reads_the_hub_layout_in_f32_f16_bf16(tmp_path, dtype):
     assert "h.0.attn.bias" not in got and "h.0.attn.c_attn.bias" in got
     for name, value in hf.transformer.state_dict().items():
         expected = value.to(dtype).float()
-        if name.endswith(minigpt.TRANSPOSED):
-            expected = expected.T
         assert torch.equal(torch.from_numpy(got[name]), expected), name
     if dtype == torch.float32:
         minigpt.convert(tmp_path / "model.safetensors", HF_TINY, tmp_path / "c")
@@ -463,8 +461,10 @@ def test_balance_and_split_are_deterministic():
 def test_the_real_collection_parses_to_the_published_counts():
     messages = finetune.read_sms(MIRROR / "SMSSpamCollection")
     assert len(messages) == 5574 and sum(label == "spam" for label, _ in messages) == 747
-    assert ("ham", '"HI BABE UAWAKE?FEELLIKW SHIT.JUSTFOUND OUT VIA ALETTER THATMUM GOTMARRIED 4thNOV.'
-                   'BEHIND OURBACKS \u2013 FUCKINNICE!SELFISH,DEVIOUSBITCH.ANYWAY,I\u2019L CALL U"') in messages
+    # Lines 5,082-5,084: an unclosed quote that makes CSV readers merge three messages into one.
+    assert messages[5081][1].startswith('"Keep ur problems') and messages[5081][1].endswith("SD..")
+    assert messages[5082] == ("ham", "Yeah, give me a call if you've got a minute")
+    assert messages[5083][1].startswith('"HI BABE') and messages[5083][1].endswith('CALL U"')
     splits = finetune.split_sms(messages, seed=123)
     assert [len(splits[k]) for k in ("train", "validation", "test", "unseen_ham")] == [1045, 149, 300, 4080]
 

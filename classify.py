@@ -38,10 +38,12 @@ class Classifier:
         self.tokenizer, self.device, self.lock = minigpt.get_tokenizer(), device, threading.Lock()
         metrics = Path(model_dir) / "metrics.json"
         accuracy = json.loads(metrics.read_text()).get("test_accuracy") if metrics.exists() else None
-        self.description = (f"GPT ({self.meta['init']}, {self.model.cfg.n_layers} blocks) finetuned to tell "
-                            f"spam from ham SMS: trained {self.meta['trainable']}, reads "
-                            f"{self.meta['pool']} token, up to {self.meta['max_length']} tokens"
-                            + (f", {accuracy:.1%} test accuracy" if accuracy is not None else ""))
+        reads = {"last": "the last (padded) position", "last_real": "the last real token",
+                 "mean": "the mean over all tokens"}[self.meta["pool"]]
+        self.description = (f"A GPT ({self.model.cfg.n_layers} blocks, from {Path(self.meta['init']).name}) "
+                            f"finetuned to tell spam from ham SMS. Trained: {self.meta['trainable']}; reads "
+                            f"{reads}; up to {self.meta['max_length']} tokens"
+                            + (f"; {accuracy:.1%} test accuracy." if accuracy is not None else "."))
 
     def __call__(self, texts):
         with self.lock, torch.inference_mode():
@@ -200,9 +202,12 @@ def make_server(classifier, host="127.0.0.1", port=8000):
     return http.server.ThreadingHTTPServer((host, port), handler)
 
 
-def benchmark(classifier, n, text="Hey, are we still on for dinner tonight? Let me know what time works for you"):
-    """Latency of single-message API calls over HTTP on this machine: p50 and p95 in ms."""
+def benchmark(classifier, n, text="Hey, are we still on for dinner tonight? I can pick you up at 7 if that "
+                                  "works, or we meet at the place near the station"):
+    """Latency of single-message API calls over HTTP on this machine: p50 and p95 in ms.
+    The default message is a typical SMS of about 30 tokens."""
     server = make_server(classifier, port=0)
+    server.RequestHandlerClass.log_message = lambda *args: None  # no line per request here
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}/api/classify"
     body = json.dumps({"text": text}).encode()

@@ -291,7 +291,11 @@ def load_classifier(out, device="cpu"):
         raise minigpt.DataError(f"{path} is not a classifier saved by finetune.py ({e}); "
                                 "run finetune.py again") from e
     model = make_classifier(base_model(meta, device), meta["trainable"], meta["lora_rank"], meta["lora_alpha"])
-    unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+    try:
+        unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+    except RuntimeError as e:  # a shape differs
+        raise minigpt.DataError(f"{path} does not fit its base model ({str(e).splitlines()[1].strip()}); "
+                                "run finetune.py again") from e
     if unexpected:
         raise minigpt.DataError(f"{path} holds parameters this model lacks: {unexpected[:3]}")
     return model.eval(), meta

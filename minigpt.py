@@ -20,9 +20,9 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import shutil
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -51,13 +51,17 @@ class DataError(RuntimeError):
     """A data file could not be had or is not what it should be. The message says what to do."""
 
 
+def temporary_name(path):
+    """A hidden, unique name beside `path` (same folder, so a rename onto `path` is atomic)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = temporary_name(path)
     try:
         yield Path(tmp)
         os.replace(tmp, path)  # atomic on POSIX and Windows when both are on one file system
@@ -523,8 +527,8 @@ def convert(safetensors_path, cfg, out_dir):
     inspect any tensor with np.load. The folder is written beside out_dir and renamed into place.
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    tmp = temporary_name(out_dir)
+    tmp.mkdir(parents=True)
 
     def save(tensors):
         for name, a in tensors:

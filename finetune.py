@@ -435,10 +435,12 @@ def main(argv=None):
     seen = args.epochs * len(batches["train_shuffled"]) * args.batch_size
     print(f"Trained in {train_seconds:.1f} s ({seen / train_seconds:.0f} examples/s, {seen} examples seen)")
 
-    # Evaluate: accuracy on each split; precision, recall, F1 and confusion matrix on test.
-    final = {name: acc(name) for name in ("train", "validation", "test")}
+    # Evaluate: accuracy on each split (train and validation: as after the last epoch);
+    # precision, recall, F1 and the confusion matrix on test.
+    final = {name: (accuracies[name] or [acc(name)])[-1] for name in ("train", "validation")}
     labels, probs = predict(model, batches["test"], args.pool, start, device)
     pred = (probs > 0.5).long()
+    final["test"] = (pred == labels).float().mean().item()
     tp, fp = int(((pred == 1) & (labels == 1)).sum()), int(((pred == 1) & (labels == 0)).sum())
     fn, tn = int(((pred == 0) & (labels == 1)).sum()), int(((pred == 0) & (labels == 0)).sum())
     precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)

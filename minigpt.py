@@ -188,6 +188,8 @@ class GPTConfig:
     n_heads: int = 12           # nh
     n_layers: int = 12          # transformer blocks
     dropout: float = 0.0        # GPT-2 trained with 0.1; we use 0 unless asked
+    tied_head: bool = True      # the output layer reuses the token embedding (GPT-2 does)
+    embedding_std: float = 0.02 # initial spread of the token and position embeddings (GPT-2: 0.02)
 
 
 PRESETS = {
@@ -331,7 +333,8 @@ class GPT(nn.Module):
         self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.emb_dim, eps=1e-5)
         self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied, as in GPT-2: reading and writing share one table
+        if cfg.tied_head:  # as in GPT-2: reading and writing tokens share one table
+            self.lm_head.weight = self.wte.weight
         # GPT-2's initialisation: N(0, 0.02), zero biases; the layers that write into the residual
         # stream are scaled down by sqrt(2 * n_layers) so the sum of 2 * n_layers corrections stays O(1).
         for name, p in self.named_parameters():
@@ -339,6 +342,8 @@ class GPT(nn.Module):
                 nn.init.zeros_(p)
             elif "ln_" in name:
                 nn.init.ones_(p)
+            elif name in ("wte.weight", "wpe.weight"):
+                nn.init.normal_(p, 0.0, cfg.embedding_std)
             else:
                 std = 0.02 / math.sqrt(2 * cfg.n_layers) if name.endswith("c_proj.weight") else 0.02
                 nn.init.normal_(p, 0.0, std)
@@ -501,10 +506,10 @@ def load_weights(cfg, tensors, device="cpu"):
     """
     with torch.device("meta"):
         model = GPT(cfg)
-    expected = {name: p.shape for name, p in model.named_parameters()}  # lm_head is tied: not listed
+    expected = {name: p.shape for name, p in model.named_parameters()}  # a tied lm_head is not listed
     state = {}
     for name, a in tensors:
-        if name == "lm_head.weight":  # tied to wte.weight (some files store it anyway)
+        if name == "lm_head.weight" and cfg.tied_head:  # it is wte.weight (some files store it anyway)
             continue
         if name not in expected:
             raise DataError(f"unexpected tensor {name} {tuple(a.shape)}")
@@ -513,9 +518,11 @@ def load_weights(cfg, tensors, device="cpu"):
         state[name] = torch.as_tensor(a, device=device)  # shares a CPU array's memory: no copy
     if missing := sorted(expected.keys() - state.keys()):
         raise DataError(f"missing tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    state["lm_head.weight"] = state["wte.weight"]
+    if cfg.tied_head:
+        state["lm_head.weight"] = state["wte.weight"]
     model.load_state_dict(state, assign=True)
-    model.lm_head.weight = model.wte.weight  # assign=True replaced the parameters: tie them again
+    if cfg.tied_head:
+        model.lm_head.weight = model.wte.weight  # assign=True replaced the parameters: tie them again
     return model.eval()
 
 

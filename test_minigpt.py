@@ -170,6 +170,12 @@ def test_checkpoint_round_trip(tmp_path):
         assert torch.equal(loaded(idx), model(idx))
     assert ck["note"] == "hi" and loaded.lm_head.weight is loaded.wte.weight
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary file left behind
+    untied = tiny_model(tied_head=False, embedding_std=1.0)  # the book's pretraining model
+    minigpt.save_checkpoint(tmp_path / "u.pt", untied)
+    loaded = minigpt.load_checkpoint(tmp_path / "u.pt")[0]
+    assert loaded.lm_head.weight is not loaded.wte.weight
+    assert torch.equal(loaded.lm_head.weight, untied.lm_head.weight) and loaded.wte.weight.std() > 0.5
+    (tmp_path / "u.pt").unlink()
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(minigpt.DataError, match="not a minigpt checkpoint"):
         minigpt.load_checkpoint(tmp_path / "bad.pt")
@@ -579,8 +585,11 @@ def test_finetune_saves_only_what_changed_and_reloads(tmp_path, trainable, pool,
     assert meta["pool"] == pool and meta["trainable"] == trainable
 
 
-def test_missing_classifier_says_to_run_finetune(tmp_path):
-    with pytest.raises(minigpt.DataError, match="finetune.py"):
+def test_missing_or_broken_classifier_says_to_run_finetune(tmp_path):
+    with pytest.raises(minigpt.DataError, match="run finetune.py first"):
+        finetune.load_classifier(tmp_path)
+    (tmp_path / "classifier.pt").write_bytes(b"half a file")
+    with pytest.raises(minigpt.DataError, match="run finetune.py again"):
         finetune.load_classifier(tmp_path)
 
 

@@ -17,6 +17,7 @@ import statistics
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -118,8 +119,9 @@ document.querySelectorAll(".examples button").forEach(b => b.onclick = () => {
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
-    classifier = None  # set by serve()
+    classifier = None  # set by make_server()
     routes = {"/": "GET", "/healthz": "GET", "/api/classify": "POST"}
+    timeout = 30  # seconds a client may stall mid-request before its connection is dropped
 
     def reply(self, status, body, content_type="application/json"):
         data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
@@ -127,22 +129,24 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", f"{content_type}; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
         if status == 405:
-            self.send_header("Allow", self.routes[self.path])
+            self.send_header("Allow", self.routes[self.route])
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":  # a HEAD answer is the headers alone
+            self.wfile.write(data)
 
     def check_route(self, method):
         """True if this path takes this method; else reply 404 or 405."""
-        if self.path not in self.routes:
-            self.reply(404, {"error": f"no such path: {self.path}"})
-        elif self.routes[self.path] != method:
-            self.reply(405, {"error": f"{self.path} takes {self.routes[self.path]}"})
-        return self.routes.get(self.path) == method
+        self.route = urllib.parse.urlsplit(self.path).path  # without ?query
+        if self.route not in self.routes:
+            self.reply(404, {"error": f"no such path: {self.route}"})
+        elif self.routes[self.route] != method:
+            self.reply(405, {"error": f"{self.route} takes {self.routes[self.route]}"})
+        return self.routes.get(self.route) == method
 
     def do_GET(self):
         if not self.check_route("GET"):
             return
-        if self.path == "/":
+        if self.route == "/":
             about = self.classifier.description.replace("&", "&amp;").replace("<", "&lt;")
             self.reply(200, PAGE.replace("ABOUT", about), "text/html")
         else:
@@ -156,19 +160,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except ValueError:
             length = -1
         if length < 0:
-            self.close_connection = True
             return self.reply(400, {"error": "bad Content-Length"})
-        if length > MAX_BODY:
-            self.close_connection = True  # the body is not read: this connection cannot go on
-            return self.reply(413, {"error": f"request body over {MAX_BODY} bytes"})
         try:
+            if length > MAX_BODY:  # read (a bounded part of) it, so the client is able to see the answer
+                self.rfile.read(min(length, 16 * MAX_BODY))
+                return self.reply(413, {"error": f"request body over {MAX_BODY} bytes"})
             texts, batch = parse_request(self.rfile.read(length))
+        except TimeoutError:
+            return self.reply(408, {"error": "the request body did not arrive in time"})
         except ValueError as e:
             return self.reply(400, {"error": str(e)})
-        results = self.classifier(texts)
+        try:
+            results = self.classifier(texts)
+        except Exception as e:  # a bug of ours: say so, and keep serving
+            self.log_error("classifying failed: %r", e)
+            return self.reply(500, {"error": "internal error while classifying"})
         self.reply(200, {"results": results} if batch else results[0])
 
-    do_PUT = do_DELETE = do_PATCH = lambda self: self.check_route(self.command)
+    # HTTP/1.0 (the default here): one request per connection, so no state carries over.
+    do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = lambda self: self.check_route(self.command)
 
     def log_message(self, fmt, *args):  # one short line per request on stderr
         sys.stderr.write(f"{self.address_string()} {fmt % args}\n")
@@ -219,6 +229,7 @@ def benchmark(classifier, n, text="Hey, are we still on for dinner tonight? I ca
         if i >= 5:
             times.append(1000 * (time.perf_counter() - t0))
     server.shutdown()
+    server.server_close()
     q = statistics.quantiles(times, n=100)
     print(f"{n} requests of one {answer['tokens']}-token message: p50 {q[49]:.1f} ms, p95 {q[94]:.1f} ms, "
           f"mean {statistics.mean(times):.1f} ms")
@@ -249,6 +260,8 @@ def main(argv=None):
     texts = [t for t in texts if t.strip()]
     if not (texts or args.serve or args.benchmark):
         p.error("give messages, '-', --file, --serve or --benchmark")
+    if args.benchmark is not None and args.benchmark < 2:
+        p.error("--benchmark needs at least 2 requests")
     try:
         t0 = time.time()
         classifier = Classifier(args.model, minigpt.pick_device(args.device))

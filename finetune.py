@@ -269,6 +269,9 @@ def base_model(meta, device):
     if meta["init"] == "random":  # no file: rebuild the same random weights from the seed
         torch.manual_seed(meta["seed"])
         return minigpt.GPT(minigpt.GPTConfig(**meta["config"])).to(device)
+    if meta.get("init_sha256") and minigpt.sha256_of(meta["init"]) != meta["init_sha256"]:
+        raise minigpt.DataError(f"{meta['init']} changed since this classifier was trained on it; "
+                                "run finetune.py again")
     return minigpt.load_model(meta["init"], device, dropout=0.0)
 
 
@@ -309,7 +312,7 @@ def spam_probabilities(model, meta, tokenizer, texts, device="cpu"):
     order, probs = predict(model, batches, meta["pool"], 0, device)
     out = torch.empty(len(texts))
     out[order] = probs
-    return out.tolist(), [len(t) for t in map(tokenizer.encode, texts)], data.truncated.tolist()
+    return out.tolist(), data.token_counts, data.truncated.tolist()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,6 +384,8 @@ def main(argv=None):
     t0 = time.time()
     model = base_model(meta, device)
     meta["config"] = asdict(model.cfg)
+    if Path(meta["init"]).is_file():  # a checkpoint may be overwritten later: remember which one this was
+        meta["init_sha256"] = minigpt.sha256_of(meta["init"])
     make_classifier(model, args.trainable, args.lora_rank, args.lora_alpha)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
@@ -388,7 +393,7 @@ def main(argv=None):
           f"loaded in {time.time() - t0:.1f} s")
 
     # Token ids, truncated to the longest training message (or --max-length) and the context.
-    longest = max(len(tokenizer.encode(text)) for _, text in splits["train"])
+    longest = max(len(tokenizer.encode(text, disallowed_special=())) for _, text in splits["train"])
     meta["max_length"] = min(args.max_length or longest, model.cfg.context_length)
     datasets = {name: minigpt.PaddedDataset([t for _, t in msgs], [LABELS.index(lab) for lab, _ in msgs],
                                             tokenizer, meta["max_length"]) for name, msgs in splits.items()}
@@ -406,6 +411,10 @@ def main(argv=None):
                for name in examples}
     batches["train_shuffled"] = Batches(examples["train"], datasets["train"].labels, args.batch_size,
                                         shuffle=True, seed=args.seed, drop_last=True)
+    # Random training batches for the periodic loss, with their own random order, so that
+    # measuring never changes the order the model trains in.
+    batches["train_sample"] = Batches(examples["train"], datasets["train"].labels, args.batch_size,
+                                      shuffle=True, seed=args.seed + 1)
     acc = lambda name: accuracy(model, batches[name], args.pool, start, device)
     print(f"Before finetuning: train {acc('train'):.2%}, validation {acc('validation'):.2%}, "
           f"test {acc('test'):.2%}")
@@ -428,7 +437,7 @@ def main(argv=None):
                                   weight_decay=args.weight_decay, fused=device.type in ("cpu", "cuda"))
     t0 = time.time()
     history = minigpt.train(model, optimizer, loss_fn, batches["train_shuffled"], args.epochs, args.eval_every,
-                            {"train": batches["train_shuffled"], "val": batches["validation"]},
+                            {"train": batches["train_sample"], "val": batches["validation"]},
                             eval_batches=5, count=lambda b: len(b[1]),
                             on_epoch_end=on_epoch_end)
     train_seconds = time.time() - t0

@@ -17,6 +17,7 @@ pretrain.py, finetune.py and classify.py build on the pieces below.
 import argparse
 import contextlib
 import hashlib
+import http.client
 import json
 import math
 import os
@@ -64,6 +65,8 @@ def atomic_path(path):
     tmp = temporary_name(path)
     try:
         yield Path(tmp)
+        with open(tmp, "rb+") as f:  # on disk before the rename, so a power cut cannot leave it empty
+            os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX and Windows when both are on one file system
     finally:
         if os.path.exists(tmp):
@@ -139,10 +142,13 @@ def download(url, dest, sha256, name):
                         print(f"\r{name}: {done / 1e6:.1f}/{total / 1e6:.1f} MB, {rate / 1e6:.1f} MB/s, "
                               f"ETA {eta:.0f} s  ", end="", file=sys.stderr, flush=True)
             print(file=sys.stderr)
+        if total and done != total:  # the server closed early: keep the .part to resume from
+            raise DataError(f"download of {name} from {url} stopped at {done:,} of {total:,} bytes; "
+                            "run again to resume")
     except urllib.error.HTTPError as e:
         if e.code != 416:  # 416: nothing left after `have` bytes, so the .part is complete
             raise DataError(f"could not download {name} from {url}: HTTP {e.code} {e.reason}") from e
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         raise DataError(
             f"could not download {name} from {url} ({getattr(e, 'reason', e)}).\n"
             f"Offline? Put the file in a folder as '{name}' and set MINIGPT_MIRROR to that folder."
@@ -382,6 +388,7 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=Non
     was_training = model.training
     model.eval()
     ctx, cache = model.cfg.context_length, None
+    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)  # (B,): produced eos_id
     for _ in range(max_new_tokens):
         if not use_cache:
             logits = model(idx[:, -ctx:])
@@ -402,8 +409,10 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=Non
             probs = torch.softmax(logits / temperature, dim=-1)
             next_id = torch.multinomial(probs, 1, generator=generator)
         idx = torch.cat([idx, next_id], dim=1)
-        if eos_id is not None and (next_id == eos_id).all():
-            break
+        if eos_id is not None:
+            finished |= next_id[:, 0] == eos_id
+            if finished.all():
+                break
     model.train(was_training)
     return idx
 
@@ -608,9 +617,11 @@ class PaddedDataset(torch.utils.data.Dataset):
     The lengths say where each text ends, so a classifier can read its last real token."""
 
     def __init__(self, texts, labels, tokenizer, max_length=None):
-        ids = [tokenizer.encode(t) for t in texts]
-        self.max_length = max_length or max(map(len, ids))
-        self.truncated = torch.tensor([len(i) > self.max_length for i in ids])
+        # Text that spells "<|endoftext|>" is just text here: no special tokens from user input.
+        ids = [tokenizer.encode(t, disallowed_special=()) for t in texts]
+        self.token_counts = [len(i) for i in ids]  # before truncation
+        self.max_length = max_length or max(self.token_counts)
+        self.truncated = torch.tensor([n > self.max_length for n in self.token_counts])
         ids = [i[:self.max_length] or [EOT] for i in ids]  # an empty text reads as one <|endoftext|>
         self.lengths = torch.tensor([len(i) for i in ids])                           # (N,)
         self.ids = torch.tensor([i + [EOT] * (self.max_length - len(i)) for i in ids])  # (N, max_length)
@@ -779,13 +790,14 @@ def main(argv=None):
     model = load_model(args.model, device)
     print(f"loaded {args.model} in {time.time() - t0:.1f} s", file=sys.stderr)
     tokenizer = get_tokenizer()
+    prompt = torch.tensor([tokenizer.encode(args.prompt, allowed_special={"<|endoftext|>"})], device=device)
     gen = torch.Generator(device).manual_seed(args.seed)
     t0 = time.time()
-    text = complete(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                    top_k=args.top_k, eos_id=EOT, use_cache=not args.no_cache, generator=gen)
+    out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   eos_id=EOT, use_cache=not args.no_cache, generator=gen)
     seconds = time.time() - t0
-    n = len(tokenizer.encode(text, allowed_special="all")) - len(tokenizer.encode(args.prompt))
-    print(text)
+    n = out.shape[1] - prompt.shape[1]
+    print(tokenizer.decode(out[0].tolist()))
     print(f"{n} tokens in {seconds:.2f} s ({n / seconds:.1f} tokens/s)", file=sys.stderr)
 
 

@@ -7,7 +7,7 @@ is about 5,000 tokens, far too little to learn English; the model will mostly me
 is what makes the effect visible in minutes on a laptop CPU.
 
     python pretrain.py                     # small model, under 2 minutes on a 2-core CPU
-    python pretrain.py --setting book      # the reference book's run: 124M shape, ~15 minutes
+    python pretrain.py --setting book      # the reference book's run: 124M shape, ~6 minutes
     python pretrain.py --text my.txt ...   # any text files instead
 
 Writes model.pt (for finetune.py and `python minigpt.py --model ...`), loss.svg and

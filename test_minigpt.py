@@ -117,6 +117,23 @@ def test_sampling_picks_only_top_k_tokens_and_is_seeded():
     assert torch.equal(*again)
 
 
+def test_generation_stops_once_every_row_has_ended():
+    model = tiny_model()
+    steps = []
+
+    def eot_for_one_row_per_step(module, inputs, logits):  # row 0 ends at step 0, row 1 at step 1
+        row = len(steps)
+        steps.append(row)
+        if row < 2:
+            logits = logits.clone()
+            logits[row, -1, minigpt.EOT] = 1e4
+        return logits
+
+    model.lm_head.register_forward_hook(eot_for_one_row_per_step)
+    out = minigpt.generate(model, torch.randint(0, TINY.vocab_size, (2, 4)), 10, eos_id=minigpt.EOT)
+    assert out.shape == (2, 6) and out[0, 4] == minigpt.EOT and out[1, 5] == minigpt.EOT
+
+
 def test_generation_stops_at_end_of_text():
     model = tiny_model()
     force_eot = lambda module, inputs, logits: logits.index_fill(-1, torch.tensor([minigpt.EOT]), 1e4)
@@ -237,8 +254,9 @@ def test_fetch_offline_error_names_file_url_and_mirror(data_dir):
 
 
 class RangeHandler(http.server.BaseHTTPRequestHandler):
-    """Serves `payload` at any path, honouring `Range: bytes=N-` as a real server does."""
-    payload, ranges = b"", []
+    """Serves `payload` at any path, honouring `Range: bytes=N-` as a real server does.
+    With `cut_at`, the first answer announces every byte but closes after `cut_at`."""
+    payload, ranges, cut_at = b"", [], None
 
     def do_GET(self):
         start = int(self.headers.get("Range", "bytes=0-")[6:].rstrip("-"))
@@ -246,7 +264,8 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
         self.send_response(206 if start else 200)
         self.send_header("Content-Length", str(len(self.payload) - start))
         self.end_headers()
-        self.wfile.write(self.payload[start:])
+        end, type(self).cut_at = self.cut_at or len(self.payload), None
+        self.wfile.write(self.payload[start:end])
 
     def log_message(self, *args):
         pass
@@ -268,6 +287,12 @@ def test_download_resumes_a_partial_file_and_checks_it(data_dir, server):
     path = minigpt.fetch("big.bin", f"{server}/big.bin", sha(RangeHandler.payload))
     assert path.read_bytes() == RangeHandler.payload and not part.exists()
     assert RangeHandler.ranges == [300_000]  # only the missing bytes were asked for
+    RangeHandler.ranges, RangeHandler.cut_at = [], 500_000  # the connection drops mid-file
+    with pytest.raises(minigpt.DataError, match="stopped at 500,000 of 1,280,000 bytes"):
+        minigpt.fetch("cut.bin", f"{server}/cut.bin", sha(RangeHandler.payload))
+    assert (data_dir / "cut.bin.part").stat().st_size == 500_000  # kept, to resume from
+    assert minigpt.fetch("cut.bin", f"{server}/cut.bin", sha(RangeHandler.payload)).read_bytes() == RangeHandler.payload
+    assert RangeHandler.ranges == [0, 500_000]
     with pytest.raises(minigpt.DataError, match="wrong sha256"):
         minigpt.fetch("other.bin", f"{server}/other.bin", sha(b"something else"))
     assert not (data_dir / "other.bin").exists() and not (data_dir / "other.bin.part").exists()
@@ -585,6 +610,17 @@ def test_finetune_saves_only_what_changed_and_reloads(tmp_path, trainable, pool,
     assert meta["pool"] == pool and meta["trainable"] == trainable
 
 
+def test_classifier_refuses_a_base_checkpoint_that_changed(tmp_path):
+    minigpt.save_checkpoint(tmp_path / "base.pt", tiny_model(seed=1))
+    data = write_messages(tmp_path / "sms.txt", synthetic_messages(40, 20))
+    finetune.main(["--data", str(data), "--init", str(tmp_path / "base.pt"), "--trainable", "head",
+                   "--epochs", "1", "--out", str(tmp_path / "out")])
+    finetune.load_classifier(tmp_path / "out")
+    minigpt.save_checkpoint(tmp_path / "base.pt", tiny_model(seed=2))  # retrained: same shapes, new weights
+    with pytest.raises(minigpt.DataError, match="changed since"):
+        finetune.load_classifier(tmp_path / "out")
+
+
 def test_missing_or_broken_classifier_says_to_run_finetune(tmp_path):
     with pytest.raises(minigpt.DataError, match="run finetune.py first"):
         finetune.load_classifier(tmp_path)
@@ -640,6 +676,7 @@ def server_url(tiny_classifier):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
+    server.server_close()
 
 
 def call(url, body=None, method=None, headers=None):
@@ -651,7 +688,7 @@ def call(url, body=None, method=None, headers=None):
             status, raw, kind = r.status, r.read(), r.headers["Content-Type"]
     except urllib.error.HTTPError as e:
         status, raw, kind = e.code, e.read(), e.headers["Content-Type"]
-    return status, (json.loads(raw) if kind.startswith("application/json") else raw.decode())
+    return status, (json.loads(raw) if raw and kind.startswith("application/json") else raw.decode())
 
 
 def test_api_classifies_one_text_or_many(server_url):
@@ -661,8 +698,11 @@ def test_api_classifies_one_text_or_many(server_url):
     status, r = call(f"{server_url}/api/classify", {"texts": ["see you at lunch", "FREE txt " * 40]})
     assert status == 200 and [x["label"] for x in r["results"]] == ["ham", "spam"]
     assert r["results"][1]["truncated"] is True  # longer than the model's max length
-    status, health = call(f"{server_url}/healthz")
+    status, health = call(f"{server_url}/healthz?verbose=1")
     assert status == 200 and health["status"] == "ok" and "random" in health["model"]
+    status, r = call(f"{server_url}/api/classify", {"text": "see you <|endoftext|> later"})
+    assert status == 200 and r["tokens"] == len(finetune.minigpt.get_tokenizer().encode(
+        "see you <|endoftext|> later", disallowed_special=()))  # plain text, not a special token
 
 
 @pytest.mark.parametrize("body,status", [
@@ -681,6 +721,7 @@ def test_unknown_paths_and_wrong_methods(server_url):
     assert call(f"{server_url}/api/classify")[0] == 405          # GET
     assert call(f"{server_url}/", b"{}")[0] == 405               # POST
     assert call(f"{server_url}/api/classify", b"{}", method="PUT")[0] == 405
+    assert call(f"{server_url}/healthz", method="HEAD")[0] == 405
     status, page = call(f"{server_url}/")
     assert status == 200 and "<textarea" in page and "http" not in page.split("<body>")[1]  # nothing external
 
@@ -716,3 +757,16 @@ def test_web_page_in_a_real_browser(server_url, tmp_path):
         assert page.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scrolling
         browser.close()
     assert (tmp_path / "page.png").stat().st_size > 1000
+
+
+def test_a_stalled_request_gets_408_and_the_server_goes_on(tiny_classifier):
+    import socket
+    server = classify.make_server(classify.Classifier(tiny_classifier), port=0)
+    server.RequestHandlerClass.timeout = 1  # 30 s in real use
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as s:
+        s.sendall(b"POST /api/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"text\": ")
+        assert s.recv(1000).startswith(b"HTTP/1.0 408")  # the other 90 bytes never came
+    assert call(f"http://127.0.0.1:{server.server_port}/healthz")[0] == 200
+    server.shutdown()
+    server.server_close()

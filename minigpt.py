@@ -129,7 +129,8 @@ def download(url, dest, sha256, name):
         with urllib.request.urlopen(request, timeout=60) as response:
             if have and response.status != 206:  # the server ignored Range: start from zero
                 have = 0
-            total = have + int(response.headers.get("Content-Length") or 0)
+            length = response.headers.get("Content-Length")  # of what is left; servers may omit it
+            total = have + int(length) if length else 0
             with open(part, "ab" if have else "wb") as out:
                 start, done, shown = time.time(), have, 0.0
                 while chunk := response.read(1 << 20):

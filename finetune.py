@@ -7,9 +7,9 @@ by default the new head, the last transformer block and the final LayerNorm.
 
 Because everything below the trainable part is frozen, its output for a message never changes:
 we compute it once and reuse it in every epoch and every evaluation. The last block only has to
-produce the one position the head reads, so it computes keys and values for every position, but
-the query, attention and MLP for that one position only. The maths is the same as the full forward
-pass (test_minigpt.py checks it to 1e-5); the work is a fraction.
+produce the one position the head reads, so it projects keys and values at every position, but
+runs the attention, c_proj and MLP at that one position only (block_at). The maths is the same as
+the full forward pass (test_minigpt.py checks it to 1e-5); the work is a fraction.
 
     python finetune.py                                   # GPT-2 124M, last block, 5 epochs
     python finetune.py --init random                     # same work, random weights (offline)
@@ -106,11 +106,10 @@ POOLS = ("last", "last_real", "mean")
 class LoRA(nn.Module):
     """A frozen Dense layer plus a trainable low-rank update (LoRA, Hu et al. 2021):
 
-        weight = W + (alpha / rank) * A @ B,   A: (in, rank) random,  B: (rank, out) zero
+        y = dense(x) + (alpha / rank) * (x @ A) @ B,   A: (in, rank) random,  B: (rank, out) zero
 
-    B starts at zero, so at first the layer is exactly the old one. Only rank * (in + out)
-    numbers train instead of in * out. `weight` and `bias` look like Dense's, so code that
-    reads them (the attention's one-position path) sees the updated weight.
+    which is x @ (W + (alpha / rank) * A @ B) + bias. B starts at zero, so at first the layer is
+    exactly the old one. Only rank * (in + out) numbers train instead of in * out.
     """
 
     def __init__(self, dense, rank, alpha):
@@ -121,20 +120,12 @@ class LoRA(nn.Module):
         self.B = nn.Parameter(torch.zeros(rank, n_out))
         self.scale = alpha / rank
 
-    @property
-    def weight(self):
-        return self.dense.weight + self.scale * (self.A @ self.B)  # (in, out)
-
-    @property
-    def bias(self):
-        return self.dense.bias
-
     def forward(self, x):
-        return x @ self.weight + self.bias
+        return self.dense(x) + self.scale * ((x @ self.A) @ self.B)  # (..., in) -> (..., out)
 
 
-def first_trainable_block(model, trainable):
-    """Index of the first block that trains; the blocks below it are frozen (and cacheable)."""
+def frozen_blocks(model, trainable):
+    """How many blocks, from the bottom, stay frozen: h[:n] never change, so their output is cacheable."""
     n = model.cfg.n_layers
     return {"head": n, "last_block": n - 1, "last_two_blocks": n - 2}.get(trainable, 0)
 
@@ -148,38 +139,59 @@ def make_classifier(model, trainable, lora_rank=16, lora_alpha=16):
             for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"),
                                  (block.mlp, "c_fc"), (block.mlp, "c_proj")):
                 setattr(parent, name, LoRA(getattr(parent, name), lora_rank, lora_alpha))
-    start = first_trainable_block(model, trainable)
     if trainable in ("last_block", "last_two_blocks"):
-        model.h[start:].requires_grad_(True)
+        model.h[frozen_blocks(model, trainable):].requires_grad_(True)
         model.ln_f.requires_grad_(True)
     model.lm_head.requires_grad_(True)
     return model
 
 
-def classify(model, x, lengths, pool, start=0):
+def block_at(block, x, positions):
+    """What block(x) gives at one position per row, (B, C), for a fraction of the work.
+
+    The head reads one position, so the last block needs the keys and values of every position
+    up to it (attention looks back), but the query, the attention, c_proj and the MLP only at
+    that position: about a third of the block's work for a typical message. Same maths as
+    block(x)[rows, positions]; test_minigpt.py checks it to 1e-6.
+    x: (B, T, C); positions: (B,) the position to compute in each row.
+    """
+    B, T, C = x.shape
+    nh = block.attn.n_heads
+    hs = C // nh
+    rows = torch.arange(B, device=x.device)
+    q, k, v = block.attn.c_attn(block.ln_1(x)).split(C, dim=2)  # (B, T, C) each
+    q = q[rows, positions].view(B, nh, 1, hs)                   # (B, nh, 1, hs): the one query per row
+    k = k.view(B, T, nh, hs).transpose(1, 2)                    # (B, nh, T, hs)
+    v = v.view(B, T, nh, hs).transpose(1, 2)                    # (B, nh, T, hs)
+    sees = torch.arange(T, device=x.device) <= positions[:, None]  # (B, T): keys up to the position
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=sees[:, None, None, :])  # (B, nh, 1, hs)
+    x = x[rows, positions] + block.drop(block.attn.c_proj(y.reshape(B, C)))      # (B, C)
+    return x + block.drop(block.mlp(block.ln_2(x)))                               # (B, C)
+
+
+def classify(model, x, lengths, pool, frozen=0):
     """Class logits (B, 2).
 
-    x: token ids (B, T) when start == 0, else the output (B, T, C) of the frozen blocks h[:start].
+    x: token ids (B, T) when frozen == 0, else the output (B, T, C) of the frozen blocks h[:frozen].
     lengths: (B,) positions to read: "last"/"last_real" read position lengths - 1 (the caller
     passes the padded length for "last"), "mean" averages positions 0..lengths - 1.
     Rows are right-padded; a causal model's real positions never see the padding.
     """
-    if start == 0:
+    if frozen == 0:
         x = model.embed(x)                                     # (B, T, C)
-    rows = torch.arange(x.shape[0], device=x.device)
-    blocks = model.h[start:]
+    blocks = model.h[frozen:]
     if pool == "mean":
         for block in blocks:
-            x = block(x)
+            x = block(x)                                       # (B, T, C)
         real = torch.arange(x.shape[1], device=x.device) < lengths[:, None]  # (B, T)
         x = (model.ln_f(x) * real[..., None]).sum(1) / lengths[:, None]      # (B, C)
         return model.lm_head(x)
     for block in blocks[:-1]:
         x = block(x)                                           # (B, T, C)
     if len(blocks):
-        x = blocks[-1](x, only=lengths - 1)[:, 0]              # (B, C): just the position read
+        x = block_at(blocks[-1], x, lengths - 1)               # (B, C): just the position read
     else:
-        x = x[rows, lengths - 1]                               # (B, C)
+        x = x[torch.arange(x.shape[0], device=x.device), lengths - 1]  # (B, C)
     return model.lm_head(model.ln_f(x))                        # (B, 2)
 
 
@@ -229,12 +241,12 @@ def examples_of(dataset, pool):
 
 
 @torch.no_grad()
-def frozen_features(model, examples, start, device, batch_size=64):
-    """The output of blocks h[:start] for each example, (T_i, C) each, computed once."""
+def frozen_features(model, examples, frozen, device, batch_size=64):
+    """The output of blocks h[:frozen] for each example, (T_i, C) each, computed once."""
     features = [None] * len(examples)
     for x, index, lengths in Batches(examples, torch.arange(len(examples)), batch_size):  # "labels": indices
         x = model.embed(x.to(device))
-        for block in model.h[:start]:
+        for block in model.h[:frozen]:
             x = block(x)                                       # (B, T, C)
         for i, row, n in zip(index, x.cpu(), lengths):
             features[i] = row[:n].clone()                      # (T_i, C)
@@ -242,22 +254,41 @@ def frozen_features(model, examples, start, device, batch_size=64):
 
 
 @torch.no_grad()
-def predict(model, batches, pool, start, device):
-    """(labels, spam probabilities) of every example in `batches`, in the order yielded."""
+def predict(model, batches, pool, frozen, device):
+    """(labels (N,), class probabilities (N, classes)) of every example in `batches`, in the order yielded."""
     was_training = model.training
     model.eval()
     labels, probs = [], []
     for x, y, lengths in batches:
-        logits = classify(model, x.to(device), lengths.to(device), pool, start)
-        probs.append(torch.softmax(logits, dim=-1)[:, 1].cpu())
+        logits = classify(model, x.to(device), lengths.to(device), pool, frozen)
+        probs.append(torch.softmax(logits.float(), dim=-1).cpu())
         labels.append(y)
     model.train(was_training)
     return torch.cat(labels), torch.cat(probs)
 
 
-def accuracy(model, batches, pool, start, device):
-    labels, probs = predict(model, batches, pool, start, device)
-    return ((probs > 0.5).long() == labels).float().mean().item()
+def accuracy(model, batches, pool, frozen, device):
+    labels, probs = predict(model, batches, pool, frozen, device)
+    return (probs.argmax(dim=1) == labels).float().mean().item()
+
+
+def classification_metrics(labels, predicted, n_classes):
+    """Accuracy, the confusion matrix and per-class precision, recall and F1.
+
+    confusion[i][j] counts examples of true class i predicted as class j. For class c:
+    precision = right calls of c / all calls of c (column c), recall = right calls of c / all true
+    c (row c), F1 = their harmonic mean; 0 where nothing was there to divide by.
+    """
+    confusion = torch.zeros(n_classes, n_classes, dtype=torch.long)
+    confusion.index_put_((labels, predicted), torch.ones_like(labels), accumulate=True)
+    right = confusion.diag()
+    called = confusion.sum(0)   # column sums: how often each class was predicted
+    actual = confusion.sum(1)   # row sums: how often each class is the truth
+    precision = (right / called.clamp(min=1)).tolist()
+    recall = (right / actual.clamp(min=1)).tolist()
+    f1 = [2 * p * r / (p + r) if p + r else 0.0 for p, r in zip(precision, recall)]
+    return {"accuracy": right.sum().item() / max(len(labels), 1), "confusion": confusion.tolist(),
+            "precision": precision, "recall": recall, "f1": f1, "macro_f1": sum(f1) / n_classes}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,7 +342,7 @@ def spam_probabilities(model, meta, tokenizer, texts, device="cpu"):
     batches = Batches(examples_of(data, meta["pool"]), torch.arange(len(texts)), 64)  # "labels": indices
     order, probs = predict(model, batches, meta["pool"], 0, device)
     out = torch.empty(len(texts))
-    out[order] = probs
+    out[order] = probs[:, 1]
     return out.tolist(), data.token_counts, data.truncated.tolist()
 
 
@@ -349,14 +380,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    started = time.time()
-    torch.manual_seed(args.seed)
-    device = minigpt.pick_device(args.device)
-    tokenizer = minigpt.get_tokenizer()
-
-    # Data.
+def load_splits(args):
+    """Step 1, data: read the messages, balance, split; write the splits as CSV files."""
     messages = read_sms(args.data or minigpt.fetch(*SMS, archive_sha256=SMS_ZIP_SHA256))
     print(f"{len(messages):,} messages: {dict(Counter(label for label, _ in messages))}")
     splits = split_sms(messages, args.seed, args.dedupe)
@@ -364,22 +389,26 @@ def main(argv=None):
     for name in ("train", "validation", "test"):
         write_csv(minigpt.DATA_DIR / "sms" / f"{name}.csv", splits[name])
         counts = Counter(label for label, _ in splits[name])
-        seen = "" if name == "train" else \
+        overlap = "" if name == "train" else \
             f", {sum(text in train_texts for _, text in splits[name])} texts also in train"
-        print(f"  {name}: {len(splits[name])} ({counts['ham']} ham, {counts['spam']} spam){seen}")
+        print(f"  {name}: {len(splits[name])} ({counts['ham']} ham, {counts['spam']} spam){overlap}")
     if args.unseen_ham != "all":
         rng = np.random.default_rng(args.seed)
         pick = rng.permutation(len(splits["unseen_ham"]))[:args.unseen_ham]
         splits["unseen_ham"] = [splits["unseen_ham"][i] for i in sorted(pick)]
     print(f"  unseen ham: {len(splits['unseen_ham'])} of the ham left out by balancing")
+    return splits
 
-    # Model.
+
+def build_model(args, device):
+    """Step 2, model: the base GPT (random, GPT-2 or a checkpoint) with its new head, and `meta`,
+    everything needed to rebuild it later (see load_classifier)."""
     if args.init == "random":
         cfg = minigpt.PRESETS[args.preset]
-        meta_init = dict(init="random", config=asdict(replace(cfg, dropout=0.0)))
+        meta = dict(init="random", config=asdict(replace(cfg, dropout=0.0)))
     else:
-        meta_init = dict(init=args.init if args.init in minigpt.GPT2_FILES else str(Path(args.init).resolve()))
-    meta = dict(meta_init, seed=args.seed, trainable=args.trainable, pool=args.pool, labels=list(LABELS),
+        meta = dict(init=args.init if args.init in minigpt.GPT2_FILES else str(Path(args.init).resolve()))
+    meta.update(seed=args.seed, trainable=args.trainable, pool=args.pool, labels=list(LABELS),
                 lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
     t0 = time.time()
     model = base_model(meta, device)
@@ -391,22 +420,25 @@ def main(argv=None):
     n_all = sum(p.numel() for p in model.parameters())
     print(f"model: {args.init}, {n_all:,} parameters, {n_train:,} trainable ({args.trainable}); "
           f"loaded in {time.time() - t0:.1f} s")
+    return model, meta
 
-    # Token ids, truncated to the longest training message (or --max-length) and the context.
+
+def make_batches(model, meta, splits, tokenizer, args, device):
+    """Step 3, cached features and batches: token ids, truncated to the longest training message
+    (or --max-length) and the context; then, once, the frozen blocks' output for every message.
+    Returns the batches of every split and the number of frozen blocks."""
     longest = max(len(tokenizer.encode(text, disallowed_special=())) for _, text in splits["train"])
     meta["max_length"] = min(args.max_length or longest, model.cfg.context_length)
     datasets = {name: minigpt.PaddedDataset([t for _, t in msgs], [LABELS.index(lab) for lab, _ in msgs],
                                             tokenizer, meta["max_length"]) for name, msgs in splits.items()}
     print(f"max length {meta['max_length']} tokens; {sum(d.lengths.sum().item() for d in datasets.values()):,} "
           f"tokens in all, pooling '{args.pool}'")
-
-    # The frozen blocks' output, once. (trainable all or lora: nothing is frozen, start == 0.)
-    start = first_trainable_block(model, args.trainable)
+    frozen = frozen_blocks(model, args.trainable)  # trainable all or lora: nothing is frozen, 0
     t0 = time.time()
     examples = {name: examples_of(d, args.pool) for name, d in datasets.items()}
-    if start > 0:
-        examples = {name: frozen_features(model, ex, start, device) for name, ex in examples.items()}
-        print(f"cached the output of the {start} frozen blocks in {time.time() - t0:.1f} s")
+    if frozen > 0:
+        examples = {name: frozen_features(model, ex, frozen, device) for name, ex in examples.items()}
+        print(f"cached the output of the {frozen} frozen blocks in {time.time() - t0:.1f} s")
     batches = {name: Batches(examples[name], datasets[name].labels, args.batch_size * 8)
                for name in examples}
     batches["train_shuffled"] = Batches(examples["train"], datasets["train"].labels, args.batch_size,
@@ -415,14 +447,19 @@ def main(argv=None):
     # measuring never changes the order the model trains in.
     batches["train_sample"] = Batches(examples["train"], datasets["train"].labels, args.batch_size,
                                       shuffle=True, seed=args.seed + 1)
-    acc = lambda name: accuracy(model, batches[name], args.pool, start, device)
+    return batches, frozen
+
+
+def train_classifier(model, batches, frozen, args, device):
+    """Step 4, train: AdamW on the trainable parameters, the loss every --eval-every steps, the
+    accuracies after every epoch. Returns (loss history, accuracies per epoch, seconds)."""
+    acc = lambda name: accuracy(model, batches[name], args.pool, frozen, device)
     print(f"Before finetuning: train {acc('train'):.2%}, validation {acc('validation'):.2%}, "
           f"test {acc('test'):.2%}")
 
-    # Train.
     def loss_fn(batch):
         x, y, lengths = (t.to(device) for t in batch)
-        return F.cross_entropy(classify(model, x, lengths, args.pool, start), y)
+        return F.cross_entropy(classify(model, x, lengths, args.pool, frozen), y)
 
     accuracies = {"epoch": [], "train": [], "validation": []}
 
@@ -433,53 +470,74 @@ def main(argv=None):
         print(f"Training accuracy: {accuracies['train'][-1]:.2%} | "
               f"Validation accuracy: {accuracies['validation'][-1]:.2%}")
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                                  weight_decay=args.weight_decay, fused=device.type in ("cpu", "cuda"))
+    optimizer = minigpt.adamw(model, args.lr, args.weight_decay, device)
     t0 = time.time()
     history = minigpt.train(model, optimizer, loss_fn, batches["train_shuffled"], args.epochs, args.eval_every,
-                            {"train": batches["train_sample"], "val": batches["validation"]},
-                            eval_batches=5, count=lambda b: len(b[1]),
-                            on_epoch_end=on_epoch_end)
-    train_seconds = time.time() - t0
-    seen = args.epochs * len(batches["train_shuffled"]) * args.batch_size
-    print(f"Trained in {train_seconds:.1f} s ({seen / train_seconds:.0f} examples/s, {seen} examples seen)")
+                            {"train": batches["train_sample"], "validation": batches["validation"]},
+                            count=lambda batch: len(batch[1]), eval_batches=5, on_epoch_end=on_epoch_end)
+    seconds = time.time() - t0
+    examples_seen = args.epochs * len(batches["train_shuffled"]) * args.batch_size
+    print(f"Trained in {seconds:.1f} s ({examples_seen / seconds:.0f} examples/s, {examples_seen} examples seen)")
+    return history, accuracies, seconds
 
-    # Evaluate: accuracy on each split (train and validation: as after the last epoch);
-    # precision, recall, F1 and the confusion matrix on test.
+
+def evaluate_classifier(model, batches, frozen, accuracies, args, device):
+    """Step 5, evaluate: accuracy on each split (train and validation: as after the last epoch);
+    precision, recall, F1 and the confusion matrix on test; false positives on unseen ham."""
+    acc = lambda name: accuracy(model, batches[name], args.pool, frozen, device)
     final = {name: (accuracies[name] or [acc(name)])[-1] for name in ("train", "validation")}
-    labels, probs = predict(model, batches["test"], args.pool, start, device)
-    pred = (probs > 0.5).long()
-    final["test"] = (pred == labels).float().mean().item()
-    tp, fp = int(((pred == 1) & (labels == 1)).sum()), int(((pred == 1) & (labels == 0)).sum())
-    fn, tn = int(((pred == 0) & (labels == 1)).sum()), int(((pred == 0) & (labels == 0)).sum())
-    precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
-    f1 = 2 * precision * recall / max(precision + recall, 1e-12)
+    labels, probs = predict(model, batches["test"], args.pool, frozen, device)
+    test = classification_metrics(labels, probs.argmax(dim=1), len(LABELS))
+    final["test"] = test["accuracy"]
+    (tn, fp), (fn, tp) = test["confusion"]                     # rows: true ham, true spam
+    spam = LABELS.index("spam")
+    precision, recall, f1 = test["precision"][spam], test["recall"][spam], test["f1"][spam]
     # All unseen ham is label 0, so 1 - accuracy is the share wrongly called spam.
-    unseen_fpr = 1 - acc("unseen_ham") if splits["unseen_ham"] else None
-    wall = time.time() - started
-    metrics = {"train_accuracy": final["train"], "val_accuracy": final["validation"],
-               "test_accuracy": final["test"], "precision": precision, "recall": recall, "f1": f1,
-               "confusion_matrix": {"true_ham": {"ham": tn, "spam": fp}, "true_spam": {"ham": fn, "spam": tp}},
-               "unseen_ham_false_positive_rate": unseen_fpr, "unseen_ham_count": len(splits["unseen_ham"]),
-               "train_seconds": train_seconds, "wall_seconds": wall, "examples_per_second": seen / train_seconds,
-               "epochs": args.epochs, "init": args.init, "trainable": args.trainable, "pool": args.pool}
+    unseen_fpr = 1 - acc("unseen_ham") if len(batches["unseen_ham"]) else None
     print(f"Training accuracy: {final['train']:.2%}\nValidation accuracy: {final['validation']:.2%}\n"
           f"Test accuracy: {final['test']:.2%}")
     print(f"Test spam: precision {precision:.2%}, recall {recall:.2%}, F1 {f1:.2%}; "
           f"confusion [[ham->ham {tn}, ham->spam {fp}], [spam->ham {fn}, spam->spam {tp}]]")
     if unseen_fpr is not None:
-        print(f"False positives on {len(splits['unseen_ham'])} unseen ham: {unseen_fpr:.2%}")
+        print(f"False positives on {len(batches['unseen_ham'].examples)} unseen ham: {unseen_fpr:.2%}")
+    return {"train_accuracy": final["train"], "validation_accuracy": final["validation"],
+            "test_accuracy": final["test"], "precision": precision, "recall": recall, "f1": f1,
+            "confusion_matrix": {"true_ham": {"ham": tn, "spam": fp}, "true_spam": {"ham": fn, "spam": tp}},
+            "unseen_ham_false_positive_rate": unseen_fpr, "unseen_ham_count": len(batches["unseen_ham"].examples)}
 
-    save_classifier(args.out, model, meta)
-    minigpt.write_text(args.out / "metrics.json", json.dumps(metrics, indent=1))
-    minigpt.svg_plot(args.out / "loss.svg", {"train": (history["seen"], history["train"]),
-                                             "validation": (history["seen"], history["val"])},
+
+def save_outputs(out, model, meta, metrics, history, accuracies):
+    """Step 6, save: the classifier, its metrics and the plots."""
+    save_classifier(out, model, meta)
+    minigpt.write_text(out / "metrics.json", json.dumps(metrics, indent=1))
+    minigpt.svg_plot(out / "loss.svg", {"train": (history["seen"], history["train"]),
+                                        "validation": (history["seen"], history["validation"])},
                      "examples seen", "cross-entropy loss", "Finetuning: loss")
-    minigpt.svg_plot(args.out / "accuracy.svg", {name: (accuracies["epoch"], accuracies[name])
-                                                 for name in ("train", "validation")},
+    minigpt.svg_plot(out / "accuracy.svg", {name: (accuracies["epoch"], accuracies[name])
+                                            for name in ("train", "validation")},
                      "epoch", "accuracy", "Finetuning: accuracy")
+
+
+def main(argv=None):
+    """The run, step by step. Returns the finetuned model and its meta (as load_classifier would)."""
+    args = parse_args(argv)
+    started = time.time()
+    torch.manual_seed(args.seed)
+    device = minigpt.pick_device(args.device)
+    tokenizer = minigpt.get_tokenizer()
+    splits = load_splits(args)                                                   # 1. data and splits
+    model, meta = build_model(args, device)                                      # 2. model
+    batches, frozen = make_batches(model, meta, splits, tokenizer, args, device)  # 3. cached features, batches
+    history, accuracies, seconds = train_classifier(model, batches, frozen, args, device)  # 4. train
+    metrics = evaluate_classifier(model, batches, frozen, accuracies, args, device)       # 5. evaluate
+    examples_seen = args.epochs * len(batches["train_shuffled"]) * args.batch_size
+    metrics.update(train_seconds=seconds, wall_seconds=time.time() - started,
+                   examples_per_second=examples_seen / seconds, epochs=args.epochs, init=args.init,
+                   trainable=args.trainable, pool=args.pool)
+    save_outputs(args.out, model, meta, metrics, history, accuracies)            # 6. save
     print(f"Saved {args.out}/classifier.pt, metrics.json, loss.svg, accuracy.svg; "
           f"wall time {time.time() - started:.1f} s")
+    return model.eval(), meta
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
 """minigpt: a GPT you can read in one sitting.
 
-This one file holds everything the scripts share, in the order the data flows:
+This one file holds what the scripts share. Read it from the top: it follows the data, from
+text to a trained model, and leaves the plumbing for last.
 
-  1. files      get a public data file: from data/, a mirror folder, or the web (checked by sha256)
-  2. tokens     GPT-2's byte-pair encoding (tiktoken)
-  3. model      config, attention, MLP, transformer block, the GPT, a key/value cache
-  4. generate   greedy, temperature and top-k sampling
-  5. GPT-2      read OpenAI's weights (safetensors, numpy only), convert, load
-  6. data       the sliding-window dataset for pretraining, the padding dataset for classifying
-  7. training   losses, one training loop with periodic evaluation, checkpoints, an SVG plot
+  1. tokens        text <-> GPT-2's token ids (tiktoken)
+  2. the model     config, attention (the maths, then the fused kernel), MLP, block, the GPT,
+                   a key/value cache for generating
+  3. generation    greedy, temperature and top-k sampling
+  4. data          the sliding-window dataset for pretraining, the padding dataset for classifying
+  5. training      the loss, AdamW and its parameter groups, one training loop for both scripts
+  6. checkpoints   save and load a model; loss curves as an SVG file
+  7. GPT-2         read OpenAI's weights (safetensors, numpy only), convert, load
+  8. files         plumbing: atomic writes; fetching public files (mirror, sha256, resumable download)
 
 `python minigpt.py --model gpt2-small --prompt "Every effort moves you"` generates text.
 pretrain.py, finetune.py and classify.py build on the pieces below.
@@ -39,130 +42,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
-DATA_DIR = HERE / "data"  # downloads and converted weights live here (git-ignored)
+# Downloads and converted weights live here (git-ignored); MINIGPT_DATA moves them elsewhere.
+DATA_DIR = Path(os.environ.get("MINIGPT_DATA") or HERE / "data")
 
-
-# ----------------------------------------------------------------------------------------------
-# 1. Files: every data file is public; we fetch it once, check its bytes, and never trust a copy
-#    whose sha256 is wrong. Writes go to a temporary name first and are renamed into place, so a
-#    crash or Ctrl+C never leaves a half-written file under the real name.
-# ----------------------------------------------------------------------------------------------
 
 class DataError(RuntimeError):
-    """A data file could not be had or is not what it should be. The message says what to do."""
-
-
-def temporary_name(path):
-    """A hidden, unique name beside `path` (same folder, so a rename onto `path` is atomic)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(path)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb+") as f:  # on disk before the rename, so a power cut cannot leave it empty
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX and Windows when both are on one file system
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_text(path, text):
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def sha256_of(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def fetch(name, url, sha256, archive_sha256=None):
-    """Return the local path of the public file `name`, whose sha256 must be `sha256` (None: no
-    published digest; the caller checks the file's structure instead).
-
-    Looks, in order, at data/<name>; at $MINIGPT_MIRROR/<name> (a folder of files by name, for
-    offline machines and CI), which it copies into data/; at `url`, which it downloads. When
-    `archive_sha256` is given, `url` is a zip archive (checked against that hash) holding `name`.
-    """
-    dest = DATA_DIR / name
-    if dest.exists():
-        if sha256 is None or sha256_of(dest) == sha256:
-            return dest
-        print(f"{dest} has the wrong sha256; fetching it again", file=sys.stderr)
-    mirror = os.environ.get("MINIGPT_MIRROR")
-    if mirror and (Path(mirror) / name).exists():
-        source = Path(mirror) / name
-        if sha256 is not None and sha256_of(source) != sha256:
-            raise DataError(f"{source} (from MINIGPT_MIRROR) has the wrong sha256: expected {sha256}")
-        with atomic_path(dest) as tmp:
-            shutil.copyfile(source, tmp)
-        return dest
-    if archive_sha256 is None:
-        download(url, dest, sha256, name)
-    else:
-        try:
-            archive = fetch(Path(name).parent / Path(url).name, url, archive_sha256)
-        except DataError as e:
-            raise DataError(f"{e}\n(The mirror may also hold '{name}' itself instead of the archive.)") from e
-        with zipfile.ZipFile(archive) as z, atomic_path(dest) as tmp:
-            with z.open(Path(name).name) as src, open(tmp, "wb") as out:
-                shutil.copyfileobj(src, out)
-            if sha256_of(tmp) != sha256:
-                raise DataError(f"{Path(name).name} inside {archive} has the wrong sha256")
-    return dest
-
-
-def download(url, dest, sha256, name):
-    """Download `url` to `dest` with a progress line, resuming a partial `.part` file (HTTP Range)."""
-    part = dest.with_name(dest.name + ".part")
-    part.parent.mkdir(parents=True, exist_ok=True)
-    have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            if have and response.status != 206:  # the server ignored Range: start from zero
-                have = 0
-            length = response.headers.get("Content-Length")  # of what is left; servers may omit it
-            total = have + int(length) if length else 0
-            with open(part, "ab" if have else "wb") as out:
-                start, done, shown = time.time(), have, 0.0
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    done += len(chunk)
-                    if time.time() - shown > 0.5 or done == total:
-                        shown = time.time()
-                        rate = (done - have) / max(shown - start, 1e-9)
-                        eta = (total - done) / rate if total and rate else 0
-                        print(f"\r{name}: {done / 1e6:.1f}/{total / 1e6:.1f} MB, {rate / 1e6:.1f} MB/s, "
-                              f"ETA {eta:.0f} s  ", end="", file=sys.stderr, flush=True)
-            print(file=sys.stderr)
-        if total and done != total:  # the server closed early: keep the .part to resume from
-            raise DataError(f"download of {name} from {url} stopped at {done:,} of {total:,} bytes; "
-                            "run again to resume")
-    except urllib.error.HTTPError as e:
-        if e.code != 416:  # 416: nothing left after `have` bytes, so the .part is complete
-            raise DataError(f"could not download {name} from {url}: HTTP {e.code} {e.reason}") from e
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-        raise DataError(
-            f"could not download {name} from {url} ({getattr(e, 'reason', e)}).\n"
-            f"Offline? Put the file in a folder as '{name}' and set MINIGPT_MIRROR to that folder."
-        ) from e
-    if sha256 is not None and sha256_of(part) != sha256:
-        part.unlink()
-        raise DataError(f"{name} downloaded from {url} has the wrong sha256 (expected {sha256}); "
-                        "the partial file was removed, run again to retry")
-    os.replace(part, dest)
+    """A file or input could not be had or is not what it should be. The message says what to do;
+    every script prints it as one `error: ...` line instead of a traceback."""
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Tokens: GPT-2 reads integers, not text. Its byte-pair encoding maps text to ids 0..50256;
+# 1. Tokens: GPT-2 reads integers, not text. Its byte-pair encoding maps text to ids 0..50256;
 #    id 50256 is <|endoftext|>, which we also use as padding.
 # ----------------------------------------------------------------------------------------------
 
@@ -183,7 +73,7 @@ def get_tokenizer():
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. The model. Shapes: B batch, T positions, C = emb_dim channels, nh heads, hs = C // nh.
+# 2. The model. Shapes: B batch, T positions, C = emb_dim channels, nh heads, hs = C // nh.
 #    Module names follow OpenAI's GPT-2 (wte, h.0.attn.c_attn, ...) so its weights load by name.
 # ----------------------------------------------------------------------------------------------
 
@@ -212,28 +102,6 @@ PRESETS = {
 }
 
 
-class KVCache:
-    """Keys and values of every position seen so far, for every layer.
-
-    Generating token t+1 needs the keys and values of positions 0..t. Without a cache the model
-    recomputes all of them for every new token; with it, each new token costs one position.
-    """
-
-    def __init__(self, cfg, batch_size, max_len, device=None, dtype=torch.float32):
-        hs = cfg.emb_dim // cfg.n_heads
-        shape = (cfg.n_layers, batch_size, cfg.n_heads, max_len, hs)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, nh, max_len, hs)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # positions filled; GPT.forward advances it after the last layer
-
-    def append(self, layer, k, v):
-        """Store the (B, nh, T, hs) keys and values of T new positions; return all so far."""
-        end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, end, hs)
-
-
 class Dense(nn.Module):
     """y = x @ weight + bias, with weight stored (in, out), as OpenAI stored GPT-2's.
 
@@ -252,47 +120,79 @@ class Dense(nn.Module):
         return x @ self.weight + self.bias  # (..., in) -> (..., out)
 
 
+def causal_mask(T, past, device=None):
+    """(T, past + T) booleans: True where query i (at position past + i) may see key j, j <= past + i.
+
+    Without a cache past = 0 and this is the lower triangle: each position sees itself and what
+    came before, never what comes after. That is all "causal" means.
+    """
+    return torch.ones(T, past + T, dtype=torch.bool, device=device).tril(past)
+
+
 class CausalSelfAttention(nn.Module):
     """Each position mixes in the values of the positions up to itself, weighted by how well its
-    query matches their keys. nh heads do this side by side on slices of hs = C // nh channels."""
+    query matches their keys. Nothing too scary, per head:
+
+        weights = softmax(q kᵀ / √hs, with the future masked out)    # (T, T), each row sums to 1
+        output  = weights @ v                                        # (T, hs)
+
+    nh heads do this side by side on slices of hs = C // nh channels, and c_proj mixes their
+    outputs. `explicit_attention` spells this out line by line; by default the same maths runs
+    as PyTorch's fused kernel, which never stores the (T, T) weights (test_minigpt.py checks the
+    two agree, in training and with a cache).
+    """
+
+    fused = True  # False: run explicit_attention instead of F.scaled_dot_product_attention
 
     def __init__(self, cfg, layer):
         super().__init__()
-        assert cfg.emb_dim % cfg.n_heads == 0
+        if cfg.emb_dim % cfg.n_heads:
+            raise ValueError(f"emb_dim {cfg.emb_dim} is not divisible by n_heads {cfg.n_heads}")
         self.c_attn = Dense(cfg.emb_dim, 3 * cfg.emb_dim)  # query, key and value in one matmul
         self.c_proj = Dense(cfg.emb_dim, cfg.emb_dim)      # mixes the heads' outputs
-        self.n_heads, self.dropout, self.layer = cfg.n_heads, cfg.dropout, layer
+        self.n_heads = cfg.n_heads
+        self.dropout = cfg.dropout
+        self.layer = layer                                 # which slot of a KVCache is ours
 
-    def forward(self, x, cache=None, only=None):
-        """x: (B, T, C) -> (B, T, C).
-
-        cache: a KVCache; x then holds only the new positions, which come after cache.length.
-        only: (B,) position per row; then only that position's output is computed, (B, 1, C).
-              It still attends to the keys and values of every position up to it.
-        """
+    def forward(self, x, cache=None):
+        """x: (B, T, C) -> (B, T, C). With a KVCache, x holds only the T new positions, which
+        come after the cache's `length` positions; their keys and values are added to it."""
         B, T, C = x.shape
-        heads = lambda t: t.view(B, -1, self.n_heads, C // self.n_heads).transpose(1, 2)
-        if only is None:
-            q, k, v = self.c_attn(x).split(C, dim=2)       # each (B, T, C)
-        else:  # project the one query per row, but keys and values at every position
-            w, b = self.c_attn.weight, self.c_attn.bias    # (C, 3C), (3C,)
-            x_only = x[torch.arange(B), only].unsqueeze(1)  # (B, 1, C)
-            q = x_only @ w[:, :C] + b[:C]                  # (B, 1, C)
-            k, v = (x @ w[:, C:] + b[C:]).split(C, dim=2)  # (B, T, C) each
-        q, k, v = heads(q), heads(k), heads(v)              # (B, nh, T, hs); q: (B, nh, 1, hs) with only
-        past = cache.length if cache is not None else 0
-        mask, causal = None, only is None and past == 0  # plain: position i sees keys 0..i
-        if only is not None:  # row b's query at position only[b] sees keys 0..only[b]
-            mask = (torch.arange(T, device=x.device) <= only[:, None])[:, None, None, :]  # (B,1,1,T)
-        elif past and T > 1:  # new position i (absolute past + i) sees keys 0..past + i
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
-        # (one new token after a cache sees every key: no mask at all)
+        nh = self.n_heads
+        hs = C // nh
+        q, k, v = self.c_attn(x).split(C, dim=2)             # (B, T, C) each
+        q = q.view(B, T, nh, hs).transpose(1, 2)              # (B, nh, T, hs): one slice per head
+        k = k.view(B, T, nh, hs).transpose(1, 2)              # (B, nh, T, hs)
+        v = v.view(B, T, nh, hs).transpose(1, 2)              # (B, nh, T, hs)
+        past = 0
         if cache is not None:
-            k, v = cache.append(self.layer, k, v)           # (B, nh, past + T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, -1, C)             # (B, T, C): heads side by side again
+            past = cache.length                               # positions already in the cache
+            k, v = cache.append(self.layer, k, v)             # (B, nh, past + T, hs)
+        if self.fused:
+            y = self.fused_attention(q, k, v, past)           # (B, nh, T, hs)
+        else:
+            y = self.explicit_attention(q, k, v, past)        # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)                # (B, T, C): heads side by side again
         return self.c_proj(y)
+
+    def explicit_attention(self, q, k, v, past):
+        """The maths, one step per line. q: (B, nh, T, hs); k, v: (B, nh, past + T, hs)."""
+        T, hs = q.shape[2], q.shape[3]
+        scores = q @ k.transpose(-2, -1)                      # (B, nh, T, past + T): query i . key j
+        scores = scores / math.sqrt(hs)                       # keeps the softmax soft as hs grows
+        sees = causal_mask(T, past, q.device)                 # (T, past + T)
+        scores = scores.masked_fill(~sees, float("-inf"))     # exp(-inf) = 0: no weight on the future
+        weights = torch.softmax(scores, dim=-1)               # (B, nh, T, past + T), rows sum to 1
+        weights = F.dropout(weights, self.dropout, self.training)
+        return weights @ v                                    # (B, nh, T, hs): weighted sum of values
+
+    def fused_attention(self, q, k, v, past):
+        """The same in one kernel. It takes the causal mask as a flag when there is no cache,
+        and needs none for one new token after a cache (it may see every key)."""
+        T = q.shape[2]
+        mask = causal_mask(T, past, q.device) if past and T > 1 else None
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=past == 0,
+                                              dropout_p=self.dropout if self.training else 0.0)
 
 
 class MLP(nn.Module):
@@ -319,12 +219,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cache=None, only=None):
-        """x: (B, T, C) -> (B, T, C), or (B, 1, C) at positions `only` (see the attention)."""
-        attended = self.drop(self.attn(self.ln_1(x), cache, only))
-        if only is not None:
-            x = x[torch.arange(x.shape[0]), only].unsqueeze(1)  # (B, 1, C)
-        x = x + attended
+    def forward(self, x, cache=None):
+        """x: (B, T, C) -> (B, T, C)."""
+        x = x + self.drop(self.attn(self.ln_1(x), cache))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
@@ -355,24 +252,46 @@ class GPT(nn.Module):
                 std = 0.02 / math.sqrt(2 * cfg.n_layers) if name.endswith("c_proj.weight") else 0.02
                 nn.init.normal_(p, 0.0, std)
 
-    def embed(self, idx, start=0):
-        """Token ids (B, T) at positions start..start+T-1 -> (B, T, C)."""
-        if start + idx.shape[1] > self.cfg.context_length:
-            raise ValueError(f"{start + idx.shape[1]} positions, but the context is {self.cfg.context_length}")
-        pos = torch.arange(start, start + idx.shape[1], device=idx.device)
-        return self.drop(self.wte(idx) + self.wpe(pos))
+    def embed(self, idx, past=0):
+        """Token ids (B, T) at positions past..past+T-1 -> (B, T, C): what the token is plus where."""
+        if past + idx.shape[1] > self.cfg.context_length:
+            raise ValueError(f"{past + idx.shape[1]} positions, but the context is {self.cfg.context_length}")
+        positions = torch.arange(past, past + idx.shape[1], device=idx.device)  # (T,)
+        return self.drop(self.wte(idx) + self.wpe(positions))                   # (B, T, C)
 
     def forward(self, idx, cache=None):
         x = self.embed(idx, cache.length if cache is not None else 0)  # (B, T, C)
         for block in self.h:
-            x = block(x, cache)
+            x = block(x, cache)                                        # (B, T, C)
         if cache is not None:
             cache.length += idx.shape[1]
-        return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
+        return self.lm_head(self.ln_f(x))                              # (B, T, vocab_size)
+
+
+class KVCache:
+    """Keys and values of every position seen so far, for every layer.
+
+    Generating token t+1 needs the keys and values of positions 0..t. Without a cache the model
+    recomputes all of them for every new token; with it, each new token costs one position.
+    """
+
+    def __init__(self, cfg, batch_size, max_len, device=None, dtype=torch.float32):
+        hs = cfg.emb_dim // cfg.n_heads
+        shape = (cfg.n_layers, batch_size, cfg.n_heads, max_len, hs)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (layers, B, nh, max_len, hs)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled; GPT.forward advances it after the last layer
+
+    def append(self, layer, k, v):
+        """Store the (B, nh, T, hs) keys and values of T new positions; return all so far."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, end, hs)
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Generation: repeatedly append the next token. Greedy takes the most likely one; sampling
+# 3. Generation: repeatedly append the next token. Greedy takes the most likely one; sampling
 #    draws from softmax(logits / temperature), optionally among the top_k most likely only.
 # ----------------------------------------------------------------------------------------------
 
@@ -426,7 +345,211 @@ def complete(model, tokenizer, prompt, max_new_tokens, **kwargs):
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. GPT-2's weights. OpenAI's weights are published by Hugging Face as one `model.safetensors`
+# 4. Data as tensors: examples for the training loop.
+# ----------------------------------------------------------------------------------------------
+
+class WindowDataset(torch.utils.data.Dataset):
+    """Pretraining examples from one long token stream: windows of `max_length` ids starting every
+    `stride` ids. The target is the input shifted by one: at every position, the next token."""
+
+    def __init__(self, ids, max_length, stride):
+        self.ids = torch.as_tensor(ids, dtype=torch.long)
+        self.max_length = max_length
+        self.starts = range(0, len(ids) - max_length, stride)  # each window needs one more id as target
+
+    def __len__(self):
+        return len(self.starts)
+
+    def __getitem__(self, i):
+        s = self.starts[i]
+        return self.ids[s:s + self.max_length], self.ids[s + 1:s + self.max_length + 1]  # (L,), (L,)
+
+
+class PaddedDataset(torch.utils.data.Dataset):
+    """Classification examples: texts as token ids, cut to `max_length` (default: the longest text)
+    and padded on the right with <|endoftext|> to that length, plus labels and real lengths.
+    The lengths say where each text ends, so a classifier can read its last real token."""
+
+    def __init__(self, texts, labels, tokenizer, max_length=None):
+        # Text that spells "<|endoftext|>" is just text here: no special tokens from user input.
+        ids = [tokenizer.encode(t, disallowed_special=()) for t in texts]
+        self.token_counts = [len(i) for i in ids]  # before truncation
+        self.max_length = max_length or max(self.token_counts)
+        self.truncated = torch.tensor([n > self.max_length for n in self.token_counts])
+        ids = [i[:self.max_length] or [EOT] for i in ids]  # an empty text reads as one <|endoftext|>
+        self.lengths = torch.tensor([len(i) for i in ids])                           # (N,)
+        self.ids = torch.tensor([i + [EOT] * (self.max_length - len(i)) for i in ids])  # (N, max_length)
+        self.labels = torch.as_tensor(labels, dtype=torch.long)                       # (N,)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.ids[i], self.labels[i], self.lengths[i]
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Training: the loss, the optimizer, one loop for pretraining and finetuning.
+# ----------------------------------------------------------------------------------------------
+
+def pick_device(name=None):
+    """The fastest device here (CUDA, then Apple's MPS, then the CPU), unless one is named."""
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def lm_loss(model, batch, device):
+    """Mean cross-entropy of predicting each next token. batch: inputs and targets, (B, T) each."""
+    x, y = (t.to(device) for t in batch)
+    return F.cross_entropy(model(x).flatten(0, 1), y.flatten())  # (B*T, vocab) against (B*T,)
+
+
+@torch.no_grad()
+def evaluate(model, loss_fn, batches, max_batches=None):
+    """Mean loss over (at most `max_batches` of) `batches`, in eval mode (no dropout)."""
+    was_training = model.training
+    model.eval()
+    losses = [loss_fn(batch).item() for _, batch in zip(range(max_batches or 10**9), batches)]
+    model.train(was_training)
+    return sum(losses) / max(len(losses), 1)
+
+
+def cosine_lr(step, total_steps, peak_lr, warmup_steps, min_lr=0.0):
+    """Linear warmup to peak_lr, then a half cosine down to min_lr."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def adamw(model, lr, weight_decay, device, betas=(0.9, 0.999)):
+    """AdamW over the parameters that train, in two groups.
+
+    Weight decay pulls weights towards zero a little at every step. As in GPT-2 and nanoGPT it
+    goes only on the 2-D weight matrices that multiply (Dense layers, heads, LoRA's A and B): not
+    on biases and LayerNorm gains, which shift and scale rather than mix, and not on embeddings
+    (a token's row only gets gradient when the token occurs, so decay would mostly shrink the
+    rows of rare tokens). A tied output layer is the token embedding, so it is not decayed either.
+    fused=True does the whole update in one kernel: 10x faster than the default on a CPU.
+    """
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():  # each parameter once, even when tied
+        if p.requires_grad:
+            (decay if p.dim() == 2 and id(p) not in embeddings else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=torch.device(device).type in ("cpu", "cuda"))
+
+
+def train(model, optimizer, loss_fn, train_batches, epochs, eval_every, eval_sets, count, eval_batches=None,
+          lr_at=None, clip=None, on_epoch_end=None):
+    """The training loop, shared by pretraining and finetuning.
+
+    loss_fn(batch) -> scalar loss. train_batches is re-iterated every epoch (a shuffling
+    DataLoader gives a new order each time). Every `eval_every` steps it prints the mean loss over
+    (at most `eval_batches` batches of) each of eval_sets, e.g. {"train": ..., "validation": ...}.
+    count(batch) is how many things a batch holds (tokens, examples): `seen` adds them up.
+    lr_at(step) -> learning rate, and clip (max gradient norm) are optional. on_epoch_end(epoch)
+    runs after each epoch (a sample, an accuracy).
+    Returns the history: step, seen and each eval set's loss at every evaluation.
+    """
+    history = {"step": [], "seen": [], **{name: [] for name in eval_sets}}
+    step = -1
+    seen = 0
+    model.train()
+    for epoch in range(1, epochs + 1):
+        for batch in train_batches:
+            step += 1
+            if lr_at is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step)
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(batch).backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+            seen += count(batch)
+            if step % eval_every == 0:
+                losses = {name: evaluate(model, loss_fn, batches, eval_batches) for name, batches in eval_sets.items()}
+                for key, value in {"step": step, "seen": seen, **losses}.items():
+                    history[key].append(value)
+                print(f"Ep {epoch} (Step {step:06d}): " +
+                      ", ".join(f"{name.capitalize()} loss {loss:.3f}" for name, loss in losses.items()))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
+    return history
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Checkpoints and plots.
+# ----------------------------------------------------------------------------------------------
+
+def save_checkpoint(path, model, **extra):
+    """config + weights (+ anything in extra), written atomically: never a half-written file."""
+    with atomic_path(path) as tmp:
+        torch.save({"config": asdict(model.cfg), "model": model.state_dict(), **extra}, tmp)
+
+
+def load_checkpoint(path, device="cpu", **config_changes):
+    """(model, checkpoint dict). weights_only=True: a checkpoint cannot run code when loaded."""
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+        cfg = replace(GPTConfig(**ck["config"]), **config_changes)
+    except Exception as e:
+        raise DataError(f"{path} is not a minigpt checkpoint ({type(e).__name__}: {e})") from e
+    return load_weights(cfg, ck["model"].items(), device), ck
+
+
+def svg_plot(path, series, xlabel, ylabel, title=""):
+    """Write a line chart as a standalone SVG file (any browser opens it). series: {label: (xs, ys)}."""
+    W, H, left, right, top, bottom = 640, 400, 70, 20, 40, 55
+    xs = [x for s in series.values() for x in s[0]] or [0]
+    ys = [y for s in series.values() for y in s[1] if math.isfinite(y)] or [0]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+    sx = lambda x: left + (x - x0) / (x1 - x0) * (W - left - right)
+    sy = lambda y: H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom)
+
+    def ticks(lo, hi):  # four to eight round numbers (1, 2 or 5 times a power of ten apart)
+        raw = (hi - lo) / 8
+        step = min(m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)
+                   if m * 10 ** math.floor(math.log10(raw)) >= raw)
+        return [i * step for i in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
+           'font-family="sans-serif" font-size="12">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<text x="{W / 2}" y="22" text-anchor="middle" font-size="15">{escape(title)}</text>']
+    for x in ticks(x0, x1):
+        out.append(f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{top}" y2="{H - bottom}" stroke="#eee"/>'
+                   f'<text x="{sx(x):.1f}" y="{H - bottom + 16}" text-anchor="middle">{x:g}</text>')
+    for y in ticks(y0, y1):
+        out.append(f'<line x1="{left}" x2="{W - right}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#eee"/>'
+                   f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:g}</text>')
+    out += [f'<rect x="{left}" y="{top}" width="{W - left - right}" height="{H - top - bottom}" '
+            'fill="none" stroke="black"/>',
+            f'<text x="{(left + W - right) / 2}" y="{H - 12}" text-anchor="middle">{escape(xlabel)}</text>',
+            f'<text transform="translate(16 {(top + H - bottom) / 2}) rotate(-90)" '
+            f'text-anchor="middle">{escape(ylabel)}</text>']
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e"]
+    for i, (label, (sxs, sys_)) in enumerate(series.items()):
+        color = colors[i % len(colors)]
+        points = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in zip(sxs, sys_) if math.isfinite(y))
+        out.append(f'<polyline points="{points}" fill="none" stroke="{color}" stroke-width="2"/>')
+        ly = top + 18 + 18 * i  # legend, top right
+        out.append(f'<line x1="{W - right - 150}" x2="{W - right - 125}" y1="{ly}" y2="{ly}" '
+                   f'stroke="{color}" stroke-width="2"/>'
+                   f'<text x="{W - right - 120}" y="{ly + 4}">{escape(label)}</text>')
+    write_text(path, "\n".join(out + ["</svg>\n"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. GPT-2's weights. OpenAI's weights are published by Hugging Face as one `model.safetensors`
 #    file per size. We read that format with numpy, convert once to one .npy file per minigpt
 #    parameter, and load from those from then on.
 # ----------------------------------------------------------------------------------------------
@@ -592,182 +715,118 @@ def load_model(spec, device="cpu", **config_changes):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Data as tensors.
+# 8. Files (plumbing): every data file is public; we fetch it once, check its bytes, and never
+#    trust a copy whose sha256 is wrong. Writes go to a temporary name first and are renamed into
+#    place, so a crash or Ctrl+C never leaves a half-written file under the real name.
 # ----------------------------------------------------------------------------------------------
 
-class WindowDataset(torch.utils.data.Dataset):
-    """Pretraining examples from one long token stream: windows of `max_length` ids starting every
-    `stride` ids. The target is the input shifted by one: at every position, the next token."""
-
-    def __init__(self, ids, max_length, stride):
-        self.ids = torch.as_tensor(ids, dtype=torch.long)
-        self.max_length = max_length
-        self.starts = range(0, len(ids) - max_length, stride)  # each window needs one more id as target
-
-    def __len__(self):
-        return len(self.starts)
-
-    def __getitem__(self, i):
-        s = self.starts[i]
-        return self.ids[s:s + self.max_length], self.ids[s + 1:s + self.max_length + 1]  # (L,), (L,)
+def temporary_name(path):
+    """A hidden, unique name beside `path` (same folder, so a rename onto `path` is atomic)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
-class PaddedDataset(torch.utils.data.Dataset):
-    """Classification examples: texts as token ids, cut to `max_length` (default: the longest text)
-    and padded on the right with <|endoftext|> to that length, plus labels and real lengths.
-    The lengths say where each text ends, so a classifier can read its last real token."""
-
-    def __init__(self, texts, labels, tokenizer, max_length=None):
-        # Text that spells "<|endoftext|>" is just text here: no special tokens from user input.
-        ids = [tokenizer.encode(t, disallowed_special=()) for t in texts]
-        self.token_counts = [len(i) for i in ids]  # before truncation
-        self.max_length = max_length or max(self.token_counts)
-        self.truncated = torch.tensor([n > self.max_length for n in self.token_counts])
-        ids = [i[:self.max_length] or [EOT] for i in ids]  # an empty text reads as one <|endoftext|>
-        self.lengths = torch.tensor([len(i) for i in ids])                           # (N,)
-        self.ids = torch.tensor([i + [EOT] * (self.max_length - len(i)) for i in ids])  # (N, max_length)
-        self.labels = torch.as_tensor(labels, dtype=torch.long)                       # (N,)
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.ids[i], self.labels[i], self.lengths[i]
-
-
-# ----------------------------------------------------------------------------------------------
-# 7. Training: losses, one loop for pretraining and finetuning, checkpoints, a plot.
-# ----------------------------------------------------------------------------------------------
-
-def pick_device(name=None):
-    """The fastest device here (CUDA, then Apple's MPS, then the CPU), unless one is named."""
-    if name:
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def lm_loss(model, batch, device):
-    """Mean cross-entropy of predicting each next token. batch: inputs and targets, (B, T) each."""
-    x, y = (t.to(device) for t in batch)
-    return F.cross_entropy(model(x).flatten(0, 1), y.flatten())  # (B*T, vocab) against (B*T,)
-
-
-@torch.no_grad()
-def evaluate(model, loss_fn, batches, max_batches=None):
-    """Mean loss over (at most `max_batches` of) `batches`, in eval mode (no dropout)."""
-    was_training = model.training
-    model.eval()
-    losses = [loss_fn(batch).item() for _, batch in zip(range(max_batches or 10**9), batches)]
-    model.train(was_training)
-    return sum(losses) / max(len(losses), 1)
-
-
-def cosine_lr(step, total_steps, peak_lr, warmup_steps, min_lr=0.0):
-    """Linear warmup to peak_lr, then a half cosine down to min_lr."""
-    if step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def train(model, optimizer, loss_fn, train_batches, epochs, eval_every, eval_sets, eval_batches=None,
-          count=len, lr_at=None, clip=None, on_epoch_end=None):
-    """The training loop, shared by pretraining and finetuning.
-
-    loss_fn(batch) -> scalar loss. train_batches is re-iterated every epoch (a shuffling
-    DataLoader gives a new order each time). Every `eval_every` steps it prints the mean loss over
-    (at most `eval_batches` batches of) each of eval_sets, e.g. {"train": ..., "val": ...}.
-    count(batch) is what `seen` counts (tokens, examples). lr_at(step) -> learning rate, and clip
-    (max gradient norm) are optional. on_epoch_end(epoch) runs after each epoch (a sample, an accuracy).
-    Returns the history: step, seen and each eval set's loss at every evaluation.
-    """
-    history = {"step": [], "seen": [], **{name: [] for name in eval_sets}}
-    step, seen = -1, 0
-    model.train()
-    for epoch in range(1, epochs + 1):
-        for batch in train_batches:
-            step += 1
-            if lr_at is not None:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step)
-            optimizer.zero_grad(set_to_none=True)
-            loss_fn(batch).backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            optimizer.step()
-            seen += count(batch)
-            if step % eval_every == 0:
-                losses = {name: evaluate(model, loss_fn, batches, eval_batches) for name, batches in eval_sets.items()}
-                for key, value in {"step": step, "seen": seen, **losses}.items():
-                    history[key].append(value)
-                print(f"Ep {epoch} (Step {step:06d}): " +
-                      ", ".join(f"{name.capitalize()} loss {loss:.3f}" for name, loss in losses.items()))
-        if on_epoch_end is not None:
-            on_epoch_end(epoch)
-    return history
-
-
-def save_checkpoint(path, model, **extra):
-    """config + weights (+ anything in extra), written atomically: never a half-written file."""
-    with atomic_path(path) as tmp:
-        torch.save({"config": asdict(model.cfg), "model": model.state_dict(), **extra}, tmp)
-
-
-def load_checkpoint(path, device="cpu", **config_changes):
-    """(model, checkpoint dict). weights_only=True: a checkpoint cannot run code when loaded."""
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
     try:
-        ck = torch.load(path, map_location=device, weights_only=True)
-        cfg = replace(GPTConfig(**ck["config"]), **config_changes)
-    except Exception as e:
-        raise DataError(f"{path} is not a minigpt checkpoint ({type(e).__name__}: {e})") from e
-    return load_weights(cfg, ck["model"].items(), device), ck
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:  # on disk before the rename, so a power cut cannot leave it empty
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX and Windows when both are on one file system
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def svg_plot(path, series, xlabel, ylabel, title=""):
-    """Write a line chart as a standalone SVG file (any browser opens it). series: {label: (xs, ys)}."""
-    W, H, left, right, top, bottom = 640, 400, 70, 20, 40, 55
-    xs = [x for s in series.values() for x in s[0]] or [0]
-    ys = [y for s in series.values() for y in s[1] if math.isfinite(y)] or [0]
-    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
-    sx = lambda x: left + (x - x0) / (x1 - x0) * (W - left - right)
-    sy = lambda y: H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom)
+def write_text(path, text):
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
-    def ticks(lo, hi):  # four to eight round numbers (1, 2 or 5 times a power of ten apart)
-        raw = (hi - lo) / 8
-        step = min(m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)
-                   if m * 10 ** math.floor(math.log10(raw)) >= raw)
-        return [i * step for i in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
-           'font-family="sans-serif" font-size="12">',
-           f'<rect width="{W}" height="{H}" fill="white"/>',
-           f'<text x="{W / 2}" y="22" text-anchor="middle" font-size="15">{escape(title)}</text>']
-    for x in ticks(x0, x1):
-        out.append(f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{top}" y2="{H - bottom}" stroke="#eee"/>'
-                   f'<text x="{sx(x):.1f}" y="{H - bottom + 16}" text-anchor="middle">{x:g}</text>')
-    for y in ticks(y0, y1):
-        out.append(f'<line x1="{left}" x2="{W - right}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#eee"/>'
-                   f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:g}</text>')
-    out += [f'<rect x="{left}" y="{top}" width="{W - left - right}" height="{H - top - bottom}" '
-            'fill="none" stroke="black"/>',
-            f'<text x="{(left + W - right) / 2}" y="{H - 12}" text-anchor="middle">{escape(xlabel)}</text>',
-            f'<text transform="translate(16 {(top + H - bottom) / 2}) rotate(-90)" '
-            f'text-anchor="middle">{escape(ylabel)}</text>']
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e"]
-    for i, (label, (sxs, sys_)) in enumerate(series.items()):
-        color = colors[i % len(colors)]
-        points = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in zip(sxs, sys_) if math.isfinite(y))
-        out.append(f'<polyline points="{points}" fill="none" stroke="{color}" stroke-width="2"/>')
-        ly = top + 18 + 18 * i  # legend, top right
-        out.append(f'<line x1="{W - right - 150}" x2="{W - right - 125}" y1="{ly}" y2="{ly}" '
-                   f'stroke="{color}" stroke-width="2"/>'
-                   f'<text x="{W - right - 120}" y="{ly + 4}">{escape(label)}</text>')
-    write_text(path, "\n".join(out + ["</svg>\n"]))
+def sha256_of(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def fetch(name, url, sha256, archive_sha256=None):
+    """Return the local path of the public file `name`, whose sha256 must be `sha256` (None: no
+    published digest; the caller checks the file's structure instead).
+
+    Looks, in order, at data/<name>; at $MINIGPT_MIRROR/<name> (a folder of files by name, for
+    offline machines and CI), which it copies into data/; at `url`, which it downloads. When
+    `archive_sha256` is given, `url` is a zip archive (checked against that hash) holding `name`.
+    """
+    dest = DATA_DIR / name
+    if dest.exists():
+        if sha256 is None or sha256_of(dest) == sha256:
+            return dest
+        print(f"{dest} has the wrong sha256; fetching it again", file=sys.stderr)
+    mirror = os.environ.get("MINIGPT_MIRROR")
+    if mirror and (Path(mirror) / name).exists():
+        source = Path(mirror) / name
+        if sha256 is not None and sha256_of(source) != sha256:
+            raise DataError(f"{source} (from MINIGPT_MIRROR) has the wrong sha256: expected {sha256}")
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(source, tmp)
+        return dest
+    if archive_sha256 is None:
+        download(url, dest, sha256, name)
+    else:
+        try:
+            archive = fetch(Path(name).parent / Path(url).name, url, archive_sha256)
+        except DataError as e:
+            raise DataError(f"{e}\n(The mirror may also hold '{name}' itself instead of the archive.)") from e
+        with zipfile.ZipFile(archive) as z, atomic_path(dest) as tmp:
+            with z.open(Path(name).name) as src, open(tmp, "wb") as out:
+                shutil.copyfileobj(src, out)
+            if sha256_of(tmp) != sha256:
+                raise DataError(f"{Path(name).name} inside {archive} has the wrong sha256")
+    return dest
+
+
+def download(url, dest, sha256, name):
+    """Download `url` to `dest` with a progress line, resuming a partial `.part` file (HTTP Range)."""
+    part = dest.with_name(dest.name + ".part")
+    part.parent.mkdir(parents=True, exist_ok=True)
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            if have and response.status != 206:  # the server ignored Range: start from zero
+                have = 0
+            length = response.headers.get("Content-Length")  # of what is left; servers may omit it
+            total = have + int(length) if length else 0
+            with open(part, "ab" if have else "wb") as out:
+                start, done, shown = time.time(), have, 0.0
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    done += len(chunk)
+                    if time.time() - shown > 0.5 or done == total:
+                        shown = time.time()
+                        rate = (done - have) / max(shown - start, 1e-9)
+                        eta = (total - done) / rate if total and rate else 0
+                        print(f"\r{name}: {done / 1e6:.1f}/{total / 1e6:.1f} MB, {rate / 1e6:.1f} MB/s, "
+                              f"ETA {eta:.0f} s  ", end="", file=sys.stderr, flush=True)
+            print(file=sys.stderr)
+        if total and done != total:  # the server closed early: keep the .part to resume from
+            raise DataError(f"download of {name} from {url} stopped at {done:,} of {total:,} bytes; "
+                            "run again to resume")
+    except urllib.error.HTTPError as e:
+        if e.code != 416:  # 416: nothing left after `have` bytes, so the .part is complete
+            raise DataError(f"could not download {name} from {url}: HTTP {e.code} {e.reason}") from e
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        raise DataError(
+            f"could not download {name} from {url} ({getattr(e, 'reason', e)}).\n"
+            f"Offline? Put the file in a folder as '{name}' and set MINIGPT_MIRROR to that folder."
+        ) from e
+    if sha256 is not None and sha256_of(part) != sha256:
+        part.unlink()
+        raise DataError(f"{name} downloaded from {url} has the wrong sha256 (expected {sha256}); "
+                        "the partial file was removed, run again to retry")
+    os.replace(part, dest)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -87,28 +87,26 @@ def main(argv=None):
     text = "\n\n".join(Path(p).read_text(encoding="utf-8") for p in paths)
     ids = tokenizer.encode(text, allowed_special={"<|endoftext|>"})
     split = int(0.9 * len(ids))
-    L = args.context_length
-    train_set = minigpt.WindowDataset(ids[:split], L, stride=L)  # windows side by side, no overlap
-    val_set = minigpt.WindowDataset(ids[split:], L, stride=L)
-    if len(train_set) == 0 or len(val_set) == 0:
-        raise SystemExit(f"error: {len(ids)} tokens is too little text for windows of {L} + 1 tokens "
+    window = args.context_length
+    train_set = minigpt.WindowDataset(ids[:split], window, stride=window)  # side by side, no overlap
+    validation_set = minigpt.WindowDataset(ids[split:], window, stride=window)
+    if len(train_set) == 0 or len(validation_set) == 0:
+        raise SystemExit(f"error: {len(ids)} tokens is too little text for windows of {window} + 1 tokens "
                          "in both splits; give more text or a smaller --context-length")
-    print(f"{len(ids):,} tokens: {len(train_set)} training and {len(val_set)} validation windows of {L}")
+    print(f"{len(ids):,} tokens: {len(train_set)} training and {len(validation_set)} validation windows of {window}")
     train_loader = torch.utils.data.DataLoader(train_set, args.batch_size, shuffle=True, drop_last=True)
     # For measuring: fixed order, so evaluating never changes the random training order.
     eval_sets = {name: torch.utils.data.DataLoader(data, args.batch_size)
-                 for name, data in (("train", train_set), ("val", val_set))}
+                 for name, data in (("train", train_set), ("validation", validation_set))}
     if len(train_loader) == 0:
         raise SystemExit(f"error: {len(train_set)} training windows make no batch of {args.batch_size}")
 
-    cfg = replace(minigpt.PRESETS[args.preset], context_length=L, dropout=args.dropout, **args.model)
+    cfg = replace(minigpt.PRESETS[args.preset], context_length=window, dropout=args.dropout, **args.model)
     model = minigpt.GPT(cfg).to(device)
     print(f"model: {args.preset} shape, {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{L} positions, on {device}")
+          f"{window} positions, on {device}")
     # betas (0.9, 0.95): GPT-3's; a shorter memory of squared gradients reacts faster to spikes.
-    # fused=True does the whole AdamW update in one kernel: 10x faster than the default on a CPU.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
-                                  weight_decay=args.weight_decay, fused=device.type in ("cpu", "cuda"))
+    optimizer = minigpt.adamw(model, args.lr, args.weight_decay, device, betas=(0.9, 0.95))
     total_steps = args.epochs * len(train_loader)
     lr_at = (lambda step: minigpt.cosine_lr(step, total_steps, args.lr, args.warmup)) if args.warmup else None
 
@@ -119,20 +117,20 @@ def main(argv=None):
     start = time.time()
     loss = lambda b: minigpt.lm_loss(model, b, device)
     history = minigpt.train(model, optimizer, loss, train_loader, args.epochs, args.eval_every, eval_sets,
-                            eval_batches=5, count=lambda b: b[0].numel(), lr_at=lr_at, clip=args.clip,
+                            count=lambda b: b[0].numel(), eval_batches=5, lr_at=lr_at, clip=args.clip,
                             on_epoch_end=sample)
     seconds = time.time() - start
-    tokens = args.epochs * len(train_loader) * args.batch_size * L  # every token trained on, all epochs
+    tokens = args.epochs * len(train_loader) * args.batch_size * window  # every token trained on, all epochs
     print(f"Trained {args.epochs} epochs in {seconds:.1f} s: {tokens:,} tokens, {tokens / seconds:,.0f} tokens/s")
     final = {name: minigpt.evaluate(model, loss, batches) for name, batches in eval_sets.items()}
-    print(f"Final loss over all windows: train {final['train']:.3f}, val {final['val']:.3f}")
+    print(f"Final loss over all windows: train {final['train']:.3f}, validation {final['validation']:.3f}")
     gen = torch.Generator(device).manual_seed(args.seed)
     text = minigpt.complete(model, tokenizer, args.prompt, 50, temperature=1.0, top_k=25, generator=gen)
     print(f"Sampled with temperature 1.0, top-k 25: {text!r}")
 
     minigpt.save_checkpoint(args.out / "model.pt", model)
     minigpt.svg_plot(args.out / "loss.svg", {"train": (history["seen"], history["train"]),
-                                             "validation": (history["seen"], history["val"])},
+                                             "validation": (history["seen"], history["validation"])},
                      "tokens seen", "cross-entropy loss",
                      f"Pretraining the {args.preset} model on {len(ids):,} tokens")
     minigpt.write_text(args.out / "history.json", json.dumps({**history, "seconds": seconds, "tokens": tokens,

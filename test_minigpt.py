@@ -1,9 +1,12 @@
 """Tests for minigpt.py, pretrain.py, finetune.py and classify.py. Run: pytest
 
 Everything runs offline on tiny models. GPT-2 parity is checked against Hugging Face
-`transformers` (a test-only dependency) on randomly initialised models it writes itself.
-Data files come from $MINIGPT_MIRROR (CI sets it to ../shared/data); tests that need one skip
-with a reason where it is missing.
+`transformers` (a test-only dependency) on randomly initialised models it writes itself; without
+it those tests skip and the rest run. Data files come from $MINIGPT_MIRROR (CI sets it to
+../shared/data); tests that need one skip with a reason where it is missing.
+
+Hermetic: every test writes under pytest's temporary folders. The data folder (minigpt.DATA_DIR,
+and MINIGPT_DATA for the scripts run as subprocesses) points into one for the whole session.
 """
 
 import hashlib
@@ -28,6 +31,16 @@ TINY = minigpt.PRESETS["tiny"]
 MIRROR = Path(os.environ.get("MINIGPT_MIRROR", HERE.parent / "shared" / "data"))
 needs_mirror = pytest.mark.skipif(not (MIRROR / "the-verdict.txt").exists(),
                                   reason="no data mirror: set MINIGPT_MIRROR to a folder like ../shared/data")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_data_dir(tmp_path_factory):
+    """No test writes into the real data/ folder: downloads and splits go to a temporary one."""
+    with pytest.MonkeyPatch.context() as mp:
+        folder = tmp_path_factory.mktemp("data")
+        mp.setattr(minigpt, "DATA_DIR", folder)
+        mp.setenv("MINIGPT_DATA", str(folder))  # for the scripts the tests run as subprocesses
+        yield folder
 
 
 @pytest.fixture
@@ -71,14 +84,59 @@ def test_causal_a_later_token_never_changes_earlier_logits():
     assert not torch.allclose(a[:, 9:], b[:, 9:])
 
 
-def test_one_position_path_equals_the_full_block():
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_explicit_attention_equals_the_fused_kernel_in_training(monkeypatch, dropout):
+    """Same logits and same gradients; with dropout (random masks differ), the same in eval mode."""
+    model = tiny_model(dropout=dropout).train(dropout == 0.0)
+    idx = torch.randint(0, TINY.vocab_size, (3, 20))
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(minigpt.CausalSelfAttention, "fused", fused)
+        model.zero_grad()
+        logits = model(idx)
+        logits.square().mean().backward()
+        results.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    (fused_logits, fused_grads), (explicit_logits, explicit_grads) = results
+    torch.testing.assert_close(explicit_logits, fused_logits, atol=1e-5, rtol=0)
+    for a, b in zip(explicit_grads, fused_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_explicit_attention_equals_the_fused_kernel_with_a_cache(monkeypatch):
     model = tiny_model()
-    x = model.embed(torch.randint(0, TINY.vocab_size, (3, 12)))
-    only = torch.tensor([0, 5, 11])
-    with torch.no_grad():
-        full = model.h[0](x)[torch.arange(3), only]
-        one = model.h[0](x, only=only)[:, 0]
-    torch.testing.assert_close(one, full, atol=1e-6, rtol=0)
+    prompt = torch.randint(0, TINY.vocab_size, (2, 7))
+    outputs = {}
+    for fused in (True, False):
+        monkeypatch.setattr(minigpt.CausalSelfAttention, "fused", fused)
+        cache = minigpt.KVCache(TINY, 2, 20)
+        with torch.no_grad():
+            first = model(prompt, cache)                  # fills 7 positions (causal, no past)
+            several = model(prompt[:, :3], cache)         # 3 new positions after 7: a mask with past
+            one = model(prompt[:, :1], cache)             # 1 new position: sees every key
+        outputs[fused] = (first, several, one, minigpt.generate(model, prompt, 12))
+    for a, b in zip(outputs[True][:3], outputs[False][:3]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert torch.equal(outputs[True][3], outputs[False][3])
+    with torch.no_grad():  # and the cached positions equal a plain forward pass over all 11 tokens
+        full = model(torch.cat([prompt, prompt[:, :3], prompt[:, :1]], dim=1))
+    torch.testing.assert_close(torch.cat(outputs[False][:3], dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_causal_mask_with_and_without_past():
+    assert minigpt.causal_mask(3, 0).tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+    assert minigpt.causal_mask(2, 2).tolist() == [[True, True, True, False], [True, True, True, True]]
+
+
+def test_weight_decay_only_on_matrices_that_multiply():
+    model = tiny_model()
+    optimizer = minigpt.adamw(model, 1e-3, 0.1, "cpu")
+    decayed, plain = ({id(p) for p in g["params"]} for g in optimizer.param_groups)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[i] for i in decayed} == {n for n, p in model.named_parameters()
+                                           if n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))}
+    assert {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias", "h.0.attn.c_attn.bias"} <= {names[i] for i in plain}
+    assert len(decayed) + len(plain) == len(list(model.parameters()))  # every parameter once (the head is tied)
 
 
 def test_context_longer_than_the_model_is_an_error():
@@ -300,11 +358,13 @@ def test_download_resumes_a_partial_file_and_checks_it(data_dir, server):
 
 # ---------------------------------------------------------------- GPT-2 weights
 
-transformers = pytest.importorskip("transformers")
 HF_TINY = minigpt.GPTConfig(context_length=64, emb_dim=32, n_heads=2, n_layers=2)  # hf_gpt2()'s shape
 
 
 def hf_gpt2(n_embd=32, n_layer=2, n_head=2, n_positions=64, seed=0):
+    """A randomly initialised GPT-2 from `transformers`; the calling test skips where it is missing."""
+    transformers = pytest.importorskip("transformers", exc_type=ImportError, reason="the parity tests need transformers "
+                                                              "(pip install -r requirements-test.txt)")
     torch.manual_seed(seed)
     cfg = transformers.GPT2Config(n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_positions=n_positions)
     return transformers.GPT2LMHeadModel(cfg).eval()
@@ -345,8 +405,8 @@ def hub_layout(hf, dtype=torch.float32):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_reads_the_hub_layout_in_f32_f16_bf16(tmp_path, dtype):
-    from safetensors.torch import save_file  # an independent writer of the format
     hf = hf_gpt2()
+    save_file = pytest.importorskip("safetensors.torch").save_file  # an independent writer of the format
     save_file(hub_layout(hf, dtype), tmp_path / "model.safetensors", metadata={"format": "pt"})
     got = dict(minigpt.gpt2_tensors(tmp_path / "model.safetensors"))
     assert "h.0.attn.bias" not in got and "h.0.attn.c_attn.bias" in got
@@ -519,6 +579,32 @@ def test_each_trainable_choice_trains_exactly_its_parameters(trainable):
     assert model.lm_head.weight.shape == (2, TINY.emb_dim) and model.wte.weight.shape[0] == TINY.vocab_size
 
 
+def test_one_position_block_equals_the_full_block():
+    model = tiny_model()
+    x = model.embed(torch.randint(0, TINY.vocab_size, (3, 12)))
+    positions = torch.tensor([0, 5, 11])
+    with torch.no_grad():
+        full = model.h[0](x)[torch.arange(3), positions]
+        one = finetune.block_at(model.h[0], x, positions)
+    torch.testing.assert_close(one, full, atol=1e-6, rtol=0)
+
+
+def test_metrics_against_hand_counted_values():
+    # true:      0 0 0 0 1 1 1 2 2 2
+    # predicted: 0 0 1 2 1 1 0 2 2 1
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
+    predicted = torch.tensor([0, 0, 1, 2, 1, 1, 0, 2, 2, 1])
+    m = finetune.classification_metrics(labels, predicted, 3)
+    assert m["confusion"] == [[2, 1, 1], [1, 2, 0], [0, 1, 2]]
+    assert m["accuracy"] == pytest.approx(6 / 10)
+    assert m["precision"] == pytest.approx([2 / 3, 2 / 4, 2 / 3])   # column sums 3, 4, 3
+    assert m["recall"] == pytest.approx([2 / 4, 2 / 3, 2 / 3])      # row sums 4, 3, 3
+    f1 = [2 * p * r / (p + r) for p, r in ((2 / 3, 1 / 2), (1 / 2, 2 / 3), (2 / 3, 2 / 3))]
+    assert m["f1"] == pytest.approx(f1) and m["macro_f1"] == pytest.approx(sum(f1) / 3)
+    never_called = finetune.classification_metrics(torch.tensor([0, 1]), torch.tensor([0, 0]), 2)
+    assert never_called["precision"] == [0.5, 0.0] and never_called["f1"][1] == 0.0
+
+
 def test_lora_starts_as_an_exact_no_op():
     plain = finetune.make_classifier(tiny_model(), "head")
     lora = finetune.make_classifier(tiny_model(), "lora", lora_rank=4, lora_alpha=8)
@@ -540,12 +626,12 @@ def test_cached_frozen_blocks_give_the_full_forward_logits_and_loss(tokenizer, p
     texts = ["hello there", "WIN a free prize now, call 0800 123", "ok", "see you at lunch tomorrow then"]
     data = minigpt.PaddedDataset(texts, [0, 1, 0, 0], tokenizer)
     lengths = torch.full_like(data.lengths, data.max_length) if pool == "last" else data.lengths
-    start = finetune.first_trainable_block(model, trainable)
-    features = finetune.frozen_features(model, finetune.examples_of(data, pool), start, "cpu", batch_size=3)
+    frozen = finetune.frozen_blocks(model, trainable)
+    features = finetune.frozen_features(model, finetune.examples_of(data, pool), frozen, "cpu", batch_size=3)
     x = torch.nn.utils.rnn.pad_sequence(features, batch_first=True)
     with torch.no_grad():
         full = finetune.classify(model, data.ids, lengths, pool)
-        cached = finetune.classify(model, x, lengths, pool, start)
+        cached = finetune.classify(model, x, lengths, pool, frozen)
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
     loss = lambda logits: torch.nn.functional.cross_entropy(logits, data.labels).item()
     assert loss(cached) == pytest.approx(loss(full), abs=1e-5)
@@ -569,18 +655,24 @@ def write_messages(path, messages):
 
 
 @pytest.fixture(scope="module")
-def tiny_classifier(tmp_path_factory):
-    """A tiny classifier finetuned end to end on a trivially separable synthetic set."""
+def tiny_run(tmp_path_factory):
+    """A tiny classifier finetuned end to end on a trivially separable synthetic set:
+    (its folder, the model as finetuning left it in memory, meta)."""
     tmp = tmp_path_factory.mktemp("classifier")
     data = write_messages(tmp / "sms.txt", synthetic_messages(200, 100))
-    finetune.main(["--data", str(data), "--init", "random", "--preset", "tiny", "--trainable", "all",
-                   "--lr", "1e-3", "--epochs", "3", "--unseen-ham", "all", "--out", str(tmp / "out")])
-    return tmp / "out"
+    model, meta = finetune.main(["--data", str(data), "--init", "random", "--preset", "tiny", "--trainable", "all",
+                                 "--lr", "1e-3", "--epochs", "3", "--unseen-ham", "all", "--out", str(tmp / "out")])
+    return tmp / "out", model, meta
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tiny_run):
+    return tiny_run[0]
 
 
 def test_finetune_end_to_end_learns_a_separable_set(tiny_classifier):
     metrics = json.loads((tiny_classifier / "metrics.json").read_text())
-    for key in ("train_accuracy", "val_accuracy", "test_accuracy", "precision", "recall", "f1",
+    for key in ("train_accuracy", "validation_accuracy", "test_accuracy", "precision", "recall", "f1",
                 "unseen_ham_false_positive_rate", "train_seconds"):
         assert 0 <= metrics[key] <= 1 or key == "train_seconds", key
     assert metrics["test_accuracy"] >= 0.9 and metrics["unseen_ham_false_positive_rate"] <= 0.1
@@ -588,12 +680,13 @@ def test_finetune_end_to_end_learns_a_separable_set(tiny_classifier):
         ET.parse(tiny_classifier / plot)
 
 
-def test_saved_classifier_reloads_to_identical_predictions(tiny_classifier, tokenizer):
-    model, meta = finetune.load_classifier(tiny_classifier)
+def test_saved_classifier_reloads_to_the_trained_models_predictions(tiny_run, tokenizer):
+    folder, trained, trained_meta = tiny_run
     texts = ["WIN cash PRIZE claim now", "see you at lunch later", "call me"]
+    expected, _, _ = finetune.spam_probabilities(trained, trained_meta, tokenizer, texts)
+    model, meta = finetune.load_classifier(folder)
     probs, tokens, truncated = finetune.spam_probabilities(model, meta, tokenizer, texts)
-    again, _, _ = finetune.spam_probabilities(*finetune.load_classifier(tiny_classifier), tokenizer, texts)
-    assert probs == again and probs[0] > 0.5 > probs[1]
+    assert probs == expected and probs[0] > 0.5 > probs[1]
     assert tokens == [len(tokenizer.encode(t)) for t in texts] and truncated == [False] * 3
 
 
@@ -661,10 +754,11 @@ def test_inference_matches_what_finetune_measured(tiny_classifier, tokenizer):
     model, meta = finetune.load_classifier(tiny_classifier)
     texts = [t for _, t in synthetic_messages(30, 30, seed=5)]
     data = minigpt.PaddedDataset(texts, [0] * len(texts), tokenizer, meta["max_length"])
-    start = finetune.first_trainable_block(model, "last_block")  # evaluate through a cached prefix
-    features = finetune.frozen_features(model, finetune.examples_of(data, meta["pool"]), start, "cpu")
+    frozen = finetune.frozen_blocks(model, "last_block")  # evaluate through a cached prefix
+    features = finetune.frozen_features(model, finetune.examples_of(data, meta["pool"]), frozen, "cpu")
     _, cached = finetune.predict(model, finetune.Batches(features, torch.arange(len(texts)), 64, shuffle=False),
-                                 meta["pool"], start, "cpu")
+                                 meta["pool"], frozen, "cpu")
+    cached = cached[:, 1]  # spam
     order = np.argsort(data.lengths.numpy(), kind="stable")
     served = torch.tensor([r["spam_probability"] for r in classify.Classifier(tiny_classifier)(texts)])
     torch.testing.assert_close(served[order], cached, atol=1e-5, rtol=0)

@@ -83,9 +83,10 @@ def split_sms(messages, seed, dedupe=False):
     keep = rng.permutation(len(ham))
     balanced = [ham[i] for i in keep[:len(spam)]] + spam
     balanced = [balanced[i] for i in rng.permutation(len(balanced))]
-    n_train, n_val = int(0.7 * len(balanced)), int(0.1 * len(balanced))
-    return {"train": balanced[:n_train], "validation": balanced[n_train:n_train + n_val],
-            "test": balanced[n_train + n_val:], "unseen_ham": [ham[i] for i in keep[len(spam):]]}
+    n_train = int(0.7 * len(balanced))
+    n_validation = int(0.1 * len(balanced))
+    return {"train": balanced[:n_train], "validation": balanced[n_train:n_train + n_validation],
+            "test": balanced[n_train + n_validation:], "unseen_ham": [ham[i] for i in keep[len(spam):]]}
 
 
 def write_csv(path, messages):

@@ -307,7 +307,8 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=Non
     """
     was_training = model.training
     model.eval()
-    ctx, cache = model.cfg.context_length, None
+    ctx = model.cfg.context_length
+    cache = None
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)  # (B,): produced eos_id
     for _ in range(max_new_tokens):
         if not use_cache:
@@ -507,7 +508,8 @@ def load_checkpoint(path, device="cpu", **config_changes):
 
 def svg_plot(path, series, xlabel, ylabel, title=""):
     """Write a line chart as a standalone SVG file (any browser opens it). series: {label: (xs, ys)}."""
-    W, H, left, right, top, bottom = 640, 400, 70, 20, 40, 55
+    W, H = 640, 400                          # the picture, in pixels
+    left, right, top, bottom = 70, 20, 40, 55  # margins around the plot area
     xs = [x for s in series.values() for x in s[0]] or [0]
     ys = [y for s in series.values() for y in s[1] if math.isfinite(y)] or [0]
     x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
@@ -800,7 +802,9 @@ def download(url, dest, sha256, name):
             length = response.headers.get("Content-Length")  # of what is left; servers may omit it
             total = have + int(length) if length else 0
             with open(part, "ab" if have else "wb") as out:
-                start, done, shown = time.time(), have, 0.0
+                start = time.time()
+                done = have    # bytes on disk
+                shown = 0.0    # when the progress line was last printed
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
                     done += len(chunk)

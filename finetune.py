@@ -180,6 +180,8 @@ def classify(model, x, lengths, pool, frozen=0):
     """
     if frozen == 0:
         x = model.embed(x)                                     # (B, T, C)
+    else:  # cached features may be stored in bfloat16; go on in the trainable part's own dtype
+        x = x.to(model.ln_f.weight.dtype)
     blocks = model.h[frozen:]
     if pool == "mean":
         for block in blocks:
@@ -246,7 +248,7 @@ def frozen_features(model, examples, frozen, device, batch_size=64):
     """The output of blocks h[:frozen] for each example, (T_i, C) each, computed once."""
     features = [None] * len(examples)
     for x, index, lengths in Batches(examples, torch.arange(len(examples)), batch_size):  # "labels": indices
-        x = model.embed(x.to(device))
+        x = model.embed(x.to(device)).to(model.h[0].ln_1.weight.dtype)  # the frozen blocks' dtype
         for block in model.h[:frozen]:
             x = block(x)                                       # (B, T, C)
         for i, row, n in zip(index, x.cpu(), lengths):
@@ -255,21 +257,23 @@ def frozen_features(model, examples, frozen, device, batch_size=64):
 
 
 @torch.no_grad()
-def predict(model, batches, pool, frozen, device):
-    """(labels (N,), class probabilities (N, classes)) of every example in `batches`, in the order yielded."""
+def predict(model, batches, pool, frozen, device, dtype=torch.float32):
+    """(labels (N,), class probabilities (N, classes)) of every example in `batches`, in the order
+    yielded. dtype: the forward pass's autocast (see minigpt.autocast); softmax in float32."""
     was_training = model.training
     model.eval()
     labels, probs = [], []
     for x, y, lengths in batches:
-        logits = classify(model, x.to(device), lengths.to(device), pool, frozen)
+        with minigpt.autocast(device, dtype):
+            logits = classify(model, x.to(device), lengths.to(device), pool, frozen)
         probs.append(torch.softmax(logits.float(), dim=-1).cpu())
         labels.append(y)
     model.train(was_training)
     return torch.cat(labels), torch.cat(probs)
 
 
-def accuracy(model, batches, pool, frozen, device):
-    labels, probs = predict(model, batches, pool, frozen, device)
+def accuracy(model, batches, pool, frozen, device, dtype=torch.float32):
+    labels, probs = predict(model, batches, pool, frozen, device, dtype)
     return (probs.argmax(dim=1) == labels).float().mean().item()
 
 
@@ -377,6 +381,8 @@ def parse_args(argv=None):
                    help="how many left-out ham messages to measure false positives on, or 'all'")
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--device", help="cpu, cuda, mps (default: the fastest available)")
+    p.add_argument("--dtype", choices=minigpt.DTYPES, default="auto",
+                   help="auto: bfloat16 where the device multiplies it natively, else float32")
     p.add_argument("--out", type=Path, default=Path("runs/spam-classifier"))
     return p.parse_args(argv)
 
@@ -424,9 +430,11 @@ def build_model(args, device):
     return model, meta
 
 
-def make_batches(model, meta, splits, tokenizer, args, device):
+def make_batches(model, meta, splits, tokenizer, args, device, dtype):
     """Step 3, cached features and batches: token ids, truncated to the longest training message
     (or --max-length) and the context; then, once, the frozen blocks' output for every message.
+    The frozen blocks never train, so in bfloat16 their weights are cast once (inference is
+    fastest that way) and their output is stored in bfloat16: half the memory.
     Returns the batches of every split and the number of frozen blocks."""
     longest = max(len(tokenizer.encode(text, disallowed_special=())) for _, text in splits["train"])
     meta["max_length"] = min(args.max_length or longest, model.cfg.context_length)
@@ -438,8 +446,10 @@ def make_batches(model, meta, splits, tokenizer, args, device):
     t0 = time.time()
     examples = {name: examples_of(d, args.pool) for name, d in datasets.items()}
     if frozen > 0:
+        model.h[:frozen].to(dtype)
         examples = {name: frozen_features(model, ex, frozen, device) for name, ex in examples.items()}
-        print(f"cached the output of the {frozen} frozen blocks in {time.time() - t0:.1f} s")
+        print(f"cached the output of the {frozen} frozen blocks in {time.time() - t0:.1f} s "
+              f"({minigpt.dtype_name(dtype)})")
     batches = {name: Batches(examples[name], datasets[name].labels, args.batch_size * 8)
                for name in examples}
     batches["train_shuffled"] = Batches(examples["train"], datasets["train"].labels, args.batch_size,
@@ -451,16 +461,19 @@ def make_batches(model, meta, splits, tokenizer, args, device):
     return batches, frozen
 
 
-def train_classifier(model, batches, frozen, args, device):
-    """Step 4, train: AdamW on the trainable parameters, the loss every --eval-every steps, the
-    accuracies after every epoch. Returns (loss history, accuracies per epoch, seconds)."""
-    acc = lambda name: accuracy(model, batches[name], args.pool, frozen, device)
+def train_classifier(model, batches, frozen, args, device, dtype):
+    """Step 4, train: AdamW on the trainable parameters (float32, with the forward pass in dtype),
+    the loss every --eval-every steps, the accuracies after every epoch.
+    Returns (loss history, accuracies per epoch, seconds)."""
+    acc = lambda name: accuracy(model, batches[name], args.pool, frozen, device, dtype)
     print(f"Before finetuning: train {acc('train'):.2%}, validation {acc('validation'):.2%}, "
           f"test {acc('test'):.2%}")
 
     def loss_fn(batch):
         x, y, lengths = (t.to(device) for t in batch)
-        return F.cross_entropy(classify(model, x, lengths, args.pool, frozen), y)
+        with minigpt.autocast(device, dtype):
+            logits = classify(model, x, lengths, args.pool, frozen)  # (B, 2)
+        return F.cross_entropy(logits.float(), y)
 
     accuracies = {"epoch": [], "train": [], "validation": []}
 
@@ -478,16 +491,17 @@ def train_classifier(model, batches, frozen, args, device):
                             count=lambda batch: len(batch[1]), eval_batches=5, on_epoch_end=on_epoch_end)
     seconds = time.time() - t0
     examples_seen = args.epochs * len(batches["train_shuffled"]) * args.batch_size
-    print(f"Trained in {seconds:.1f} s ({examples_seen / seconds:.0f} examples/s, {examples_seen} examples seen)")
+    print(f"Trained in {seconds:.1f} s ({examples_seen / seconds:.0f} examples/s, {examples_seen} examples seen, "
+          f"{minigpt.dtype_name(dtype)})")
     return history, accuracies, seconds
 
 
-def evaluate_classifier(model, batches, frozen, accuracies, args, device):
+def evaluate_classifier(model, batches, frozen, accuracies, args, device, dtype):
     """Step 5, evaluate: accuracy on each split (train and validation: as after the last epoch);
     precision, recall, F1 and the confusion matrix on test; false positives on unseen ham."""
-    acc = lambda name: accuracy(model, batches[name], args.pool, frozen, device)
+    acc = lambda name: accuracy(model, batches[name], args.pool, frozen, device, dtype)
     final = {name: (accuracies[name] or [acc(name)])[-1] for name in ("train", "validation")}
-    labels, probs = predict(model, batches["test"], args.pool, frozen, device)
+    labels, probs = predict(model, batches["test"], args.pool, frozen, device, dtype)
     test = classification_metrics(labels, probs.argmax(dim=1), len(LABELS))
     final["test"] = test["accuracy"]
     (tn, fp), (fn, tp) = test["confusion"]                     # rows: true ham, true spam
@@ -525,16 +539,17 @@ def main(argv=None):
     started = time.time()
     torch.manual_seed(args.seed)
     device = minigpt.pick_device(args.device)
+    dtype = minigpt.pick_dtype(args.dtype, device)
     tokenizer = minigpt.get_tokenizer()
-    splits = load_splits(args)                                                   # 1. data and splits
-    model, meta = build_model(args, device)                                      # 2. model
-    batches, frozen = make_batches(model, meta, splits, tokenizer, args, device)  # 3. cached features, batches
-    history, accuracies, seconds = train_classifier(model, batches, frozen, args, device)  # 4. train
-    metrics = evaluate_classifier(model, batches, frozen, accuracies, args, device)       # 5. evaluate
+    splits = load_splits(args)                                                          # 1. data, splits
+    model, meta = build_model(args, device)                                             # 2. model
+    batches, frozen = make_batches(model, meta, splits, tokenizer, args, device, dtype)  # 3. features, batches
+    history, accuracies, seconds = train_classifier(model, batches, frozen, args, device, dtype)  # 4. train
+    metrics = evaluate_classifier(model, batches, frozen, accuracies, args, device, dtype)       # 5. evaluate
     examples_seen = args.epochs * len(batches["train_shuffled"]) * args.batch_size
     metrics.update(train_seconds=seconds, wall_seconds=time.time() - started,
                    examples_per_second=examples_seen / seconds, epochs=args.epochs, init=args.init,
-                   trainable=args.trainable, pool=args.pool)
+                   trainable=args.trainable, pool=args.pool, dtype=minigpt.dtype_name(dtype))
     save_outputs(args.out, model, meta, metrics, history, accuracies)            # 6. save
     print(f"Saved {args.out}/classifier.pt, metrics.json, loss.svg, accuracy.svg; "
           f"wall time {time.time() - started:.1f} s")

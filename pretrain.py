@@ -67,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt", default="Every effort moves you", help="start of the samples")
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--device", help="cpu, cuda, mps (default: the fastest available)")
+    p.add_argument("--dtype", choices=minigpt.DTYPES, default="auto",
+                   help="auto: bfloat16 matmuls where the device has them natively, else float32")
     p.add_argument("--out", type=Path, help="folder for model.pt, loss.svg, history.json")
     args = p.parse_args(argv)
     for key, value in SETTINGS[args.setting].items():
@@ -80,6 +82,7 @@ def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     device = minigpt.pick_device(args.device)
+    dtype = minigpt.pick_dtype(args.dtype, device)  # weights and AdamW stay float32; see minigpt.autocast
     tokenizer = minigpt.get_tokenizer()
 
     # Text -> token ids -> 90 % training, 10 % validation (the end of the text).
@@ -111,21 +114,24 @@ def main(argv=None):
     lr_at = (lambda step: minigpt.cosine_lr(step, total_steps, args.lr, args.warmup)) if args.warmup else None
 
     def sample(epoch):  # greedy: the single most likely continuation, so runs can be compared
-        text = minigpt.complete(model, tokenizer, args.prompt, 50, eos_id=minigpt.EOT)
+        with minigpt.autocast(device, dtype):
+            text = minigpt.complete(model, tokenizer, args.prompt, 50, eos_id=minigpt.EOT)
         print(f"Sample after epoch {epoch}: {text!r}")
 
     start = time.time()
-    loss = lambda b: minigpt.lm_loss(model, b, device)
+    loss = lambda b: minigpt.lm_loss(model, b, device, dtype)
     history = minigpt.train(model, optimizer, loss, train_loader, args.epochs, args.eval_every, eval_sets,
                             count=lambda b: b[0].numel(), eval_batches=5, lr_at=lr_at, clip=args.clip,
                             on_epoch_end=sample)
     seconds = time.time() - start
     tokens = args.epochs * len(train_loader) * args.batch_size * window  # every token trained on, all epochs
-    print(f"Trained {args.epochs} epochs in {seconds:.1f} s: {tokens:,} tokens, {tokens / seconds:,.0f} tokens/s")
+    print(f"Trained {args.epochs} epochs in {seconds:.1f} s: {tokens:,} tokens, {tokens / seconds:,.0f} tokens/s "
+          f"({minigpt.dtype_name(dtype)})")
     final = {name: minigpt.evaluate(model, loss, batches) for name, batches in eval_sets.items()}
     print(f"Final loss over all windows: train {final['train']:.3f}, validation {final['validation']:.3f}")
     gen = torch.Generator(device).manual_seed(args.seed)
-    text = minigpt.complete(model, tokenizer, args.prompt, 50, temperature=1.0, top_k=25, generator=gen)
+    with minigpt.autocast(device, dtype):
+        text = minigpt.complete(model, tokenizer, args.prompt, 50, temperature=1.0, top_k=25, generator=gen)
     print(f"Sampled with temperature 1.0, top-k 25: {text!r}")
 
     minigpt.save_checkpoint(args.out / "model.pt", model)

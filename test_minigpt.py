@@ -9,6 +9,7 @@ Hermetic: every test writes under pytest's temporary folders. The data folder (m
 and MINIGPT_DATA for the scripts run as subprocesses) points into one for the whole session.
 """
 
+import copy
 import hashlib
 import http.server
 import json
@@ -142,6 +143,93 @@ def test_weight_decay_only_on_matrices_that_multiply():
 def test_context_longer_than_the_model_is_an_error():
     with pytest.raises(ValueError, match="context"):
         tiny_model()(torch.zeros(1, TINY.context_length + 1, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- precision (bfloat16)
+
+BF16_TOLERANCE = 0.02  # |bf16 logits - float32 logits| / |float32 logits| (norms): bfloat16 rounds by 0.4 %
+
+
+def relative_error(got, expected):
+    return ((got.float() - expected).norm() / expected.norm()).item()
+
+
+@pytest.mark.parametrize("cpuinfo,native", [
+    ("processor : 0\nflags : fpu avx512f avx512_bf16 amx_tile\n", True),        # Cooper Lake and later
+    ("flags\t\t: fpu sse avx512f amx_bf16 amx_tile\nflags : x\n", True),      # Sapphire Rapids (first line counts)
+    ("flags : fpu sse avx2 avx512f avx512_vnni\n", False),                       # Cascade Lake: emulated, slow
+    ("Features : fp asimd sve bf16 i8mm\n", True),                               # ARM with BF16 (Graviton3)
+    ("Features : fp asimd\n", False),
+    ("", False)])
+def test_cpu_bfloat16_detection_from_cpuinfo(cpuinfo, native):
+    found, reason = minigpt.cpu_bfloat16_flags(cpuinfo)
+    assert found is native and reason
+
+
+def test_dtype_choice_says_what_and_why(capsys, monkeypatch):
+    assert minigpt.pick_dtype("float32", "cpu") == torch.float32
+    monkeypatch.setattr(minigpt, "native_bfloat16", lambda device: (True, "this CPU has amx_bf16"))
+    assert minigpt.pick_dtype("auto", "cpu") == torch.bfloat16
+    assert "dtype: bfloat16 (auto: this CPU has amx_bf16)" in capsys.readouterr().err
+    monkeypatch.setattr(minigpt, "native_bfloat16", lambda device: (False, "no bfloat16 units"))
+    assert minigpt.pick_dtype("auto", "cpu") == torch.float32
+    assert minigpt.pick_dtype("bfloat16", "cpu") == torch.bfloat16  # asked for: allowed, with a warning
+    err = capsys.readouterr().err
+    assert "float32 (auto: no bfloat16 units)" in err and "slower than float32" in err
+
+
+def test_float32_autocast_is_exactly_the_plain_model():
+    model = tiny_model()
+    idx = torch.randint(0, TINY.vocab_size, (2, 12))
+    batch = (idx[:, :-1], idx[:, 1:])
+    with torch.no_grad():
+        with minigpt.autocast("cpu", torch.float32):
+            inside = model(idx)
+        assert torch.equal(inside, model(idx))
+        assert minigpt.lm_loss(model, batch, "cpu", torch.float32).item() == \
+            torch.nn.functional.cross_entropy(model(batch[0]).flatten(0, 1), batch[1].flatten()).item()
+
+
+def test_bfloat16_logits_are_within_tolerance_of_float32():
+    model = tiny_model()
+    idx = torch.randint(0, TINY.vocab_size, (3, 20))
+    residual = []
+    model.ln_f.register_forward_hook(lambda module, inputs, output: residual.append(inputs[0].dtype))
+    with torch.no_grad():
+        expected = model(idx)
+        with minigpt.autocast("cpu", torch.bfloat16):  # training's path: float32 weights, bf16 matmuls
+            mixed = model(idx)
+        weights = copy.deepcopy(model).to(torch.bfloat16)(idx)  # inference's path: bf16 weights
+    assert residual[:2] == [torch.float32, torch.float32]  # under autocast the residual stream stays float32
+    assert relative_error(mixed, expected) < BF16_TOLERANCE
+    assert weights.dtype == torch.bfloat16 and relative_error(weights, expected) < BF16_TOLERANCE
+    assert 0 < relative_error(weights, expected)  # it really ran in bfloat16
+
+
+def test_bfloat16_training_keeps_float32_weights_gradients_and_optimizer_state():
+    model = tiny_model().train()
+    optimizer = minigpt.adamw(model, 1e-3, 0.1, "cpu")
+    batch = (torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16)))
+    loss = minigpt.lm_loss(model, batch, "cpu", torch.bfloat16)
+    expected = minigpt.lm_loss(model, batch, "cpu", torch.float32)
+    assert loss.dtype == torch.float32 and abs(loss.item() - expected.item()) < 0.02 * expected.item()
+    loss.backward()
+    optimizer.step()
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+    assert all(v.dtype == torch.float32 for state in optimizer.state.values() for v in state.values()
+               if torch.is_tensor(v) and v.dim())
+
+
+def test_bfloat16_generation_uses_a_bfloat16_cache_and_close_logits():
+    model = tiny_model()
+    prompt = torch.randint(0, TINY.vocab_size, (2, 7))
+    fast = copy.deepcopy(model).to(torch.bfloat16)
+    cache = minigpt.KVCache(TINY, 2, 10, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert relative_error(fast(prompt, cache), model(prompt)) < BF16_TOLERANCE
+    assert cache.k.dtype == torch.bfloat16 and cache.length == 7
+    out = minigpt.generate(fast, prompt, 5)
+    assert out.shape == (2, 12) and torch.equal(out[:, :7], prompt)
 
 
 # ---------------------------------------------------------------- generation
@@ -637,6 +725,22 @@ def test_cached_frozen_blocks_give_the_full_forward_logits_and_loss(tokenizer, p
     assert loss(cached) == pytest.approx(loss(full), abs=1e-5)
 
 
+def test_bfloat16_frozen_blocks_and_cache_give_the_float32_logits(tokenizer):
+    torch.manual_seed(0)
+    model = finetune.make_classifier(minigpt.GPT(replace(TINY, n_layers=3)).eval(), "last_block")
+    data = minigpt.PaddedDataset(["hello there", "WIN a free prize now, call 0800 123", "ok"], [0, 1, 0], tokenizer)
+    with torch.no_grad():
+        expected = finetune.classify(model, data.ids, data.lengths, "last_real")
+    frozen = finetune.frozen_blocks(model, "last_block")
+    model.h[:frozen].to(torch.bfloat16)  # as finetune.py does in bfloat16: the frozen blocks cast once
+    features = finetune.frozen_features(model, finetune.examples_of(data, "last_real"), frozen, "cpu")
+    assert features[0].dtype == torch.bfloat16  # stored in half the memory
+    x = torch.nn.utils.rnn.pad_sequence(features, batch_first=True)
+    with torch.no_grad(), minigpt.autocast("cpu", torch.bfloat16):
+        got = finetune.classify(model, x, data.lengths, "last_real", frozen)
+    assert relative_error(got, expected) < BF16_TOLERANCE
+
+
 def test_padding_does_not_change_last_real_or_mean(tokenizer):
     model = finetune.make_classifier(tiny_model(), "last_block")
     ids = torch.tensor(tokenizer.encode("free prize call now"))
@@ -762,6 +866,15 @@ def test_inference_matches_what_finetune_measured(tiny_classifier, tokenizer):
     order = np.argsort(data.lengths.numpy(), kind="stable")
     served = torch.tensor([r["spam_probability"] for r in classify.Classifier(tiny_classifier)(texts)])
     torch.testing.assert_close(served[order], cached, atol=1e-5, rtol=0)
+
+
+def test_bfloat16_classifier_gives_float32_probabilities_within_tolerance(tiny_classifier):
+    texts = [t for _, t in synthetic_messages(10, 10, seed=7)]
+    plain = [r["spam_probability"] for r in classify.Classifier(tiny_classifier)(texts)]
+    fast = classify.Classifier(tiny_classifier, dtype=torch.bfloat16)
+    assert fast.model.lm_head.weight.dtype == torch.bfloat16
+    got = [r["spam_probability"] for r in fast(texts)]
+    assert max(abs(a - b) for a, b in zip(got, plain)) < BF16_TOLERANCE
 
 
 @pytest.fixture(scope="module")

@@ -1,18 +1,21 @@
-"""Use the spam classifier that finetune.py saved: from the command line, a web page, or a JSON API.
+"""Use a classifier that finetune.py saved: from the command line, a web page, or a JSON API.
 
-    python classify.py "WINNER! Claim your prize now" "See you at 6?"   # label + spam probability
-    python classify.py --file messages.txt --json                      # one message per line
+    python classify.py "WINNER! Claim your prize now" "See you at 6?"   # label + its probability
+    python classify.py --file messages.txt --json                      # one text per line
     python classify.py --serve                                         # http://127.0.0.1:8000
     python classify.py --benchmark 200                                 # API latency, p50 / p95
 
-API: POST /api/classify {"text": "..."} -> {"label", "spam_probability", "tokens", "truncated"};
-{"texts": [...]} (at most 64) -> {"results": [...]}. GET /healthz -> 200 and the model's description.
+API: POST /api/classify {"text": "..."} -> {"label", "probabilities": {label: p, ...}, "tokens",
+"truncated"} (plus "spam_probability" for a ham/spam model); {"texts": [...]} (at most 64) ->
+{"results": [...]}. GET /healthz -> 200 and the model's description.
 Only the standard library on top of numpy, torch and tiktoken.
 """
 
 import argparse
+import html
 import http.server
 import json
+import re
 import statistics
 import sys
 import threading
@@ -38,77 +41,99 @@ class Classifier:
         self.model, self.meta = finetune.load_classifier(model_dir, device)
         self.model.to(dtype)  # inference only: weights cast once (in bfloat16, faster than autocast)
         self.dtype = dtype
+        self.labels = self.meta["labels"]
         self.tokenizer, self.device, self.lock = minigpt.get_tokenizer(), device, threading.Lock()
         metrics = Path(model_dir) / "metrics.json"
         accuracy = json.loads(metrics.read_text()).get("test_accuracy") if metrics.exists() else None
         reads = {"last": "the last (padded) position", "last_real": "the last real token",
                  "mean": "the mean over all tokens"}[self.meta["pool"]]
+        task = ("to tell spam from ham SMS" if self.labels == ["ham", "spam"] else
+                f"to tell {', '.join(self.labels[:-1])} and {self.labels[-1]} apart")
         self.description = (f"A GPT ({self.model.cfg.n_layers} blocks, from {Path(self.meta['init']).name}) "
-                            f"finetuned to tell spam from ham SMS. Trained: {self.meta['trainable']}; reads "
+                            f"finetuned {task}. Trained: {self.meta['trainable']}; reads "
                             f"{reads}; up to {self.meta['max_length']} tokens"
                             + (f"; {accuracy:.1%} test accuracy." if accuracy is not None else "."))
+        # The page's question and examples, saved by finetune.py (older classifiers: the SMS ones).
+        self.title = self.meta.get("title", "Is this SMS spam?")
+        self.examples = self.meta.get("examples", [])
 
     def __call__(self, texts):
+        """One result per text: the most likely label, every label's probability, the token count,
+        and whether the text was cut to the model's max length."""
         with self.lock, torch.inference_mode():
-            probs, tokens, truncated = finetune.spam_probabilities(self.model, self.meta, self.tokenizer,
-                                                                   texts, self.device)
-        return [{"label": "spam" if p > 0.5 else "ham", "spam_probability": round(p, 6), "tokens": n,
-                 "truncated": t} for p, n, t in zip(probs, tokens, truncated)]
+            probs, tokens, truncated = finetune.class_probabilities(self.model, self.meta, self.tokenizer,
+                                                                    texts, self.device)
+        results = []
+        for p, n, cut in zip(probs, tokens, truncated):
+            best = max(range(len(p)), key=p.__getitem__)  # the first of equals, as argmax
+            result = {"label": self.labels[best], "probabilities": dict(zip(self.labels, (round(x, 6) for x in p))),
+                      "tokens": n, "truncated": cut}
+            if self.labels == ["ham", "spam"]:  # what clients of the spam-only API read
+                result["spam_probability"] = result["probabilities"]["spam"]
+            results.append(result)
+        return results
 
 
 # ----------------------------------------------------------------------------------------------
 # The web page: one self-contained file (inline CSS and JS, nothing fetched from elsewhere).
+# Its question, the examples and the labels come from the classifier; every class gets a bar.
 # ----------------------------------------------------------------------------------------------
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>minigpt spam check</title>
+<title>{{title}}</title>
 <style>
  body { font: 16px/1.45 system-ui, sans-serif; max-width: 40rem; margin: 0 auto; padding: 1rem; color: #222; }
  h1 { font-size: 1.4rem; margin: .2rem 0; }
  #about { color: #666; font-size: .85rem; margin: 0 0 1rem; }
  textarea { width: 100%; box-sizing: border-box; min-height: 7rem; font: inherit; padding: .5rem; }
  button { font: inherit; padding: .45rem 1.1rem; margin: .5rem 0; cursor: pointer; }
- #verdict { margin: 1rem 0; padding: .8rem; border-radius: .4rem; display: none; }
- #verdict.spam { background: #fde8e8; } #verdict.ham { background: #e6f6ea; } #verdict.error { background: #eee; }
- #label { font-size: 1.3rem; font-weight: bold; }
- .bar { height: .7rem; background: #ddd; border-radius: .35rem; overflow: hidden; margin-top: .4rem; }
- .bar div { height: 100%; background: #c0392b; width: 0; }
+ #verdict { margin: 1rem 0; padding: .8rem; border-radius: .4rem; display: none; background: #eef3fb; }
+ #verdict.error { background: #eee; }
+ #label { font-size: 1.3rem; font-weight: bold; overflow-wrap: anywhere; }
+ .row { display: grid; grid-template-columns: minmax(4rem, 30%) 1fr 3.5rem; gap: .5rem; align-items: center;
+        font-size: .9rem; margin-top: .3rem; }
+ .row span { overflow-wrap: anywhere; } .row .p { text-align: right; }
+ .bar { height: .7rem; background: #ddd; border-radius: .35rem; overflow: hidden; }
+ .bar div { height: 100%; background: #7a8ba8; width: 0; } .row.top .bar div { background: #c0392b; }
  .examples button { display: block; width: 100%; text-align: left; font-size: .9rem; background: #f4f4f4;
                     border: 1px solid #ddd; border-radius: .3rem; margin: .3rem 0; }
 </style></head>
 <body>
-<h1>Is this SMS spam?</h1>
-<p id="about">ABOUT</p>
-<textarea id="text" placeholder="Paste a text message (Ctrl+Enter to classify)" autofocus></textarea>
+<h1>{{title}}</h1>
+<p id="about">{{about}}</p>
+<textarea id="text" placeholder="Paste a text (Ctrl+Enter to classify)" autofocus></textarea>
 <button id="go">Classify</button>
-<div id="verdict"><div id="label"></div><div id="detail"></div><div class="bar"><div id="fill"></div></div></div>
+<div id="verdict"><div id="label"></div><div id="detail"></div><div id="bars"></div></div>
 <div class="examples"><p>Or try one:</p>
- <button>WINNER!! You have been selected to receive a &pound;900 prize reward! Call 09061701461 to claim now.</button>
- <button>Ok lar... I'll be home by 7, want me to pick up some milk?</button>
- <button>Free entry in 2 a wkly comp to win FA Cup final tkts. Text FA to 87121 to receive entry.</button>
- <button>Sorry I missed your call, can we talk tomorrow morning?</button>
-</div>
+{{examples}}</div>
 <script>
 const $ = id => document.getElementById(id);
 async function classify() {
   const text = $("text").value, box = $("verdict");
   box.style.display = "block";
+  $("bars").replaceChildren();
   try {
     const r = await fetch("/api/classify", {method: "POST", headers: {"Content-Type": "application/json"},
                                              body: JSON.stringify({text})});
     const data = await r.json();
     if (!r.ok) throw new Error(data.error || r.statusText);
-    const p = data.spam_probability;
-    box.className = data.label;
-    $("label").textContent = data.label === "spam" ? "Spam" : "Not spam (ham)";
-    $("detail").textContent = "spam probability " + (100 * p).toFixed(1) + " %, " + data.tokens + " tokens" +
-                              (data.truncated ? " (truncated: only the start was read)" : "");
-    $("fill").style.width = (100 * p).toFixed(1) + "%";
+    box.className = "done"; box.dataset.label = data.label;
+    $("label").textContent = data.label;
+    $("detail").textContent = data.tokens + " tokens" + (data.truncated ? " (truncated: only the start was read)" : "");
+    for (const [label, p] of Object.entries(data.probabilities)) {  // every class, in the model's order
+      const row = document.createElement("div"), name = document.createElement("span"),
+            bar = document.createElement("div"), fill = document.createElement("div"),
+            value = document.createElement("span");
+      row.className = "row" + (label === data.label ? " top" : ""); bar.className = "bar"; value.className = "p";
+      name.textContent = label; value.textContent = (100 * p).toFixed(1) + " %";
+      fill.style.width = (100 * p).toFixed(1) + "%";
+      bar.append(fill); row.append(name, bar, value); $("bars").append(row);
+    }
   } catch (e) {
-    box.className = "error"; $("label").textContent = "Error"; $("detail").textContent = e.message;
-    $("fill").style.width = "0";
+    box.className = "error"; delete box.dataset.label;
+    $("label").textContent = "Error"; $("detail").textContent = e.message;
   }
 }
 $("go").onclick = classify;
@@ -118,6 +143,13 @@ document.querySelectorAll(".examples button").forEach(b => b.onclick = () => {
 </script>
 </body></html>
 """
+
+
+def render_page(classifier):
+    """The page with the classifier's question, description and examples, all HTML-escaped."""
+    values = {"title": html.escape(classifier.title), "about": html.escape(classifier.description),
+              "examples": "\n".join(f" <button>{html.escape(text)}</button>" for text in classifier.examples)}
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], PAGE)  # one pass: inserted text is not re-read
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -149,8 +181,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not self.check_route("GET"):
             return
         if self.route == "/":
-            about = self.classifier.description.replace("&", "&amp;").replace("<", "&lt;")
-            self.reply(200, PAGE.replace("ABOUT", about), "text/html")
+            self.reply(200, render_page(self.classifier), "text/html")
         else:
             self.reply(200, {"status": "ok", "model": self.classifier.description})
 
@@ -275,9 +306,10 @@ def main(argv=None):
     print(f"loaded {args.model} in {time.time() - t0:.1f} s: {classifier.description}", file=sys.stderr)
     if texts:
         t0 = time.time()
+        width = max(len(label) for label in classifier.labels)
         for text, r in zip(texts, classifier(texts)):
             print(json.dumps({"text": text, **r}) if args.json else
-                  f"{r['label']:4}  {r['spam_probability']:.3f}  {text}")
+                  f"{r['label']:{width}}  {r['probabilities'][r['label']]:.3f}  {text}")
         seconds = time.time() - t0
         print(f"{len(texts)} messages in {seconds:.2f} s ({len(texts) / seconds:.1f} messages/s, "
               f"{minigpt.dtype_name(classifier.dtype)})", file=sys.stderr)

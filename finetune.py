@@ -1,9 +1,10 @@
-"""Finetune GPT-2 into an SMS spam classifier.
+"""Finetune GPT-2 into a text classifier: SMS spam, or your own labels.
 
 A pretrained GPT already turns text into useful features: the hidden state at a position sums up
-everything up to it. To classify, we replace the 50,257-way next-token head with a 2-way one
-(ham, spam), read it at one position, and train only a little of the model ("parameter-efficient"):
-by default the new head, the last transformer block and the final LayerNorm.
+everything up to it. To classify, we replace the 50,257-way next-token head with a small one
+(one output per class: ham and spam, or your labels), read it at one position, and train only a
+little of the model ("parameter-efficient"): by default the new head, the last transformer block
+and the final LayerNorm.
 
 Because everything below the trainable part is frozen, its output for a message never changes:
 we compute it once and reuse it in every epoch and every evaluation. The last block only has to
@@ -11,18 +12,23 @@ produce the one position the head reads, so it projects keys and values at every
 runs the attention, c_proj and MLP at that one position only (block_at). The maths is the same as
 the full forward pass (test_minigpt.py checks it to 1e-5); the work is a fraction.
 
-    python finetune.py                                   # GPT-2 124M, last block, 5 epochs
+    python finetune.py                                   # GPT-2 124M, last block, 5 epochs, SMS spam
     python finetune.py --init random                     # same work, random weights (offline)
     python finetune.py --init runs/pretrain/model.pt --trainable all
+    python finetune.py --data tickets.csv --text-column body --label-column team   # your labels
+    python finetune.py --data books --init random        # which of six books a passage is from
 
-Data: UCI's SMS Spam Collection, balanced to 747 ham + 747 spam, split 70/10/20.
-Writes classifier.pt (only what finetuning changed), metrics.json and plots to --out.
+Data: UCI's SMS Spam Collection by default, balanced to 747 ham + 747 spam, split 70/10/20;
+or a CSV/TSV file with a header, or `label<TAB>text` lines, with any labels, split stratified.
+Writes classifier.pt (only what finetuning changed), metrics.json, plots and the splits to --out.
 """
 
 import argparse
 import csv
+import io
 import json
 import math
+import re
 import sys
 import time
 from collections import Counter
@@ -39,61 +45,228 @@ import minigpt
 SMS = ("SMSSpamCollection", "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
        "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d")
 SMS_ZIP_SHA256 = "1587ea43e58e82b14ff1f5425c88e17f8496bfcdb67a583dbff9eefaf9963ce3"
-LABELS = ("ham", "spam")  # index = class id
+SPLITS = ("train", "validation", "test")
+# The second worked example: passages from six public-domain texts, labelled by source.
+# (name, file name in data/ and in MINIGPT_MIRROR, public URL, sha256)
+BOOKS = (
+    ("middlemarch", "books/middlemarch.txt",
+     "https://raw.githubusercontent.com/GITenberg/Middlemarch_145/master/145.txt",
+     "f499b77eb0e4e34edc3bae6b968e3241c8327384631bd26e8eec76b726915a7d"),
+    ("moby-dick", "books/moby-dick.txt",
+     "https://raw.githubusercontent.com/GITenberg/Moby-Dick--Or-The-Whale_2701/master/2701.txt",
+     "f17ab08e0ad8c6e43d1e85e3cdae4e1b617ae35069cee7db8dcd457c87b1ec76"),
+    ("pride-and-prejudice", "books/pride-and-prejudice.txt",
+     "https://raw.githubusercontent.com/GITenberg/Pride-and-Prejudice_1342/master/1342.txt",
+     "441e778a4297bfc944dc254810e8ded3134cfb0e36d73eef6bb312b4ffd74d6a"),
+    ("shakespeare", "tinyshakespeare.txt",
+     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+     "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
+    ("the-verdict", "the-verdict.txt",
+     "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt",
+     "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"),
+    ("war-and-peace", "books/war-and-peace.txt",
+     "https://raw.githubusercontent.com/GITenberg/War-and-Peace_2600/master/2600.txt",
+     "31b5d23be25fe9ad27eca1e78f9f449ae2e17adf07ce62238a79425c53a96646"),
+)
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. Data: read every line exactly, balance the classes, split, write CSV files.
+# 1. Data: read every example exactly, split (stratified, or balanced as for the SMS data).
+#    Examples are (label, text) pairs; the classes are the labels, sorted, and a class's index
+#    in that list is its id (for the SMS data: 0 ham, 1 spam).
 # ----------------------------------------------------------------------------------------------
 
-def read_sms(path):
-    """[(label, text)] from a file of `label<TAB>text` lines (UTF-8, split at the first TAB).
+def read_examples(path, text_column="text", label_column="label"):
+    """[(label, text)] from a data file, by its extension:
 
-    No quote handling: 54 messages begin with '"', and CSV readers that treat it as a quote
-    merge lines and strip quotes. A line we cannot read is an error that names it.
+    .csv, .tsv: a header row naming the columns, then one example per row (stdlib csv; a CSV
+                field may be quoted and hold commas, quotes and newlines; a TSV has no quoting).
+    otherwise:  `label<TAB>text` lines without a header, split at the first TAB, no quote
+                handling (the SMS collection's format: 54 of its messages begin with '"', and CSV
+                readers that treat it as a quote merge lines and strip quotes).
+    UTF-8, with or without a byte-order mark. Any problem is a DataError naming file and line.
     """
-    messages = []
-    lines = Path(path).read_bytes().split(b"\n")
-    if lines[-1] == b"":
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except IsADirectoryError:
+        raise minigpt.DataError(f"{path} is a folder; give a data file (.csv, .tsv or label<TAB>text lines)")
+    except OSError as e:
+        raise minigpt.DataError(f"cannot read {path}: {e.strerror}") from e
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: a byte-order mark (Notepad writes one) is not text
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise minigpt.DataError(f"{path}, line {line}: not UTF-8 ({e.reason}); save the file as UTF-8") from e
+    if not text.strip():
+        raise minigpt.DataError(f"{path} is empty")
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        examples = read_table(path, text, suffix, text_column, label_column)
+    else:
+        examples = read_label_tab(path, text)
+    if len({label for label, _ in examples}) < 2:
+        raise minigpt.DataError(f"{path}: every example has the label {examples[0][0]!r}; "
+                                "a classifier needs at least 2 classes")
+    return examples
+
+
+def read_label_tab(path, text):
+    """Examples from `label<TAB>text` lines; blank lines are skipped."""
+    examples = []
+    lines = text.split("\n")
+    if lines[-1] == "":
         lines.pop()  # the newline that ends the last line
-    for number, raw in enumerate(lines, 1):
-        try:
-            line = raw.decode("utf-8").removesuffix("\r")
-        except UnicodeDecodeError as e:
-            raise minigpt.DataError(f"{path}, line {number}: not UTF-8 ({e})") from e
-        label, tab, text = line.partition("\t")
-        if not tab or label not in LABELS:
-            raise minigpt.DataError(f"{path}, line {number}: expected 'ham<TAB>text' or 'spam<TAB>text', "
-                                    f"got {line[:60]!r}")
-        messages.append((label, text))
-    return messages
+    for number, line in enumerate(lines, 1):
+        line = line.removesuffix("\r")
+        if not line:
+            continue
+        label, tab, message = line.partition("\t")
+        if not tab:
+            raise minigpt.DataError(f"{path}, line {number}: expected 'label<TAB>text', got {line[:60]!r} "
+                                    "(a .csv or .tsv file needs that extension and a header row)")
+        examples.append(checked_example(path, number, label, message))
+    return examples
 
 
-def split_sms(messages, seed, dedupe=False):
-    """Balance by sampling as many ham as there are spam, shuffle, split 70/10/20.
+def read_table(path, text, suffix, text_column, label_column):
+    """Examples from a CSV or TSV file with a header row."""
+    dialect = dict(delimiter=",") if suffix == ".csv" else dict(delimiter="\t", quoting=csv.QUOTE_NONE)
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True, **dialect)
+    try:
+        header = next(reader)
+        columns = {name.strip(): i for i, name in enumerate(header)}
+        missing = [c for c in (text_column, label_column) if c not in columns]
+        if missing:
+            raise minigpt.DataError(f"{path}, line 1: no column {' or '.join(map(repr, missing))}; the header has "
+                                    f"{', '.join(map(repr, header))} (choose with --text-column, --label-column)")
+        examples = []
+        start = reader.line_num + 1  # the line a row starts on (a quoted field may span several)
+        for row in reader:
+            if row:  # a blank line is no example
+                if len(row) < len(header):
+                    raise minigpt.DataError(f"{path}, line {start}: {len(row)} fields, but the header has "
+                                            f"{len(header)}")
+                examples.append(checked_example(path, start, row[columns[label_column]], row[columns[text_column]]))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise minigpt.DataError(f"{path}, line {reader.line_num}: not valid {suffix[1:].upper()} ({e})") from e
+    if not examples:
+        raise minigpt.DataError(f"{path} has a header but no examples")
+    return examples
 
-    Returns {"train", "validation", "test", "unseen_ham"}: lists of (label, text). "unseen_ham" is
-    the ham that balancing left out: real messages, never trained on, for a false-positive rate.
+
+def checked_example(path, line, label, text):
+    """(label, text), or a DataError that says what is wrong with this line."""
+    label = label.strip()  # a label is a name: surrounding spaces are not part of it
+    if not label:
+        raise minigpt.DataError(f"{path}, line {line}: the label is empty")
+    if not text.strip():
+        raise minigpt.DataError(f"{path}, line {line}: the text is empty")
+    return label, text
+
+
+def split_examples(examples, seed, balance, dedupe=False):
+    """{"train", "validation", "test", "unseen"}: lists of (label, text), split 70/10/20.
+
+    balance: as many examples of each class as the smallest class has (the larger classes are
+             sampled), shuffled together and split; "unseen" holds what sampling left out: real
+             examples, never trained on (for the SMS data: ham, for a false-positive rate).
+    else:    stratified: each class is shuffled and split 70/10/20 on its own, so each split has
+             the classes in the proportions of the whole file; "unseen" is empty.
     """
     if dedupe:
-        messages = list(dict.fromkeys(messages))  # first of each exact duplicate, order kept
+        examples = list(dict.fromkeys(examples))  # first of each exact duplicate, order kept
     rng = np.random.default_rng(seed)
-    ham = [m for m in messages if m[0] == "ham"]
-    spam = [m for m in messages if m[0] == "spam"]
-    keep = rng.permutation(len(ham))
-    balanced = [ham[i] for i in keep[:len(spam)]] + spam
-    balanced = [balanced[i] for i in rng.permutation(len(balanced))]
-    n_train = int(0.7 * len(balanced))
-    n_validation = int(0.1 * len(balanced))
-    return {"train": balanced[:n_train], "validation": balanced[n_train:n_train + n_validation],
-            "test": balanced[n_train + n_validation:], "unseen_ham": [ham[i] for i in keep[len(spam):]]}
+    classes = sorted({label for label, _ in examples})
+    if balance:
+        kept, unseen = balance_classes(examples, rng)
+        splits = dict(zip(SPLITS, cut_70_10_20(kept)), unseen=unseen)
+    else:
+        splits = {name: [] for name in SPLITS}
+        for members in by_class(examples).values():
+            members = [members[i] for i in rng.permutation(len(members))]
+            for name, part in zip(SPLITS, cut_70_10_20(members)):
+                splits[name] += part
+        splits = {name: [part[i] for i in rng.permutation(len(part))] for name, part in splits.items()}
+        splits["unseen"] = []
+    for name in SPLITS:
+        if absent := [c for c in classes if not any(label == c for label, _ in splits[name])]:
+            counts = Counter(label for label, _ in examples)
+            raise minigpt.DataError(
+                f"class {absent[0]!r} has {counts[absent[0]]} examples{' after balancing' if balance else ''}: "
+                f"too few to appear in the {name} split (70/10/20 needs at least 10 of each class). "
+                "Add examples, or give your own --validation-data and --test-data")
+    return splits
 
 
-def write_csv(path, messages):
+def by_class(examples):
+    """{label: [its examples, in file order]}, labels sorted."""
+    return {c: [e for e in examples if e[0] == c] for c in sorted({label for label, _ in examples})}
+
+
+def balance_classes(examples, rng):
+    """(kept, left out): every class down-sampled to the size of the smallest (only the larger
+    classes are sampled), then shuffled together."""
+    classes = by_class(examples)
+    smallest = min(len(members) for members in classes.values())
+    kept, left_out = [], []
+    for members in classes.values():
+        if len(members) > smallest:
+            order = rng.permutation(len(members))
+            kept += [members[i] for i in order[:smallest]]
+            left_out += [members[i] for i in order[smallest:]]
+        else:
+            kept += members
+    return [kept[i] for i in rng.permutation(len(kept))], left_out
+
+
+def cut_70_10_20(items):
+    n_train = int(0.7 * len(items))
+    n_validation = int(0.1 * len(items))
+    return items[:n_train], items[n_train:n_train + n_validation], items[n_train + n_validation:]
+
+
+def write_csv(path, examples):
     with minigpt.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["label", "text"])
-        writer.writerows(messages)
+        writer.writerows(examples)
+
+
+def book_passages(per_class=600, seed=123):
+    """The second worked example: [(source, passage)], passages of 2-3 sentences from six texts.
+
+    Sources: four Project Gutenberg novels, Shakespeare's plays (tinyshakespeare) and "The
+    Verdict", fetched as any data file (public URL + sha256, or MINIGPT_MIRROR). Gutenberg's
+    license header and footer are cut at their `*** START OF` / `*** END OF` lines. Each text is
+    split into paragraphs at blank lines; lines that only name a speaker ("ROMEO:") and line breaks
+    inside a paragraph are dropped; each paragraph is cut into sentences after . ! or ? followed by
+    a space and a capital letter or quote. Consecutive sentences of a paragraph make passages of
+    2 or 3 sentences (at random), kept when 80-400 characters long; then at most `per_class`
+    passages per source are drawn at random. "The Verdict" is short: its class is smaller.
+    """
+    rng = np.random.default_rng(seed)
+    examples = []
+    for name, file_name, url, sha256 in BOOKS:
+        text = minigpt.fetch(file_name, url, sha256).read_text(encoding="utf-8")
+        start = re.search(r"^\*\*\* ?START OF.*$", text, re.MULTILINE)
+        end = re.search(r"^\*\*\* ?END OF", text, re.MULTILINE)
+        text = text[start.end() if start else 0:end.start() if end else len(text)]
+        passages = []
+        for paragraph in re.split(r"\n\s*\n", text):
+            lines = [line for line in paragraph.splitlines() if not re.fullmatch(r"[A-Z][A-Za-z ]*:\s*", line)]
+            sentences = re.split(r"(?<=[.!?])\s+(?=[A-Z\"'])", " ".join(" ".join(lines).split()))
+            i = 0
+            while i + 2 <= len(sentences):
+                n = int(rng.integers(2, 4))  # 2 or 3 sentences
+                passage = " ".join(sentences[i:i + n])
+                if 80 <= len(passage) <= 400:
+                    passages.append(passage)
+                i += n
+        for i in sorted(rng.permutation(len(passages))[:per_class]):
+            examples.append((name, passages[i]))
+    return examples
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,9 +304,10 @@ def frozen_blocks(model, trainable):
     return {"head": n, "last_block": n - 1, "last_two_blocks": n - 2}.get(trainable, 0)
 
 
-def make_classifier(model, trainable, lora_rank=16, lora_alpha=16):
-    """Turn a GPT into a classifier in place: new 2-way head, and only `trainable` parts train."""
-    model.lm_head = nn.Linear(model.cfg.emb_dim, len(LABELS)).to(model.wte.weight.device)  # untied, new
+def make_classifier(model, trainable, n_classes=2, lora_rank=16, lora_alpha=16):
+    """Turn a GPT into a classifier in place: a new head with one output per class, and only
+    `trainable` parts train."""
+    model.lm_head = nn.Linear(model.cfg.emb_dim, n_classes).to(model.wte.weight.device)  # untied, new
     model.requires_grad_(trainable == "all")
     if trainable == "lora":  # low-rank updates on every Dense layer of every block
         for block in model.h:
@@ -171,7 +345,7 @@ def block_at(block, x, positions):
 
 
 def classify(model, x, lengths, pool, frozen=0):
-    """Class logits (B, 2).
+    """Class logits (B, classes).
 
     x: token ids (B, T) when frozen == 0, else the output (B, T, C) of the frozen blocks h[:frozen].
     lengths: (B,) positions to read: "last"/"last_real" read position lengths - 1 (the caller
@@ -195,7 +369,7 @@ def classify(model, x, lengths, pool, frozen=0):
         x = block_at(blocks[-1], x, lengths - 1)               # (B, C): just the position read
     else:
         x = x[torch.arange(x.shape[0], device=x.device), lengths - 1]  # (B, C)
-    return model.lm_head(model.ln_f(x))                        # (B, 2)
+    return model.lm_head(model.ln_f(x))                        # (B, classes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,6 +470,51 @@ def classification_metrics(labels, predicted, n_classes):
             "precision": precision, "recall": recall, "f1": f1, "macro_f1": sum(f1) / n_classes}
 
 
+def metrics_table(metrics, classes):
+    """Per-class precision, recall and F1, then the confusion matrix, as lines of text."""
+    width = max(8, *(len(c) for c in classes))
+    lines = [f"  {'':{width}}  precision  recall      F1  examples"]
+    for i, c in enumerate(classes):
+        lines.append(f"  {c:{width}}  {metrics['precision'][i]:9.1%}  {metrics['recall'][i]:6.1%}  "
+                     f"{metrics['f1'][i]:6.1%}  {sum(metrics['confusion'][i]):8}")
+    lines.append(f"  confusion (rows: true class, columns: predicted):")
+    cell = max(5, *(len(c) for c in classes))
+    lines.append(f"  {'':{width}}  " + " ".join(f"{c:>{cell}}" for c in classes))
+    for c, row in zip(classes, metrics["confusion"]):
+        lines.append(f"  {c:{width}}  " + " ".join(f"{n:>{cell}}" for n in row))
+    return lines
+
+
+def baselines(train, test, classes):
+    """Test accuracy of two classical methods, so the GPT has something to beat.
+
+    majority: always answer the class most common in training.
+    character 3-grams: each text becomes the counts of its byte triples (b"the", b"he ", ...),
+    scaled to length 1; each class's centroid is the mean of its training texts' vectors; a test
+    text gets the class whose centroid points most nearly its way (largest dot product). Triples
+    are hashed into 2^18 buckets, so nothing is stored per distinct triple.
+    """
+    majority = Counter(label for label, _ in train).most_common(1)[0][0]
+    buckets = 1 << 18
+
+    def triples(text):  # (bucket ids, counts / norm) of one text
+        b = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+        ids, counts = np.unique((b[:-2] << 16 | b[1:-1] << 8 | b[2:]) % buckets, return_counts=True)
+        return ids, counts / max(np.linalg.norm(counts), 1e-12)
+
+    centroids = np.zeros((len(classes), buckets))
+    for label, text in train:
+        ids, weights = triples(text)
+        centroids[classes.index(label), ids] += weights
+    centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    right = 0
+    for label, text in test:
+        ids, weights = triples(text)
+        right += classes[int(np.argmax(centroids[:, ids] @ weights))] == label
+    return {"majority": sum(label == majority for label, _ in test) / len(test),
+            "char_3gram_centroid": right / len(test)}
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. Saving and loading: only what finetuning changed, plus what rebuilds the rest.
 # ----------------------------------------------------------------------------------------------
@@ -329,7 +548,8 @@ def load_classifier(out, device="cpu"):
     except Exception as e:
         raise minigpt.DataError(f"{path} is not a classifier saved by finetune.py ({e}); "
                                 "run finetune.py again") from e
-    model = make_classifier(base_model(meta, device), meta["trainable"], meta["lora_rank"], meta["lora_alpha"])
+    model = make_classifier(base_model(meta, device), meta["trainable"], len(meta["labels"]),
+                            meta["lora_rank"], meta["lora_alpha"])
     try:
         unexpected = model.load_state_dict(state, strict=False).unexpected_keys
     except RuntimeError as e:  # a shape differs
@@ -340,14 +560,15 @@ def load_classifier(out, device="cpu"):
     return model.eval(), meta
 
 
-def spam_probabilities(model, meta, tokenizer, texts, device="cpu"):
-    """What a user of the classifier gets: (spam probabilities, token counts, truncated flags).
-    The texts go through the same tokenization, truncation, padding and pooling as in finetuning."""
+def class_probabilities(model, meta, tokenizer, texts, device="cpu"):
+    """What a user of the classifier gets: (class probabilities, one list per text in the order of
+    meta["labels"]; token counts; truncated flags). The texts go through the same tokenization,
+    truncation, padding and pooling as in finetuning."""
     data = minigpt.PaddedDataset(texts, [0] * len(texts), tokenizer, meta["max_length"])
     batches = Batches(examples_of(data, meta["pool"]), torch.arange(len(texts)), 64)  # "labels": indices
     order, probs = predict(model, batches, meta["pool"], 0, device)
-    out = torch.empty(len(texts))
-    out[order] = probs[:, 1]
+    out = torch.empty_like(probs)
+    out[order] = probs                                         # back to the order of `texts`
     return out.tolist(), data.token_counts, data.truncated.tolist()
 
 
@@ -357,7 +578,7 @@ def spam_probabilities(model, meta, tokenizer, texts, device="cpu"):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--init", default="gpt2-small",
                    help="gpt2-small, gpt2-medium, gpt2-large, gpt2-xl (OpenAI's weights), random "
                         "(random weights of --preset's shape), or a pretrain.py checkpoint / model folder")
@@ -367,47 +588,107 @@ def parse_args(argv=None):
     p.add_argument("--pool", default="last_real", choices=POOLS,
                    help="last: final padded position (as the reference); last_real: last real token; "
                         "mean: average over real tokens")
-    p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--lora-alpha", type=float, default=16)
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--max-length", type=int, help="tokens per message (default: the longest training message)")
-    p.add_argument("--eval-every", type=int, default=50, help="steps between loss evaluations")
-    p.add_argument("--data", type=Path, help="a label<TAB>text file to use instead of the UCI collection")
-    p.add_argument("--dedupe", action="store_true", help="drop exact duplicate messages before balancing")
-    p.add_argument("--unseen-ham", default=1000, type=lambda v: v if v == "all" else int(v),
-                   help="how many left-out ham messages to measure false positives on, or 'all'")
+    p.add_argument("--lora-rank", type=minigpt.positive_int, default=16)
+    p.add_argument("--lora-alpha", type=minigpt.positive_float, default=16)
+    p.add_argument("--epochs", type=minigpt.positive_int, default=5)
+    p.add_argument("--batch-size", type=minigpt.positive_int, default=8)
+    p.add_argument("--lr", type=minigpt.positive_float, default=5e-5)
+    p.add_argument("--weight-decay", type=minigpt.nonnegative_float, default=0.1)
+    p.add_argument("--max-length", type=minigpt.positive_int,
+                   help="tokens per text (default: the longest training text, at most the context)")
+    p.add_argument("--eval-every", type=minigpt.positive_int, default=50, help="steps between loss evaluations")
+    p.add_argument("--data", default="sms",
+                   help="sms (UCI's SMS Spam Collection), books (passages of six books), or a file: "
+                        ".csv/.tsv with a header row, else label<TAB>text lines (UTF-8)")
+    p.add_argument("--text-column", default="text", help="the text's column in a .csv/.tsv file")
+    p.add_argument("--label-column", default="label", help="the label's column in a .csv/.tsv file")
+    p.add_argument("--validation-data", type=minigpt.existing_file,
+                   help="your own validation split (same format as --data; give --test-data too)")
+    p.add_argument("--test-data", type=minigpt.existing_file, help="your own test split")
+    p.add_argument("--balance", action=argparse.BooleanOptionalAction,
+                   help="down-sample every class to the smallest, then split (default: on for sms; "
+                        "otherwise off: a stratified split)")
+    p.add_argument("--dedupe", action="store_true", help="drop exact duplicate examples before splitting")
+    p.add_argument("--unseen-ham", default=1000, type=lambda v: v if v == "all" else minigpt.nonnegative_int(v),
+                   help="how many of the examples that --balance left out (for sms: ham) to measure on "
+                        "(a false-positive rate for sms), or 'all'; 0 skips it")
+    p.add_argument("--title", help="the web page's question (default: from the data, e.g. 'Is this SMS spam?')")
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--device", help="cpu, cuda, mps (default: the fastest available)")
     p.add_argument("--dtype", choices=minigpt.DTYPES, default="auto",
                    help="auto: bfloat16 where the device multiplies it natively, else float32")
-    p.add_argument("--out", type=Path, default=Path("runs/spam-classifier"))
-    return p.parse_args(argv)
+    p.add_argument("--out", type=minigpt.output_folder, default="runs/spam-classifier",
+                   help="folder for classifier.pt, metrics.json, plots and the splits")
+    args = p.parse_args(argv)
+    if (args.validation_data is None) != (args.test_data is None):
+        p.error("give --validation-data and --test-data together (or neither: then --data is split 70/10/20)")
+    if args.balance is None:
+        args.balance = args.data == "sms"
+    return args
+
+
+def read_data(args):
+    """The examples of --data: a named data set or a file."""
+    if args.data == "sms":
+        return read_examples(minigpt.fetch(*SMS, archive_sha256=SMS_ZIP_SHA256))
+    if args.data == "books":
+        return book_passages(seed=args.seed)
+    return read_examples(args.data, args.text_column, args.label_column)
 
 
 def load_splits(args):
-    """Step 1, data: read the messages, balance, split; write the splits as CSV files."""
-    messages = read_sms(args.data or minigpt.fetch(*SMS, archive_sha256=SMS_ZIP_SHA256))
-    print(f"{len(messages):,} messages: {dict(Counter(label for label, _ in messages))}")
-    splits = split_sms(messages, args.seed, args.dedupe)
+    """Step 1, data: read the examples, check them, split them. Nothing is written yet (see
+    save_outputs): bad data costs nothing."""
+    examples = read_data(args)
+    counts = Counter(label for label, _ in examples)
+    print(f"{len(examples):,} examples: {dict(sorted(counts.items()))}")
+    if args.validation_data:  # the user's own splits: --data is all training data
+        if args.dedupe:
+            examples = list(dict.fromkeys(examples))
+        splits = {"train": examples, "unseen": []}
+        if args.balance:
+            kept, unseen = balance_classes(examples, np.random.default_rng(args.seed))
+            splits = {"train": kept, "unseen": unseen}
+        for name, path in (("validation", args.validation_data), ("test", args.test_data)):
+            splits[name] = read_examples(path, args.text_column, args.label_column)
+            if unknown := sorted({label for label, _ in splits[name]} - counts.keys()):
+                raise minigpt.DataError(f"{path}: label {unknown[0]!r} never occurs in the training data {args.data}")
+    else:
+        splits = split_examples(examples, args.seed, args.balance, args.dedupe)
+    classes = sorted({label for label, _ in splits["train"]})
+    print(f"classes (in this order): {', '.join(classes)}; "
+          f"{'balanced, then split' if args.balance else 'stratified split'}")
     train_texts = {text for _, text in splits["train"]}
-    for name in ("train", "validation", "test"):
-        write_csv(minigpt.DATA_DIR / "sms" / f"{name}.csv", splits[name])
-        counts = Counter(label for label, _ in splits[name])
+    for name in SPLITS:
+        part = Counter(label for label, _ in splits[name])
         overlap = "" if name == "train" else \
             f", {sum(text in train_texts for _, text in splits[name])} texts also in train"
-        print(f"  {name}: {len(splits[name])} ({counts['ham']} ham, {counts['spam']} spam){overlap}")
+        print(f"  {name}: {len(splits[name])} ({', '.join(f'{part[c]} {c}' for c in classes)}){overlap}")
     if args.unseen_ham != "all":
         rng = np.random.default_rng(args.seed)
-        pick = rng.permutation(len(splits["unseen_ham"]))[:args.unseen_ham]
-        splits["unseen_ham"] = [splits["unseen_ham"][i] for i in sorted(pick)]
-    print(f"  unseen ham: {len(splits['unseen_ham'])} of the ham left out by balancing")
-    return splits
+        pick = rng.permutation(len(splits["unseen"]))[:args.unseen_ham]
+        splits["unseen"] = [splits["unseen"][i] for i in sorted(pick)]
+    if splits["unseen"]:
+        part = Counter(label for label, _ in splits["unseen"])
+        print(f"  unseen: {len(splits['unseen'])} of the examples balancing left out "
+              f"({', '.join(f'{n} {c}' for c, n in sorted(part.items()))})")
+    return splits, classes
 
 
-def build_model(args, device):
+def page_text(args, splits, classes):
+    """The web page's question and example texts (saved with the classifier, for classify.py):
+    short texts from the training data, each class in turn, two each for up to three classes."""
+    title = args.title or {"sms": "Is this SMS spam?", "books": "Which book is this passage from?"}.get(args.data)
+    if title is None and classes == ["ham", "spam"]:
+        title = "Is this spam?"
+    elif title is None:
+        title = f"{' or '.join(classes)}?" if len(classes) == 2 else f"Which is it: {', '.join(classes)}?"
+    short = {c: [text for label, text in splits["train"] if label == c and len(text) <= 160] for c in classes}
+    per_class = 2 if len(classes) <= 3 else 1
+    return title, [short[c][i] for i in range(per_class) for c in classes if i < len(short[c])]
+
+
+def build_model(args, device, classes):
     """Step 2, model: the base GPT (random, GPT-2 or a checkpoint) with its new head, and `meta`,
     everything needed to rebuild it later (see load_classifier)."""
     if args.init == "random":
@@ -415,14 +696,14 @@ def build_model(args, device):
         meta = dict(init="random", config=asdict(replace(cfg, dropout=0.0)))
     else:
         meta = dict(init=args.init if args.init in minigpt.GPT2_FILES else str(Path(args.init).resolve()))
-    meta.update(seed=args.seed, trainable=args.trainable, pool=args.pool, labels=list(LABELS),
+    meta.update(seed=args.seed, trainable=args.trainable, pool=args.pool, labels=classes,
                 lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
     t0 = time.time()
     model = base_model(meta, device)
     meta["config"] = asdict(model.cfg)
     if Path(meta["init"]).is_file():  # a checkpoint may be overwritten later: remember which one this was
         meta["init_sha256"] = minigpt.sha256_of(meta["init"])
-    make_classifier(model, args.trainable, args.lora_rank, args.lora_alpha)
+    make_classifier(model, args.trainable, len(classes), args.lora_rank, args.lora_alpha)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     print(f"model: {args.init}, {n_all:,} parameters, {n_train:,} trainable ({args.trainable}); "
@@ -431,15 +712,16 @@ def build_model(args, device):
 
 
 def make_batches(model, meta, splits, tokenizer, args, device, dtype):
-    """Step 3, cached features and batches: token ids, truncated to the longest training message
-    (or --max-length) and the context; then, once, the frozen blocks' output for every message.
+    """Step 3, cached features and batches: token ids, truncated to the longest training text
+    (or --max-length) and the context; then, once, the frozen blocks' output for every text.
     The frozen blocks never train, so in bfloat16 their weights are cast once (inference is
     fastest that way) and their output is stored in bfloat16: half the memory.
     Returns the batches of every split and the number of frozen blocks."""
+    classes = meta["labels"]
     longest = max(len(tokenizer.encode(text, disallowed_special=())) for _, text in splits["train"])
     meta["max_length"] = min(args.max_length or longest, model.cfg.context_length)
-    datasets = {name: minigpt.PaddedDataset([t for _, t in msgs], [LABELS.index(lab) for lab, _ in msgs],
-                                            tokenizer, meta["max_length"]) for name, msgs in splits.items()}
+    datasets = {name: minigpt.PaddedDataset([t for _, t in part], [classes.index(label) for label, _ in part],
+                                            tokenizer, meta["max_length"]) for name, part in splits.items()}
     print(f"max length {meta['max_length']} tokens; {sum(d.lengths.sum().item() for d in datasets.values()):,} "
           f"tokens in all, pooling '{args.pool}'")
     frozen = frozen_blocks(model, args.trainable)  # trainable all or lora: nothing is frozen, 0
@@ -472,7 +754,7 @@ def train_classifier(model, batches, frozen, args, device, dtype):
     def loss_fn(batch):
         x, y, lengths = (t.to(device) for t in batch)
         with minigpt.autocast(device, dtype):
-            logits = classify(model, x, lengths, args.pool, frozen)  # (B, 2)
+            logits = classify(model, x, lengths, args.pool, frozen)  # (B, classes)
         return F.cross_entropy(logits.float(), y)
 
     accuracies = {"epoch": [], "train": [], "validation": []}
@@ -496,33 +778,46 @@ def train_classifier(model, batches, frozen, args, device, dtype):
     return history, accuracies, seconds
 
 
-def evaluate_classifier(model, batches, frozen, accuracies, args, device, dtype):
+def evaluate_classifier(model, meta, splits, batches, frozen, accuracies, args, device, dtype):
     """Step 5, evaluate: accuracy on each split (train and validation: as after the last epoch);
-    precision, recall, F1 and the confusion matrix on test; false positives on unseen ham."""
+    per-class precision, recall, F1 and the confusion matrix on test, beside two classical
+    baselines; accuracy on the examples balancing left out (for SMS: the false-positive rate)."""
+    classes = meta["labels"]
     acc = lambda name: accuracy(model, batches[name], args.pool, frozen, device, dtype)
     final = {name: (accuracies[name] or [acc(name)])[-1] for name in ("train", "validation")}
     labels, probs = predict(model, batches["test"], args.pool, frozen, device, dtype)
-    test = classification_metrics(labels, probs.argmax(dim=1), len(LABELS))
-    final["test"] = test["accuracy"]
-    (tn, fp), (fn, tp) = test["confusion"]                     # rows: true ham, true spam
-    spam = LABELS.index("spam")
-    precision, recall, f1 = test["precision"][spam], test["recall"][spam], test["f1"][spam]
-    # All unseen ham is label 0, so 1 - accuracy is the share wrongly called spam.
-    unseen_fpr = 1 - acc("unseen_ham") if len(batches["unseen_ham"]) else None
+    test = classification_metrics(labels, probs.argmax(dim=1), len(classes))
+    classical = baselines(splits["train"], splits["test"], classes)
     print(f"Training accuracy: {final['train']:.2%}\nValidation accuracy: {final['validation']:.2%}\n"
-          f"Test accuracy: {final['test']:.2%}")
-    print(f"Test spam: precision {precision:.2%}, recall {recall:.2%}, F1 {f1:.2%}; "
-          f"confusion [[ham->ham {tn}, ham->spam {fp}], [spam->ham {fn}, spam->spam {tp}]]")
-    if unseen_fpr is not None:
-        print(f"False positives on {len(batches['unseen_ham'].examples)} unseen ham: {unseen_fpr:.2%}")
-    return {"train_accuracy": final["train"], "validation_accuracy": final["validation"],
-            "test_accuracy": final["test"], "precision": precision, "recall": recall, "f1": f1,
-            "confusion_matrix": {"true_ham": {"ham": tn, "spam": fp}, "true_spam": {"ham": fn, "spam": tp}},
-            "unseen_ham_false_positive_rate": unseen_fpr, "unseen_ham_count": len(batches["unseen_ham"].examples)}
+          f"Test accuracy: {test['accuracy']:.2%} (macro F1 {test['macro_f1']:.2%})")
+    print("\n".join(metrics_table(test, classes)))
+    print(f"Classical baselines on test: majority class {classical['majority']:.2%}, "
+          f"character 3-gram nearest centroid {classical['char_3gram_centroid']:.2%}")
+    metrics = {"classes": classes, "train_accuracy": final["train"], "validation_accuracy": final["validation"],
+               "test_accuracy": test["accuracy"], "macro_f1": test["macro_f1"],
+               "per_class": {c: {"precision": test["precision"][i], "recall": test["recall"][i],
+                                 "f1": test["f1"][i], "examples": sum(test["confusion"][i])}
+                             for i, c in enumerate(classes)},
+               "confusion": test["confusion"], "baselines": classical}
+    if classes == ["ham", "spam"]:  # the SMS figures, as the reference reports them
+        (tn, fp), (fn, tp) = test["confusion"]                 # rows: true ham, true spam
+        metrics.update(precision=test["precision"][1], recall=test["recall"][1], f1=test["f1"][1],
+                       confusion_matrix={"true_ham": {"ham": tn, "spam": fp}, "true_spam": {"ham": fn, "spam": tp}})
+        print(f"Test spam: precision {metrics['precision']:.2%}, recall {metrics['recall']:.2%}, "
+              f"F1 {metrics['f1']:.2%}; confusion [[ham->ham {tn}, ham->spam {fp}], [spam->ham {fn}, spam->spam {tp}]]")
+    if splits["unseen"]:
+        unseen = acc("unseen")
+        metrics.update(unseen_accuracy=unseen, unseen_count=len(splits["unseen"]))
+        if {label for label, _ in splits["unseen"]} == {"ham"} and classes == ["ham", "spam"]:
+            metrics.update(unseen_ham_false_positive_rate=1 - unseen, unseen_ham_count=len(splits["unseen"]))
+            print(f"False positives on {len(splits['unseen'])} unseen ham: {1 - unseen:.2%}")
+        else:
+            print(f"Accuracy on {len(splits['unseen'])} unseen examples (left out by balancing): {unseen:.2%}")
+    return metrics
 
 
-def save_outputs(out, model, meta, metrics, history, accuracies):
-    """Step 6, save: the classifier, its metrics and the plots."""
+def save_outputs(out, model, meta, splits, metrics, history, accuracies):
+    """Step 6, save: the classifier, its metrics, the plots and the splits it was trained on."""
     save_classifier(out, model, meta)
     minigpt.write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     minigpt.svg_plot(out / "loss.svg", {"train": (history["seen"], history["train"]),
@@ -531,6 +826,8 @@ def save_outputs(out, model, meta, metrics, history, accuracies):
     minigpt.svg_plot(out / "accuracy.svg", {name: (accuracies["epoch"], accuracies[name])
                                             for name in ("train", "validation")},
                      "epoch", "accuracy", "Finetuning: accuracy")
+    for name in SPLITS:
+        write_csv(out / f"{name}.csv", splits[name])
 
 
 def main(argv=None):
@@ -541,23 +838,24 @@ def main(argv=None):
     device = minigpt.pick_device(args.device)
     dtype = minigpt.pick_dtype(args.dtype, device)
     tokenizer = minigpt.get_tokenizer()
-    splits = load_splits(args)                                                          # 1. data, splits
-    model, meta = build_model(args, device)                                             # 2. model
+    splits, classes = load_splits(args)                                                 # 1. data, splits
+    model, meta = build_model(args, device, classes)                                    # 2. model
+    meta["title"], meta["examples"] = page_text(args, splits, classes)
     batches, frozen = make_batches(model, meta, splits, tokenizer, args, device, dtype)  # 3. features, batches
     history, accuracies, seconds = train_classifier(model, batches, frozen, args, device, dtype)  # 4. train
-    metrics = evaluate_classifier(model, batches, frozen, accuracies, args, device, dtype)       # 5. evaluate
+    metrics = evaluate_classifier(model, meta, splits, batches, frozen, accuracies, args, device, dtype)  # 5.
     examples_seen = args.epochs * len(batches["train_shuffled"]) * args.batch_size
     metrics.update(train_seconds=seconds, wall_seconds=time.time() - started,
                    examples_per_second=examples_seen / seconds, epochs=args.epochs, init=args.init,
                    trainable=args.trainable, pool=args.pool, dtype=minigpt.dtype_name(dtype))
-    save_outputs(args.out, model, meta, metrics, history, accuracies)            # 6. save
-    print(f"Saved {args.out}/classifier.pt, metrics.json, loss.svg, accuracy.svg; "
-          f"wall time {time.time() - started:.1f} s")
+    save_outputs(args.out, model, meta, splits, metrics, history, accuracies)    # 6. save
+    print(f"Saved {args.out}/classifier.pt, metrics.json, loss.svg, accuracy.svg and the splits "
+          f"(train.csv, validation.csv, test.csv); wall time {time.time() - started:.1f} s")
     return model.eval(), meta
 
 
 if __name__ == "__main__":
     try:
         main()
-    except minigpt.DataError as e:  # a missing or broken file: say what to do, without a traceback
+    except minigpt.DataError as e:  # a missing or broken file, or bad input: say what to do, no traceback
         sys.exit(f"error: {e}")

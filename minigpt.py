@@ -13,6 +13,7 @@ text to a trained model, and leaves the plumbing for last.
   7. checkpoints   save and load a model; loss curves as an SVG file
   8. GPT-2         read OpenAI's weights (safetensors, numpy only), convert, load
   9. files         plumbing: atomic writes; fetching public files (mirror, sha256, resumable download)
+ 10. arguments     command-line flags checked as they are read
 
 `python minigpt.py --model gpt2-small --prompt "Every effort moves you"` generates text.
 pretrain.py, finetune.py and classify.py build on the pieces below.
@@ -397,7 +398,20 @@ class PaddedDataset(torch.utils.data.Dataset):
 def pick_device(name=None):
     """The fastest device here (CUDA, then Apple's MPS, then the CPU), unless one is named."""
     if name:
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise DataError(f"--device {name}: not a device; use cpu, cuda, cuda:N or mps") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise DataError(f"--device {name}: CUDA is not available here (no NVIDIA GPU, or a CPU-only "
+                            f"build of torch {torch.__version__}); use --device cpu")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise DataError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise DataError(f"--device {name}: Apple's MPS is not available here; use --device cpu")
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise DataError(f"--device {name}: minigpt runs on cpu, cuda or mps")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
@@ -919,6 +933,65 @@ def download(url, dest, sha256, name):
         raise DataError(f"{name} downloaded from {url} has the wrong sha256 (expected {sha256}); "
                         "the partial file was removed, run again to retry")
     os.replace(part, dest)
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. Command-line arguments that fail at once: every script checks its flags when it reads them,
+#     so a run either stops in its first second with one clear line, or is able to finish and save.
+# ----------------------------------------------------------------------------------------------
+
+def number_type(kind, low, high=None, low_open=False):
+    """An argparse type: a finite `kind` (int or float) with low <= x (low < x if low_open) and,
+    if high is given, x < high. Plain digits only: no '1_000', no 'nan'."""
+    def parse(text):
+        try:
+            if "_" in text:
+                raise ValueError
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+        if value < low or (low_open and value == low):
+            raise argparse.ArgumentTypeError(f"{text} must be {'greater than' if low_open else 'at least'} {low}")
+        if high is not None and value >= high:
+            raise argparse.ArgumentTypeError(f"{text} must be less than {high}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+positive_int = number_type(int, 1)
+nonnegative_int = number_type(int, 0)
+positive_float = number_type(float, 0, low_open=True)
+nonnegative_float = number_type(float, 0)
+fraction = number_type(float, 0, 1)  # a probability such as dropout: 0 <= p < 1
+
+
+def output_folder(text):
+    """An argparse type: a folder we can write into, created now if missing. Checked before any
+    work, so that a run never trains for an hour and then fails to save."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path / ".write-test") as tmp:  # really write (read-only disks, permissions)
+            tmp.write_bytes(b"")
+        (path / ".write-test").unlink()
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot write into {path}: {e.strerror or e}")
+    return path
+
+
+def existing_file(text):
+    """An argparse type: a file that exists and is a file (not a folder)."""
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{path} does not exist")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a folder, not a file")
+    return path
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,14 +10,17 @@ and MINIGPT_DATA for the scripts run as subprocesses) points into one for the wh
 """
 
 import copy
+import csv
 import hashlib
 import http.server
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
 import xml.etree.ElementTree as ET
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -604,17 +607,50 @@ def test_pretrain_runs_and_writes_its_files(tmp_path, monkeypatch, capsys):
 import finetune  # noqa: E402  (here, next to the tests that use it)
 
 
-def test_read_sms_splits_at_the_first_tab_and_keeps_text_exact(tmp_path):
+def test_label_tab_lines_split_at_the_first_tab_and_keep_text_exact(tmp_path):
     path = tmp_path / "sms.txt"
-    path.write_bytes('ham\t"Quoted" start, never closed\nspam\tWin £100\tnow \nham\t  spaces kept \n'.encode())
-    assert finetune.read_sms(path) == [("ham", '"Quoted" start, never closed'), ("spam", "Win £100\tnow "),
-                                       ("ham", "  spaces kept ")]
-    path.write_bytes(b"ham\tfine\nspam no tab here\n")
-    with pytest.raises(minigpt.DataError, match="line 2"):
-        finetune.read_sms(path)
-    path.write_bytes(b"ham\tfine\nham\t\xff\xfe\n")
-    with pytest.raises(minigpt.DataError, match="line 2: not UTF-8"):
-        finetune.read_sms(path)
+    path.write_bytes('ham\t"Quoted" start, never closed\nspam\tWin £100\tnow \n\nham\t  spaces kept \n'.encode())
+    assert finetune.read_examples(path) == [("ham", '"Quoted" start, never closed'), ("spam", "Win £100\tnow "),
+                                            ("ham", "  spaces kept ")]  # the blank line is skipped
+    path.write_bytes("\ufeffham\tfirst\r\nspam\tsecond\r\n".encode())  # Notepad: a BOM and CRLF
+    assert finetune.read_examples(path) == [("ham", "first"), ("spam", "second")]
+
+
+def test_csv_and_tsv_with_a_header_quotes_and_newlines(tmp_path):
+    csv_file = tmp_path / "tickets.csv"
+    csv_file.write_text('id,body,team\n1,"Refund, please",billing\n2,"Line one\nline ""two""",support\n'
+                        '\n3,plain,sales\n', encoding="utf-8")
+    assert finetune.read_examples(csv_file, "body", "team") == [
+        ("billing", "Refund, please"), ("support", 'Line one\nline "two"'), ("sales", "plain")]
+    tsv_file = tmp_path / "reviews.tsv"
+    tsv_file.write_text('label\ttext\npos\t"great" film\nneg\tdull\n', encoding="utf-8")  # no quoting in TSV
+    assert finetune.read_examples(tsv_file) == [("pos", '"great" film'), ("neg", "dull")]
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("a.txt", b"ham\tfine\nspam no tab here\n", "a.txt, line 2: expected 'label<TAB>text'"),
+    ("a.txt", b"ham\tfine\nham\t\xff\xfe\n", "a.txt, line 2: not UTF-8"),
+    ("a.txt", b"ham\tfine\nspam\t   \n", "a.txt, line 2: the text is empty"),
+    ("a.txt", b"ham\tfine\n\tno label\n", "a.txt, line 2: the label is empty"),
+    ("a.txt", b"ham\tone\nham\ttwo\n", "every example has the label 'ham'"),
+    ("a.txt", b"", "is empty"),
+    ("a.csv", b"message,label\nhi,a\n", "line 1: no column 'text'"),
+    ("a.csv", b"text,label\n\"a\nb\",x\n,y\n", "a.csv, line 4: the text is empty"),  # record 2 starts on line 4
+    ("a.csv", b"text,label\nonly one field\n", "line 2: 1 fields, but the header has 2"),
+    ("a.csv", b"text,label\n", "has a header but no examples"),
+    ("a.csv", b'text,label\n"never closed,a\n', "not valid CSV")])
+def test_bad_data_files_name_the_file_and_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(minigpt.DataError, match=re.escape(message)):
+        finetune.read_examples(path)
+
+
+def test_missing_and_folder_data_files_are_clear_errors(tmp_path):
+    with pytest.raises(minigpt.DataError, match="cannot read"):
+        finetune.read_examples(tmp_path / "nope.csv")
+    with pytest.raises(minigpt.DataError, match="is a folder"):
+        finetune.read_examples(tmp_path)
 
 
 def synthetic_messages(n_ham=60, n_spam=20, seed=0):
@@ -627,25 +663,58 @@ def synthetic_messages(n_ham=60, n_spam=20, seed=0):
 
 def test_balance_and_split_are_deterministic():
     messages = synthetic_messages() + [("ham", "dup"), ("ham", "dup")]
-    a, b = finetune.split_sms(messages, seed=1), finetune.split_sms(messages, seed=1)
-    assert a == b and a != finetune.split_sms(messages, seed=2)
-    assert [len(a[k]) for k in ("train", "validation", "test", "unseen_ham")] == [28, 4, 8, 42]
+    a, b = (finetune.split_examples(messages, seed=1, balance=True) for _ in range(2))
+    assert a == b and a != finetune.split_examples(messages, seed=2, balance=True)
+    assert [len(a[k]) for k in ("train", "validation", "test", "unseen")] == [28, 4, 8, 42]
     balanced = a["train"] + a["validation"] + a["test"]
     assert sum(label == "spam" for label, _ in balanced) == 20
-    assert sorted(balanced + a["unseen_ham"]) == sorted(messages)  # every message used exactly once
-    assert len(finetune.split_sms(messages, seed=1, dedupe=True)["unseen_ham"]) == 41
+    assert sorted(balanced + a["unseen"]) == sorted(messages)  # every message used exactly once
+    assert len(finetune.split_examples(messages, seed=1, balance=True, dedupe=True)["unseen"]) == 41
+
+
+def test_stratified_split_keeps_each_class_in_proportion():
+    examples = [(label, f"{label} {i}") for label, n in (("a", 500), ("b", 300), ("c", 30)) for i in range(n)]
+    splits = finetune.split_examples(examples, seed=3, balance=False)
+    for name, share in (("train", 0.7), ("validation", 0.1), ("test", 0.2)):
+        counts = Counter(label for label, _ in splits[name])
+        for label, n in (("a", 500), ("b", 300), ("c", 30)):
+            assert abs(counts[label] - share * n) <= 1, (name, label)
+    assert splits["unseen"] == [] and sorted(sum((splits[k] for k in finetune.SPLITS), [])) == sorted(examples)
+    with pytest.raises(minigpt.DataError, match="class 'c' has 9 examples: too few to appear in the validation"):
+        finetune.split_examples(examples[:800] + examples[800:809], seed=3, balance=False)
 
 
 @needs_mirror
 def test_the_real_collection_parses_to_the_published_counts():
-    messages = finetune.read_sms(MIRROR / "SMSSpamCollection")
+    messages = finetune.read_examples(MIRROR / "SMSSpamCollection")
     assert len(messages) == 5574 and sum(label == "spam" for label, _ in messages) == 747
     # Lines 5,082-5,084: an unclosed quote that makes CSV readers merge three messages into one.
     assert messages[5081][1].startswith('"Keep ur problems') and messages[5081][1].endswith("SD..")
     assert messages[5082] == ("ham", "Yeah, give me a call if you've got a minute")
     assert messages[5083][1].startswith('"HI BABE') and messages[5083][1].endswith('CALL U"')
-    splits = finetune.split_sms(messages, seed=123)
-    assert [len(splits[k]) for k in ("train", "validation", "test", "unseen_ham")] == [1045, 149, 300, 4080]
+    splits = finetune.split_examples(messages, seed=123, balance=True)
+    assert [len(splits[k]) for k in ("train", "validation", "test", "unseen")] == [1045, 149, 300, 4080]
+    # The very same splits as before labels became general (this digest was computed with that
+    # code, finetune.split_sms at commit 43ab457): same figures for `python finetune.py`.
+    digest = hashlib.sha256(json.dumps([splits[k] for k in ("train", "validation", "test")]).encode()).hexdigest()
+    assert digest == "7bdb7a83c47f25505c7bd81bd67128f40c02694dd79ee74a7f2b0a3c02a1b6fd"
+
+
+@needs_mirror
+def test_book_passages_come_from_six_sources(monkeypatch):
+    monkeypatch.setenv("MINIGPT_MIRROR", str(MIRROR))
+    examples = finetune.book_passages(per_class=50, seed=1)
+    counts = Counter(label for label, _ in examples)
+    assert sorted(counts) == ["middlemarch", "moby-dick", "pride-and-prejudice", "shakespeare", "the-verdict",
+                              "war-and-peace"] and set(counts.values()) == {50}
+    assert all(80 <= len(text) <= 400 and "Gutenberg" not in text and "\n" not in text for _, text in examples)
+    assert examples == finetune.book_passages(per_class=50, seed=1)
+
+
+def test_baselines_majority_and_character_trigrams():
+    train = [("a", "the cat sat on the mat")] * 3 + [("b", "zzqx vvqz xxzq")] * 2
+    test = [("a", "a cat on a mat"), ("b", "qzzx zvvq"), ("a", "the hat")]
+    assert finetune.baselines(train, test, ["a", "b"]) == {"majority": 2 / 3, "char_3gram_centroid": 1.0}
 
 
 def trainable_names(model):
@@ -764,8 +833,9 @@ def tiny_run(tmp_path_factory):
     (its folder, the model as finetuning left it in memory, meta)."""
     tmp = tmp_path_factory.mktemp("classifier")
     data = write_messages(tmp / "sms.txt", synthetic_messages(200, 100))
-    model, meta = finetune.main(["--data", str(data), "--init", "random", "--preset", "tiny", "--trainable", "all",
-                                 "--lr", "1e-3", "--epochs", "3", "--unseen-ham", "all", "--out", str(tmp / "out")])
+    model, meta = finetune.main(["--data", str(data), "--balance", "--init", "random", "--preset", "tiny",
+                                 "--trainable", "all", "--lr", "1e-3", "--epochs", "3", "--unseen-ham", "all",
+                                 "--out", str(tmp / "out")])
     return tmp / "out", model, meta
 
 
@@ -787,10 +857,10 @@ def test_finetune_end_to_end_learns_a_separable_set(tiny_classifier):
 def test_saved_classifier_reloads_to_the_trained_models_predictions(tiny_run, tokenizer):
     folder, trained, trained_meta = tiny_run
     texts = ["WIN cash PRIZE claim now", "see you at lunch later", "call me"]
-    expected, _, _ = finetune.spam_probabilities(trained, trained_meta, tokenizer, texts)
+    expected, _, _ = finetune.class_probabilities(trained, trained_meta, tokenizer, texts)
     model, meta = finetune.load_classifier(folder)
-    probs, tokens, truncated = finetune.spam_probabilities(model, meta, tokenizer, texts)
-    assert probs == expected and probs[0] > 0.5 > probs[1]
+    probs, tokens, truncated = finetune.class_probabilities(model, meta, tokenizer, texts)
+    assert probs == expected and probs[0][1] > 0.5 > probs[1][1]  # [ham, spam] per text
     assert tokens == [len(tokenizer.encode(t)) for t in texts] and truncated == [False] * 3
 
 
@@ -805,6 +875,60 @@ def test_finetune_saves_only_what_changed_and_reloads(tmp_path, trainable, pool,
     model, meta = finetune.load_classifier(out)
     assert set(saved) == trainable_names(model)
     assert meta["pool"] == pool and meta["trainable"] == trainable
+
+
+def three_topics(n_per_class=40, seed=0):
+    rng = np.random.default_rng(seed)
+    words = {"billing": "invoice refund charge payment card bill".split(),
+             "support": "error crash login broken password reset".split(),
+             "sales": "price quote demo discount licence trial".split()}
+    return [(label, " ".join(rng.choice(w, 5))) for label, w in words.items() for _ in range(n_per_class)]
+
+
+@pytest.fixture(scope="module")
+def three_class_classifier(tmp_path_factory):
+    """A tiny 3-class classifier finetuned from a CSV file with its own column names."""
+    tmp = tmp_path_factory.mktemp("three")
+    with open(tmp / "tickets.csv", "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "body", "team"])
+        writer.writerows((i, text, label) for i, (label, text) in enumerate(three_topics()))
+    finetune.main(["--data", str(tmp / "tickets.csv"), "--text-column", "body", "--label-column", "team",
+                   "--init", "random", "--preset", "tiny", "--trainable", "all", "--lr", "2e-3", "--epochs", "4",
+                   "--out", str(tmp / "out")])
+    return tmp / "out"
+
+
+def test_three_class_finetune_learns_and_reports_every_class(three_class_classifier):
+    metrics = json.loads((three_class_classifier / "metrics.json").read_text())
+    assert metrics["classes"] == ["billing", "sales", "support"]  # sorted
+    assert metrics["test_accuracy"] >= 0.9 and metrics["macro_f1"] >= 0.9
+    assert len(metrics["confusion"]) == 3 and sum(map(sum, metrics["confusion"])) == 24  # 20 % of 120
+    assert set(metrics["per_class"]) == {"billing", "sales", "support"} and "precision" not in metrics
+    assert metrics["baselines"]["majority"] == pytest.approx(1 / 3)
+    for name, n in (("train", 84), ("validation", 12), ("test", 24)):  # the splits were written, stratified
+        with open(three_class_classifier / f"{name}.csv", encoding="utf-8", newline="") as f:
+            rows = list(csv.reader(f))[1:]
+        assert len(rows) == n and Counter(label for label, _ in rows) == {c: n // 3 for c in metrics["classes"]}
+
+
+def test_own_validation_and_test_files(tmp_path, capsys):
+    examples = three_topics(30)
+    files = {}
+    for name, part in (("train", examples[::3] + examples[1::3]), ("validation", examples[2::6]),
+                       ("test", examples[5::6])):
+        files[name] = write_messages(tmp_path / f"{name}.txt", part)
+    finetune.main(["--data", str(files["train"]), "--validation-data", str(files["validation"]),
+                   "--test-data", str(files["test"]), "--init", "random", "--preset", "tiny", "--trainable", "head",
+                   "--epochs", "1", "--out", str(tmp_path / "out")])
+    assert "validation: 15 (5 billing, 5 sales, 5 support)" in capsys.readouterr().out
+    write_messages(files["test"], [("billing", "x"), ("unheard-of", "y")])
+    with pytest.raises(minigpt.DataError, match="label 'unheard-of' never occurs in the training data"):
+        finetune.main(["--data", str(files["train"]), "--validation-data", str(files["validation"]),
+                       "--test-data", str(files["test"]), "--init", "random", "--preset", "tiny", "--out",
+                       str(tmp_path / "out")])
+    with pytest.raises(SystemExit):  # argparse: one without the other
+        finetune.parse_args(["--data", str(files["train"]), "--test-data", str(files["test"])])
 
 
 def test_classifier_refuses_a_base_checkpoint_that_changed(tmp_path):
@@ -955,15 +1079,52 @@ def test_web_page_in_a_real_browser(server_url, tmp_path):
         page.goto(server_url)
         page.fill("#text", "WIN cash PRIZE claim now call 0800")
         page.click("#go")
-        page.wait_for_selector("#verdict.spam")
-        assert page.inner_text("#label") == "Spam" and "spam probability" in page.inner_text("#detail")
+        page.wait_for_selector('#verdict[data-label="spam"]')
+        assert page.inner_text("#label") == "spam" and "tokens" in page.inner_text("#detail")
+        assert page.locator("#bars .row").count() == 2 and "spam" in page.inner_text("#bars .row.top")
         page.fill("#text", "see you at lunch later")
         page.press("#text", "Control+Enter")
-        page.wait_for_selector("#verdict.ham")
+        page.wait_for_selector('#verdict[data-label="ham"]')
+        assert page.title() == "Is this spam?" and page.locator(".examples button").count() == 4
         page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
         assert page.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scrolling
         browser.close()
     assert (tmp_path / "page.png").stat().st_size > 1000
+
+
+def test_three_label_api_cli_and_page(three_class_classifier, tmp_path):
+    classifier = classify.Classifier(three_class_classifier)
+    server = classify.make_server(classifier, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        status, r = call(f"{url}/api/classify", {"text": "invoice refund charge payment card"})
+        assert status == 200 and r["label"] == "billing" and "spam_probability" not in r
+        assert list(r["probabilities"]) == ["billing", "sales", "support"]
+        assert sum(r["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+        cli = subprocess.run([sys.executable, str(HERE / "classify.py"), "--model", str(three_class_classifier),
+                              "error crash login broken"], capture_output=True, text=True, timeout=120)
+        label, probability, text = cli.stdout.split(None, 2)
+        assert cli.returncode == 0 and label == "support" and 0.5 < float(probability) <= 1
+        if not CHROMIUM.exists():
+            pytest.skip("no browser: apt-get install chromium (.ci/run does)")
+        sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (requirements-test.txt)")
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+            page = browser.new_page(viewport={"width": 390, "height": 800})
+            page.goto(url)
+            assert page.title() == "Which is it: billing, sales, support?"
+            assert page.locator(".examples button").count() == 6  # two short training texts per class
+            page.fill("#text", "price quote demo discount licence")
+            page.click("#go")
+            page.wait_for_selector('#verdict[data-label="sales"]')
+            assert page.locator("#bars .row").count() == 3 and "sales" in page.inner_text("#bars .row.top")
+            page.screenshot(path=str(tmp_path / "three.png"), full_page=True)
+            browser.close()
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_a_stalled_request_gets_408_and_the_server_goes_on(tiny_classifier):

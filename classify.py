@@ -3,25 +3,38 @@
     python classify.py "WINNER! Claim your prize now" "See you at 6?"   # label + its probability
     python classify.py --file messages.txt --json                      # one text per line
     python classify.py --serve                                         # http://127.0.0.1:8000
-    python classify.py --benchmark 200                                 # API latency, p50 / p95
+    python classify.py --serve --host 0.0.0.0 --token "$(openssl rand -hex 16)"   # on a network
+    python classify.py --benchmark 200 --concurrency 8                 # HTTP load test: req/s, p50/p95/p99
 
 API: POST /api/classify {"text": "..."} -> {"label", "probabilities": {label: p, ...}, "tokens",
 "truncated"} (plus "spam_probability" for a ham/spam model); {"texts": [...]} (at most 64) ->
-{"results": [...]}. GET /healthz -> 200 and the model's description.
+{"results": [...]}. GET /healthz -> 200 and the model's description; GET /metrics -> Prometheus
+text. With a token (--token or MINIGPT_TOKEN), /api/* and /metrics need `Authorization: Bearer <token>`.
+
+The server: connection threads read and check requests and tokenize them; one worker thread owns
+the model and classifies everything that is waiting in one forward pass (dynamic batching), so
+concurrent clients share the matrix products instead of queueing for them one by one.
 Only the standard library on top of numpy, torch and tiktoken.
 """
 
 import argparse
+import hmac
 import html
+import http.client
 import http.server
+import io
+import ipaddress
 import json
+import os
 import re
+import signal
+import socket
 import statistics
 import sys
 import threading
 import time
 import urllib.parse
-import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -29,13 +42,14 @@ import torch
 import finetune
 import minigpt
 
-MAX_BODY = 64 * 1024  # bytes
-MAX_TEXTS = 64
+MAX_BODY = 64 * 1024  # bytes in a request body
+MAX_TEXTS = 64        # texts in one request
+MAX_DEPTH = 32        # nesting of JSON arrays and objects in a request body
 
 
 class Classifier:
-    """The finetuned model, loaded once. Calls are serialised: on a CPU, one forward pass already
-    uses every core, so running two at once only makes both slower."""
+    """The finetuned model, loaded once. Forward passes are serialised: on a CPU, one already uses
+    every core, so running two at once only makes both slower (the server batches them instead)."""
 
     def __init__(self, model_dir, device="cpu", dtype=torch.float32):
         self.model, self.meta = finetune.load_classifier(model_dir, device)
@@ -57,12 +71,26 @@ class Classifier:
         self.title = self.meta.get("title", "Is this SMS spam?")
         self.examples = self.meta.get("examples", [])
 
+    def encode(self, texts):
+        """(examples, token counts, truncated flags): texts as the model reads them (finetune.py's
+        tokenization and cutting). Cheap, so each request's own thread does it."""
+        return finetune.encode_texts(self.meta, self.tokenizer, texts)
+
+    def probabilities(self, examples, batch_size=None):
+        """Class probabilities of encoded examples: one forward pass for all of them, or passes
+        of batch_size examples of similar length."""
+        with self.lock, torch.inference_mode():
+            return finetune.probabilities_of(self.model, self.meta, examples, self.device,
+                                             batch_size or max(len(examples), 1))
+
     def __call__(self, texts):
+        """Classify texts directly (the command line): results as the API gives them."""
+        examples, tokens, truncated = self.encode(texts)
+        return self.results(self.probabilities(examples, batch_size=64), tokens, truncated)
+
+    def results(self, probs, tokens, truncated):
         """One result per text: the most likely label, every label's probability, the token count,
         and whether the text was cut to the model's max length."""
-        with self.lock, torch.inference_mode():
-            probs, tokens, truncated = finetune.class_probabilities(self.model, self.meta, self.tokenizer,
-                                                                    texts, self.device)
         results = []
         for p, n, cut in zip(probs, tokens, truncated):
             best = max(range(len(p)), key=p.__getitem__)  # the first of equals, as argmax
@@ -72,6 +100,182 @@ class Classifier:
                 result["spam_probability"] = result["probabilities"]["spam"]
             results.append(result)
         return results
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Dynamic batching: many requests, one model.
+# ----------------------------------------------------------------------------------------------
+
+class QueueFull(Exception):
+    """As many texts as --max-queue are waiting already: the client should come back later (503)."""
+
+
+class Job:
+    """One request's texts on their way through the batcher."""
+
+    def __init__(self, examples):
+        self.examples = examples         # encoded texts (Classifier.encode)
+        self.done = threading.Event()    # set by the worker
+        self.probs = None                # one list of class probabilities per text
+        self.error = None
+
+
+class Batcher:
+    """Requests put their encoded texts in a bounded queue and wait; one worker thread owns the
+    model and, whenever it is free, takes everything waiting (oldest first, up to max_batch texts
+    and max_tokens padded tokens) and classifies it in one forward pass. There is no timer: a
+    lone request on an idle server is classified at once, and under load the requests that
+    arrive during one forward pass ride together in the next. The answers are the same as one at
+    a time: each text is padded on the right, and its real positions never see the padding.
+    """
+
+    def __init__(self, classifier, max_batch=64, max_tokens=16384, max_queue=256, metrics=None):
+        self.classifier = classifier
+        self.max_batch = max_batch
+        self.max_tokens = max_tokens  # texts x the longest text's tokens: the padded batch's size
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self.waiting = []             # jobs, oldest first
+        self.queued = 0               # texts in self.waiting
+        self.stopping = False
+        self.changed = threading.Condition()
+        self.worker = threading.Thread(target=self.run, name="model", daemon=True)
+        self.worker.start()
+
+    def classify(self, examples):
+        """Class probabilities of encoded texts, once the worker has run them. QueueFull at once
+        if they do not fit in the queue."""
+        job = Job(examples)
+        with self.changed:
+            if self.stopping or self.queued + len(examples) > self.max_queue:
+                raise QueueFull(f"the server is busy ({self.queued} texts waiting); try again shortly")
+            self.waiting.append(job)
+            self.queued += len(examples)
+            self.changed.notify()
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.probs
+
+    def take(self):
+        """The jobs for the next forward pass (the oldest always fits, even alone over a limit)."""
+        jobs, texts, longest = [], 0, 0
+        while self.waiting:
+            job = self.waiting[0]
+            more = texts + len(job.examples)
+            longer = max(longest, *(len(e) for e in job.examples))
+            if jobs and (more > self.max_batch or more * longer > self.max_tokens):
+                break
+            jobs.append(self.waiting.pop(0))
+            texts, longest = more, longer
+        self.queued -= texts
+        return jobs
+
+    def run(self):
+        while True:
+            with self.changed:
+                while not self.waiting and not self.stopping:
+                    self.changed.wait()
+                if not self.waiting:
+                    return  # stopping, and nothing is left to do
+                jobs = self.take()
+            examples = [e for job in jobs for e in job.examples]
+            try:
+                probs = self.classifier.probabilities(examples)
+            except Exception as e:  # a bug of ours: every waiting request gets a 500, the worker goes on
+                for job in jobs:
+                    job.error = e
+            else:
+                start = 0
+                for job in jobs:
+                    job.probs = probs[start:start + len(job.examples)]
+                    start += len(job.examples)
+                if self.metrics is not None:
+                    self.metrics.observe_batch(len(examples))
+            for job in jobs:
+                job.done.set()
+
+    def stop(self):
+        """Finish what is queued, then end the worker."""
+        with self.changed:
+            self.stopping = True
+            self.changed.notify_all()
+        self.worker.join()
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics for /metrics, in Prometheus's text format (version 0.0.4), written by hand: after
+# `# HELP` and `# TYPE` lines, one `name{label="value"} number` line per series. A histogram is
+# cumulative buckets (`name_bucket{le="x"}`: observations <= x, the last le="+Inf"), `_sum`, `_count`.
+# ----------------------------------------------------------------------------------------------
+
+class Histogram:
+    def __init__(self, bounds):
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)  # observations <= each bound (cumulative when written)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value):
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+                break
+        self.sum += value
+        self.count += 1
+
+    def lines(self, name):
+        lines, cumulative = [], 0
+        for bound, n in zip(self.bounds, self.counts):
+            cumulative += n
+            lines.append(f'{name}_bucket{{le="{bound:g}"}} {cumulative}')
+        return lines + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6f}",
+                        f"{name}_count {self.count}"]
+
+
+class Metrics:
+    """What the server counts. Every method is safe to call from any thread."""
+
+    def __init__(self, paths):
+        self.paths = paths                 # the label values for `path` (others count as "other")
+        self.lock = threading.Lock()
+        self.requests = {}                 # (path, status) -> requests answered
+        self.latency = Histogram((0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.batch = Histogram((1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.texts = 0
+        self.queue_length = lambda: 0      # set by make_server: texts waiting for the model
+
+    def observe_request(self, path, status, seconds, texts):
+        path = path if path in self.paths else "other"  # bounded: no series per random URL
+        with self.lock:
+            self.requests[path, status] = self.requests.get((path, status), 0) + 1
+            self.latency.observe(seconds)
+            self.texts += texts if status == 200 else 0
+
+    def observe_batch(self, texts):
+        with self.lock:
+            self.batch.observe(texts)
+
+    def text(self):
+        with self.lock:
+            lines = ["# HELP minigpt_requests_total HTTP requests answered, by path and status.",
+                     "# TYPE minigpt_requests_total counter"]
+            lines += [f'minigpt_requests_total{{path="{path}",status="{status}"}} {n}'
+                      for (path, status), n in sorted(self.requests.items())]
+            lines += ["# HELP minigpt_request_duration_seconds Time from connection to answer.",
+                      "# TYPE minigpt_request_duration_seconds histogram",
+                      *self.latency.lines("minigpt_request_duration_seconds"),
+                      "# HELP minigpt_batch_texts Texts per forward pass of the model.",
+                      "# TYPE minigpt_batch_texts histogram",
+                      *self.batch.lines("minigpt_batch_texts"),
+                      "# HELP minigpt_queue_texts Texts waiting for the model now.",
+                      "# TYPE minigpt_queue_texts gauge",
+                      f"minigpt_queue_texts {self.queue_length()}",
+                      "# HELP minigpt_texts_classified_total Texts classified and answered.",
+                      "# TYPE minigpt_texts_classified_total counter",
+                      f"minigpt_texts_classified_total {self.texts}"]
+        return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,6 +295,7 @@ PAGE = """<!doctype html>
  button { font: inherit; padding: .45rem 1.1rem; margin: .5rem 0; cursor: pointer; }
  #verdict { margin: 1rem 0; padding: .8rem; border-radius: .4rem; display: none; background: #eef3fb; }
  #verdict.error { background: #eee; }
+ #auth { margin: .5rem 0; } #auth input { font: inherit; padding: .3rem; }
  #label { font-size: 1.3rem; font-weight: bold; overflow-wrap: anywhere; }
  .row { display: grid; grid-template-columns: minmax(4rem, 30%) 1fr 3.5rem; gap: .5rem; align-items: center;
         font-size: .9rem; margin-top: .3rem; }
@@ -105,18 +310,36 @@ PAGE = """<!doctype html>
 <p id="about">{{about}}</p>
 <textarea id="text" placeholder="Paste a text (Ctrl+Enter to classify)" autofocus></textarea>
 <button id="go">Classify</button>
+<form id="auth" hidden><label>This server needs its access token:
+ <input id="token" type="password" autocomplete="off"></label> <button>Use it</button></form>
 <div id="verdict"><div id="label"></div><div id="detail"></div><div id="bars"></div></div>
 <div class="examples"><p>Or try one:</p>
 {{examples}}</div>
 <script>
 const $ = id => document.getElementById(id);
+let token = null;  // the server's access token, if it has one: asked once, kept in this page's memory only
+function askToken() {
+  return new Promise(resolve => {
+    $("auth").hidden = false; $("token").focus();
+    $("auth").onsubmit = e => { e.preventDefault(); $("auth").hidden = true; resolve($("token").value); };
+  });
+}
+async function post(text) {
+  const headers = {"Content-Type": "application/json"};
+  if (token) headers.Authorization = "Bearer " + token;
+  return fetch("/api/classify", {method: "POST", headers, body: JSON.stringify({text})});
+}
 async function classify() {
   const text = $("text").value, box = $("verdict");
-  box.style.display = "block";
   $("bars").replaceChildren();
   try {
-    const r = await fetch("/api/classify", {method: "POST", headers: {"Content-Type": "application/json"},
-                                             body: JSON.stringify({text})});
+    let r = await post(text);
+    if (r.status === 401) {  // no token yet, or a wrong one: ask (again), then retry once
+      token = await askToken();
+      r = await post(text);
+      if (r.status === 401) token = null;
+    }
+    box.style.display = "block";
     const data = await r.json();
     if (!r.ok) throw new Error(data.error || r.statusText);
     box.className = "done"; box.dataset.label = data.label;
@@ -132,7 +355,7 @@ async function classify() {
       bar.append(fill); row.append(name, bar, value); $("bars").append(row);
     }
   } catch (e) {
-    box.className = "error"; delete box.dataset.label;
+    box.style.display = "block"; box.className = "error"; delete box.dataset.label;
     $("label").textContent = "Error"; $("detail").textContent = e.message;
   }
 }
@@ -152,69 +375,35 @@ def render_page(classifier):
     return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], PAGE)  # one pass: inserted text is not re-read
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    classifier = None  # set by make_server()
-    routes = {"/": "GET", "/healthz": "GET", "/api/classify": "POST"}
-    timeout = 30  # seconds a client may stall mid-request before its connection is dropped
+# ----------------------------------------------------------------------------------------------
+# HTTP: one request per connection (HTTP/1.0), read within a deadline, checked, answered in JSON.
+# ----------------------------------------------------------------------------------------------
 
-    def reply(self, status, body, content_type="application/json"):
-        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", f"{content_type}; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        if status == 405:
-            self.send_header("Allow", self.routes[self.route])
-        self.end_headers()
-        if self.command != "HEAD":  # a HEAD answer is the headers alone
-            self.wfile.write(data)
+class RequestError(Exception):
+    """A request we answer with an error status and {"error": message}."""
 
-    def check_route(self, method):
-        """True if this path takes this method; else reply 404 or 405."""
-        self.route = urllib.parse.urlsplit(self.path).path  # without ?query
-        if self.route not in self.routes:
-            self.reply(404, {"error": f"no such path: {self.route}"})
-        elif self.routes[self.route] != method:
-            self.reply(405, {"error": f"{self.route} takes {self.routes[self.route]}"})
-        return self.routes.get(self.route) == method
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
 
-    def do_GET(self):
-        if not self.check_route("GET"):
-            return
-        if self.route == "/":
-            self.reply(200, render_page(self.classifier), "text/html")
-        else:
-            self.reply(200, {"status": "ok", "model": self.classifier.description})
 
-    def do_POST(self):
-        if not self.check_route("POST"):
-            return
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if length < 0:
-            return self.reply(400, {"error": "bad Content-Length"})
-        try:
-            if length > MAX_BODY:  # read (a bounded part of) it, so the client is able to see the answer
-                self.rfile.read(min(length, 16 * MAX_BODY))
-                return self.reply(413, {"error": f"request body over {MAX_BODY} bytes"})
-            texts, batch = parse_request(self.rfile.read(length))
-        except TimeoutError:
-            return self.reply(408, {"error": "the request body did not arrive in time"})
-        except ValueError as e:
-            return self.reply(400, {"error": str(e)})
-        try:
-            results = self.classifier(texts)
-        except Exception as e:  # a bug of ours: say so, and keep serving
-            self.log_error("classifying failed: %r", e)
-            return self.reply(500, {"error": "internal error while classifying"})
-        self.reply(200, {"results": results} if batch else results[0])
+class DeadlineReader(io.RawIOBase):
+    """A socket's input that ends at a deadline. Each read may wait only for the time left, so a
+    client that trickles its request (a byte every few seconds) cannot hold a thread beyond it."""
 
-    # HTTP/1.0 (the default here): one request per connection, so no state carries over.
-    do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = lambda self: self.check_route(self.command)
+    def __init__(self, sock, deadline):
+        self.sock = sock
+        self.deadline = deadline  # time.monotonic() value
 
-    def log_message(self, fmt, *args):  # one short line per request on stderr
-        sys.stderr.write(f"{self.address_string()} {fmt % args}\n")
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request did not arrive in time")
+        self.sock.settimeout(left)
+        return self.sock.recv_into(buffer)
 
 
 def parse_request(body):
@@ -223,6 +412,8 @@ def parse_request(body):
         request = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"body is not valid JSON: {e}") from e
+    except RecursionError:  # [[[[...]]]] nested a thousand deep: the parser would recurse as deep
+        raise ValueError("body is nested too deeply") from None
     if not isinstance(request, dict) or ("text" in request) == ("texts" in request):
         raise ValueError('send {"text": "..."} or {"texts": ["...", ...]}')
     batch = "texts" in request
@@ -239,70 +430,359 @@ def parse_request(body):
     return texts, batch
 
 
-def make_server(classifier, host="127.0.0.1", port=8000):
-    """A threading HTTP server (port 0: any free port); call serve_forever() on it."""
-    handler = type("BoundHandler", (Handler,), {"classifier": classifier})
-    return http.server.ThreadingHTTPServer((host, port), handler)
+class Handler(http.server.BaseHTTPRequestHandler):
+    batcher = metrics = token = None  # set by make_server()
+    routes = {"/": "GET", "/healthz": "GET", "/metrics": "GET", "/api/classify": "POST"}
+    protected = ("/api/", "/metrics")  # need the token, when the server has one
+    timeout = 30  # seconds for a whole request (line, headers, body) to arrive
+    access_log = True  # one line per request on stderr
+    server_version = "minigpt"
+    sys_version = ""
+
+    def setup(self):
+        super().setup()
+        self.started = time.monotonic()
+        self.rfile = io.BufferedReader(DeadlineReader(self.connection, self.started + self.timeout))
+        self.route = None   # the path without ?query, once the request line is read
+        self.status = None  # the status we answered
+        self.texts = 0      # texts in the request, for the access log
+        self.body_read = False
+
+    def handle(self):
+        try:
+            super().handle()
+            self.drain_unread_body()
+        except (ConnectionError, TimeoutError):  # the client left or stalled: nobody to answer, no traceback
+            self.close_connection = True
+
+    def drain_unread_body(self):
+        """Read and drop the body of a request we answered without reading it (a 413, 401, 404,
+        ...), up to 64 MiB and for at most a second. Closing a socket with unread input makes the
+        kernel send a reset, which can destroy our answer before the client has read it."""
+        headers = getattr(self, "headers", None)
+        length = headers.get("Content-Length", "") if headers is not None else ""
+        if self.body_read or not length.isdigit():
+            return
+        left = min(int(length), 64 << 20)
+        self.rfile.raw.deadline = time.monotonic() + 1.0
+        try:
+            while left > 0 and (chunk := self.rfile.read1(min(left, 65536))):
+                left -= len(chunk)
+        except TimeoutError:
+            pass
+
+    def finish(self):
+        try:
+            super().finish()
+        except ConnectionError:
+            pass
+        if self.status is not None:  # the metrics, and one access-log line per request
+            seconds = time.monotonic() - self.started
+            self.metrics.observe_request(self.route, self.status, seconds, self.texts)
+            if self.access_log:
+                sys.stderr.write(f"{self.client_address[0]} {self.command} {self.route} {self.status} "
+                                 f"{1000 * seconds:.1f} ms {self.texts} texts\n")
+
+    def log_request(self, code="-", size="-"):
+        pass  # finish() writes the access line, with the time and the texts
+
+    def log_message(self, fmt, *args):  # the base class's own notes (e.g. a timed-out request line)
+        sys.stderr.write(f"{self.client_address[0]} {fmt % args}\n")
+
+    def reply(self, status, body, content_type="application/json", headers=()):
+        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        self.status = status
+        self.send_response(status)
+        self.send_header("Content-Type", f"{content_type}; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in headers:
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":  # a HEAD answer is the headers alone
+            self.wfile.write(data)
+
+    def send_error(self, code, message=None, explain=None):
+        """The base class's errors (a bad request line, headers too long, ...) as JSON too; a
+        method nothing here takes (TRACE, CONNECT, ...) is a 405, not its HTML 501."""
+        self.route = urllib.parse.urlsplit(self.path).path if getattr(self, "path", None) else None
+        if self.request_version == "HTTP/0.9":  # what the base class assumes of a garbled request line;
+            self.request_version = "HTTP/1.0"   # 0.9 answers have no status line, and nobody speaks it
+        if code == 501:
+            return self.method_not_allowed()
+        self.close_connection = True
+        self.reply(code, {"error": message or self.responses.get(code, ("error",))[0]}, headers=[("Connection", "close")])
+
+    def method_not_allowed(self):
+        allow = self.routes.get(self.route, ", ".join(sorted(set(self.routes.values()))))
+        self.reply(405, {"error": f"{self.route} does not take {self.command}; it takes {allow}"},
+                   headers=[("Allow", allow)])
+
+    def allowed(self, method):
+        """True if this request may go on; else it has been answered (404, 405 or 401)."""
+        self.route = urllib.parse.urlsplit(self.path).path  # without ?query
+        if self.route not in self.routes:
+            self.reply(404, {"error": f"no such path: {self.route}"})
+        elif self.routes[self.route] != method:
+            self.method_not_allowed()
+        elif self.token and self.route.startswith(self.protected) and not self.has_token():
+            self.reply(401, {"error": "this server needs its token: send Authorization: Bearer <token>"},
+                       headers=[("WWW-Authenticate", 'Bearer realm="minigpt"')])
+        else:
+            return True
+        return False
+
+    def has_token(self):
+        scheme, _, given = self.headers.get("Authorization", "").partition(" ")
+        # compare_digest takes as long for a wrong first character as for a wrong last one, so the
+        # time of an answer tells an attacker nothing about how much of a guess was right.
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token.encode())
+
+    def do_GET(self):
+        if not self.allowed("GET"):
+            return
+        classifier = self.batcher.classifier
+        if self.route == "/":
+            self.reply(200, render_page(classifier), "text/html")
+        elif self.route == "/healthz":
+            self.reply(200, {"status": "ok", "model": classifier.description})
+        else:
+            self.reply(200, self.metrics.text(), "text/plain; version=0.0.4")
+
+    def do_POST(self):
+        if not self.allowed("POST"):
+            return
+        try:
+            texts, batch = parse_request(self.read_body())
+        except RequestError as e:
+            return self.reply(e.status, {"error": str(e)}, headers=[("Connection", "close")])
+        except ValueError as e:
+            return self.reply(400, {"error": str(e)})
+        self.texts = len(texts)
+        classifier = self.batcher.classifier
+        examples, tokens, truncated = classifier.encode(texts)
+        try:
+            probs = self.batcher.classify(examples)
+        except QueueFull as e:
+            return self.reply(503, {"error": str(e)}, headers=[("Retry-After", "1")])
+        except Exception as e:  # a bug of ours: say so, and keep serving
+            self.log_error("classifying failed: %r", e)
+            return self.reply(500, {"error": "internal error while classifying"})
+        results = classifier.results(probs, tokens, truncated)
+        self.reply(200, {"results": results} if batch else results[0])
+
+    def read_body(self):
+        """The request's body, read within the request's deadline; RequestError if we will not."""
+        if "Transfer-Encoding" in self.headers:
+            raise RequestError(411, "send the body with a Content-Length (chunked bodies are not accepted)")
+        lengths = self.headers.get_all("Content-Length") or []
+        if not lengths:
+            raise RequestError(411, "a POST needs a Content-Length")
+        if len(lengths) > 1 or not re.fullmatch(r"[0-9]{1,15}", lengths[0]):  # not +29, 2_9, -1 or 1e3
+            raise RequestError(400, f"bad Content-Length: {', '.join(lengths)}")
+        length = int(lengths[0])
+        if length > MAX_BODY:  # answered at once, unread (drain_unread_body takes care of the rest)
+            raise RequestError(413, f"request body over {MAX_BODY} bytes")
+        self.body_read = True
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError:
+            raise RequestError(408, "the request body did not arrive in time") from None
+        if len(body) < length:
+            raise RequestError(400, f"the body ended after {len(body)} of {length} bytes")
+        self.connection.settimeout(self.timeout)  # reading is over: writing the answer gets the full time
+        return body
 
 
-def benchmark(classifier, n, text="Hey, are we still on for dinner tonight? I can pick you up at 7 if that "
-                                  "works, or we meet at the place near the station"):
-    """Latency of single-message API calls over HTTP on this machine: p50 and p95 in ms.
-    The default message is a typical SMS of about 30 tokens."""
-    server = make_server(classifier, port=0)
-    server.RequestHandlerClass.log_message = lambda *args: None  # no line per request here
+class Server(http.server.ThreadingHTTPServer):
+    """The standard library's threading HTTP server, bounded and stoppable: at most
+    max_connections requests are handled at once, each in its own thread; more connections wait
+    in the kernel's listen backlog, sized for a burst; and it can wait for the requests in flight
+    before it closes (graceful shutdown)."""
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, batcher, max_connections=64):
+        self.request_queue_size = max(128, 4 * max_connections)  # the listen backlog (default: 5)
+        self.batcher = batcher
+        self.slots = threading.BoundedSemaphore(max_connections)
+        self.active = 0
+        self.idle = threading.Condition()
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        self.slots.acquire()  # at the limit, the accept loop waits here; new connections queue in the backlog
+        with self.idle:
+            self.active += 1
+        threading.Thread(target=self.process_request_thread, args=(request, client_address), daemon=True).start()
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.idle:
+                self.active -= 1
+                self.idle.notify_all()
+            self.slots.release()
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):  # a client leaving is no error
+            super().handle_error(request, client_address)
+
+    def wait_idle(self, timeout):
+        """Wait until no request is in flight (True) or `timeout` seconds pass (False)."""
+        with self.idle:
+            return self.idle.wait_for(lambda: self.active == 0, timeout)
+
+    def server_close(self):
+        super().server_close()
+        self.batcher.stop()
+
+
+def make_server(classifier, host="127.0.0.1", port=8000, token=None, max_batch=64, max_tokens=16384,
+                max_queue=256, max_connections=64):
+    """The service (port 0: any free port); call serve_forever() on it, or use serve()."""
+    metrics = Metrics(Handler.routes)
+    batcher = Batcher(classifier, max_batch, max_tokens, max_queue, metrics)
+    metrics.queue_length = lambda: batcher.queued
+    handler = type("BoundHandler", (Handler,), {"batcher": batcher, "metrics": metrics, "token": token})
+    try:
+        return Server((host, port), handler, batcher, max_connections)
+    except OSError:
+        batcher.stop()
+        raise
+
+
+def serve(server, shutdown_timeout=30):
+    """Serve until SIGTERM or Ctrl+C; then stop accepting, let the requests in flight finish (up
+    to shutdown_timeout seconds), and return."""
+    def stop(signum, frame):
+        print(f"{signal.Signals(signum).name}: no new connections; finishing the requests in flight",
+              file=sys.stderr)
+        threading.Thread(target=server.shutdown, daemon=True).start()  # not from this thread: it would wait on itself
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    server.serve_forever()
+    if not server.wait_idle(shutdown_timeout):
+        print(f"{server.active} requests still running after {shutdown_timeout} s; stopping anyway", file=sys.stderr)
+    server.server_close()
+    print("stopped", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# A load test: N requests from C concurrent clients over HTTP on 127.0.0.1.
+# ----------------------------------------------------------------------------------------------
+
+def benchmark(classifier, n, concurrency=1, limit=300, text="Hey, are we still on for dinner tonight? I can "
+              "pick you up at 7 if that works, or we meet at the place near the station"):
+    """Serve the classifier on a free local port and send it n single-text requests from
+    `concurrency` clients at once (each request on its own connection, like the API's users),
+    stopping early after `limit` seconds. Prints requests/s, messages/s and p50/p95/p99 latency.
+    The default message is a typical SMS of about 30 tokens. Clients and server share this
+    process (and its cores): a real deployment's clients are elsewhere."""
+    server = make_server(classifier, port=0, max_connections=max(64, concurrency))
+    server.RequestHandlerClass.access_log = False
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_port}/api/classify"
     body = json.dumps({"text": text}).encode()
-    times = []
-    for i in range(n + 5):  # the first few warm up
+    deadline = time.monotonic() + limit
+
+    def one(_):
+        if time.monotonic() > deadline:
+            return None
         t0 = time.perf_counter()
-        with urllib.request.urlopen(urllib.request.Request(url, body, {"Content-Type": "application/json"})) as r:
-            answer = json.load(r)
-        if i >= 5:
-            times.append(1000 * (time.perf_counter() - t0))
+        connection = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=60)
+        try:
+            connection.request("POST", "/api/classify", body, {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            answer = json.loads(response.read())
+            ok = response.status == 200
+        except (OSError, ValueError, http.client.HTTPException):
+            ok, answer = False, None
+        finally:
+            connection.close()
+        return ok, 1000 * (time.perf_counter() - t0), answer
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(min(n, 2 * concurrency))))  # warm up
+        t0 = time.perf_counter()
+        done = [r for r in pool.map(one, range(n)) if r is not None]
+        seconds = time.perf_counter() - t0
     server.shutdown()
     server.server_close()
+    times = sorted(ms for ok, ms, _ in done if ok)
+    errors = len(done) - len(times)
+    if len(times) < 2:
+        raise minigpt.DataError(f"the benchmark got {len(times)} answers and {errors} errors")
     q = statistics.quantiles(times, n=100)
-    print(f"{n} requests of one {answer['tokens']}-token message: p50 {q[49]:.1f} ms, p95 {q[94]:.1f} ms, "
-          f"mean {statistics.mean(times):.1f} ms ({minigpt.dtype_name(classifier.dtype)})")
+    tokens = next(answer["tokens"] for ok, _, answer in done if ok)
+    print(f"{len(done)} requests of one {tokens}-token message, {concurrency} concurrent clients: "
+          f"{len(done) / seconds:.1f} requests/s = {len(times) / seconds:.1f} messages/s; latency p50 {q[49]:.1f} ms, "
+          f"p95 {q[94]:.1f} ms, p99 {q[98]:.1f} ms; {errors} errors ({minigpt.dtype_name(classifier.dtype)})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line.
+# ----------------------------------------------------------------------------------------------
+
+def is_loopback(host):
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+    except (OSError, ValueError):
+        return False
+
+
+def read_lines(path):
+    """Non-empty lines of a UTF-8 text file (a byte-order mark is not text)."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise minigpt.DataError(f"cannot read {path}: {e.strerror}") from e
+    try:
+        return raw.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise minigpt.DataError(f"{path}, line {line}: not UTF-8 ({e.reason}); save the file as UTF-8") from e
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("texts", nargs="*", help="messages to classify; '-' reads one per line from stdin")
-    p.add_argument("--file", type=Path, help="read messages from this file, one per line")
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("texts", nargs="*", help="texts to classify; '-' reads one per line from stdin")
+    p.add_argument("--file", type=minigpt.existing_file, help="read texts from this file, one per line")
     p.add_argument("--json", action="store_true", help="print one JSON object per line")
     p.add_argument("--model", type=Path, default=Path("runs/spam-classifier"), help="folder finetune.py wrote")
     p.add_argument("--serve", action="store_true", help="serve the web page and the API")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--benchmark", type=int, metavar="N", help="time N API requests and print p50/p95")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every network)")
+    p.add_argument("--port", type=minigpt.number_type(int, 0, 65536), default=8000, help="0: any free port")
+    p.add_argument("--token", default=os.environ.get("MINIGPT_TOKEN"),
+                   help="require `Authorization: Bearer TOKEN` for /api/* and /metrics (default: $MINIGPT_TOKEN)")
+    p.add_argument("--max-batch", type=minigpt.positive_int, default=64, help="texts per forward pass")
+    p.add_argument("--max-batch-tokens", type=minigpt.positive_int, default=16384,
+                   help="texts x longest text's tokens per forward pass")
+    p.add_argument("--max-queue", type=minigpt.positive_int, default=256,
+                   help="texts waiting for the model; beyond it, 503 at once")
+    p.add_argument("--max-connections", type=minigpt.positive_int, default=64, help="requests handled at once")
+    p.add_argument("--shutdown-timeout", type=minigpt.nonnegative_float, default=30,
+                   help="seconds to let requests in flight finish after SIGTERM or Ctrl+C")
+    p.add_argument("--benchmark", type=minigpt.number_type(int, 2), metavar="N",
+                   help="time N API requests over HTTP and print requests/s and p50/p95/p99")
+    p.add_argument("--concurrency", type=minigpt.positive_int, default=1, help="clients at once in --benchmark")
     p.add_argument("--device", help="cpu, cuda, mps (default: the fastest available)")
     p.add_argument("--dtype", choices=minigpt.DTYPES, default="auto",
                    help="auto: bfloat16 where the device multiplies it natively, else float32")
     args = p.parse_args(argv)
+    if not (args.texts or args.file or args.serve or args.benchmark):
+        p.error("give texts, '-', --file, --serve or --benchmark")
 
     texts = []  # in the order given: each '-' stands for the lines of stdin, then --file's lines
     for t in args.texts:
         texts += sys.stdin.read().splitlines() if t == "-" else [t]
     if args.file:
-        try:
-            texts += args.file.read_text(encoding="utf-8").splitlines()
-        except OSError as e:
-            sys.exit(f"error: cannot read {args.file}: {e.strerror}")
-    texts = [t for t in texts if t.strip()]
-    if not (texts or args.serve or args.benchmark):
-        p.error("give messages, '-', --file, --serve or --benchmark")
-    if args.benchmark is not None and args.benchmark < 2:
-        p.error("--benchmark needs at least 2 requests")
-    try:
-        t0 = time.time()
-        device = minigpt.pick_device(args.device)
-        classifier = Classifier(args.model, device, minigpt.pick_dtype(args.dtype, device))
-    except minigpt.DataError as e:
-        sys.exit(f"error: {e}")
+        texts += read_lines(args.file)
+    texts = [t.removeprefix("\ufeff") for t in texts if t.strip()]
+    t0 = time.time()
+    device = minigpt.pick_device(args.device)
+    classifier = Classifier(args.model, device, minigpt.pick_dtype(args.dtype, device))
     print(f"loaded {args.model} in {time.time() - t0:.1f} s: {classifier.description}", file=sys.stderr)
     if texts:
         t0 = time.time()
@@ -311,18 +791,26 @@ def main(argv=None):
             print(json.dumps({"text": text, **r}) if args.json else
                   f"{r['label']:{width}}  {r['probabilities'][r['label']]:.3f}  {text}")
         seconds = time.time() - t0
-        print(f"{len(texts)} messages in {seconds:.2f} s ({len(texts) / seconds:.1f} messages/s, "
+        print(f"{len(texts)} texts in {seconds:.2f} s ({len(texts) / seconds:.1f} texts/s, "
               f"{minigpt.dtype_name(classifier.dtype)})", file=sys.stderr)
     if args.benchmark:
-        benchmark(classifier, args.benchmark)
+        benchmark(classifier, args.benchmark, args.concurrency)
     if args.serve:
-        server = make_server(classifier, args.host, args.port)
-        print(f"serving on http://{args.host}:{server.server_port} (Ctrl+C stops)", file=sys.stderr)
         try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            pass
+            server = make_server(classifier, args.host, args.port, args.token, args.max_batch,
+                                 args.max_batch_tokens, args.max_queue, args.max_connections)
+        except OSError as e:
+            raise minigpt.DataError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e
+        if not args.token and not is_loopback(args.host):
+            print(f"warning: {args.host} is reachable from other machines and there is no --token: anyone "
+                  "who can reach it can use the API and read /metrics. Set --token (or MINIGPT_TOKEN), "
+                  "and put TLS in front (README, 'Running it as a service')", file=sys.stderr)
+        print(f"serving on http://{args.host}:{server.server_port} (Ctrl+C stops)", file=sys.stderr)
+        serve(server, args.shutdown_timeout)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except minigpt.DataError as e:  # a missing or broken file, or bad input: say what to do, no traceback
+        sys.exit(f"error: {e}")

@@ -477,11 +477,15 @@ def metrics_table(metrics, classes):
     for i, c in enumerate(classes):
         lines.append(f"  {c:{width}}  {metrics['precision'][i]:9.1%}  {metrics['recall'][i]:6.1%}  "
                      f"{metrics['f1'][i]:6.1%}  {sum(metrics['confusion'][i]):8}")
-    lines.append(f"  confusion (rows: true class, columns: predicted):")
-    cell = max(5, *(len(c) for c in classes))
-    lines.append(f"  {'':{width}}  " + " ".join(f"{c:>{cell}}" for c in classes))
-    for c, row in zip(classes, metrics["confusion"]):
-        lines.append(f"  {c:{width}}  " + " ".join(f"{n:>{cell}}" for n in row))
+    short = max(len(c) for c in classes) <= 8  # long names: number the columns instead
+    heads = classes if short else [f"({i + 1})" for i in range(len(classes))]
+    rows = classes if short else [f"({i + 1}) {c}" for i, c in enumerate(classes)]
+    lines.append(f"  confusion (rows: true class, columns: predicted{'' if short else ', in the same order'}):")
+    cell = max(5, *(len(h) for h in heads))
+    width = max(len(r) for r in rows)
+    lines.append(f"  {'':{width}}  " + " ".join(f"{h:>{cell}}" for h in heads))
+    for name, row in zip(rows, metrics["confusion"]):
+        lines.append(f"  {name:{width}}  " + " ".join(f"{n:>{cell}}" for n in row))
     return lines
 
 
@@ -524,6 +528,9 @@ def base_model(meta, device):
     if meta["init"] == "random":  # no file: rebuild the same random weights from the seed
         torch.manual_seed(meta["seed"])
         return minigpt.GPT(minigpt.GPTConfig(**meta["config"])).to(device)
+    if meta.get("init_sha256") and not Path(meta["init"]).is_file():
+        raise minigpt.DataError(f"this classifier's base model {meta['init']} is missing; put it back, "
+                                "or run finetune.py again")
     if meta.get("init_sha256") and minigpt.sha256_of(meta["init"]) != meta["init_sha256"]:
         raise minigpt.DataError(f"{meta['init']} changed since this classifier was trained on it; "
                                 "run finetune.py again")
@@ -560,16 +567,29 @@ def load_classifier(out, device="cpu"):
     return model.eval(), meta
 
 
-def class_probabilities(model, meta, tokenizer, texts, device="cpu"):
-    """What a user of the classifier gets: (class probabilities, one list per text in the order of
-    meta["labels"]; token counts; truncated flags). The texts go through the same tokenization,
-    truncation, padding and pooling as in finetuning."""
+def encode_texts(meta, tokenizer, texts):
+    """What the classifier reads of each text, as in finetuning: (examples, one 1-D tensor of
+    token ids each (cut to meta["max_length"]; all max_length positions for pool "last"),
+    token counts before cutting, truncated flags)."""
     data = minigpt.PaddedDataset(texts, [0] * len(texts), tokenizer, meta["max_length"])
-    batches = Batches(examples_of(data, meta["pool"]), torch.arange(len(texts)), 64)  # "labels": indices
+    return examples_of(data, meta["pool"]), data.token_counts, data.truncated.tolist()
+
+
+def probabilities_of(model, meta, examples, device="cpu", batch_size=64):
+    """Class probabilities of encoded examples, one list per example (in the order of
+    meta["labels"]), in the order given. Batches of similar length, as in finetuning."""
+    batches = Batches(examples, torch.arange(len(examples)), batch_size)  # "labels": the indices
     order, probs = predict(model, batches, meta["pool"], 0, device)
     out = torch.empty_like(probs)
-    out[order] = probs                                         # back to the order of `texts`
-    return out.tolist(), data.token_counts, data.truncated.tolist()
+    out[order] = probs                                         # back to the order given
+    return out.tolist()
+
+
+def class_probabilities(model, meta, tokenizer, texts, device="cpu"):
+    """What a user of the classifier gets: (class probabilities, one list per text; token counts;
+    truncated flags)."""
+    examples, counts, truncated = encode_texts(meta, tokenizer, texts)
+    return probabilities_of(model, meta, examples, device), counts, truncated
 
 
 # ----------------------------------------------------------------------------------------------
@@ -722,7 +742,7 @@ def make_batches(model, meta, splits, tokenizer, args, device, dtype):
     meta["max_length"] = min(args.max_length or longest, model.cfg.context_length)
     datasets = {name: minigpt.PaddedDataset([t for _, t in part], [classes.index(label) for label, _ in part],
                                             tokenizer, meta["max_length"]) for name, part in splits.items()}
-    print(f"max length {meta['max_length']} tokens; {sum(d.lengths.sum().item() for d in datasets.values()):,} "
+    print(f"max length {meta['max_length']} tokens; {sum(int(d.lengths.sum()) for d in datasets.values()):,} "
           f"tokens in all, pooling '{args.pool}'")
     frozen = frozen_blocks(model, args.trainable)  # trainable all or lora: nothing is frozen, 0
     t0 = time.time()

@@ -90,6 +90,20 @@ class GPTConfig:
     tied_head: bool = True      # the output layer reuses the token embedding (GPT-2 does)
     embedding_std: float = 0.02 # initial spread of the token and position embeddings (GPT-2: 0.02)
 
+    def __post_init__(self):
+        """Refuse shapes no model can have, with a message (a config.json or a flag may be wrong)."""
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, not {value!r}")
+        if self.emb_dim % self.n_heads:
+            raise ValueError(f"emb_dim {self.emb_dim} is not divisible by n_heads {self.n_heads} "
+                             "(each head takes emb_dim / n_heads channels)")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be at least 0 and less than 1, not {self.dropout!r}")
+        if not self.embedding_std > 0:
+            raise ValueError(f"embedding_std must be positive, not {self.embedding_std!r}")
+
 
 PRESETS = {
     "gpt2-small": GPTConfig(emb_dim=768, n_layers=12, n_heads=12),    # 124M parameters
@@ -148,8 +162,6 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, cfg, layer):
         super().__init__()
-        if cfg.emb_dim % cfg.n_heads:
-            raise ValueError(f"emb_dim {cfg.emb_dim} is not divisible by n_heads {cfg.n_heads}")
         self.c_attn = Dense(cfg.emb_dim, 3 * cfg.emb_dim)  # query, key and value in one matmul
         self.c_proj = Dense(cfg.emb_dim, cfg.emb_dim)      # mixes the heads' outputs
         self.n_heads = cfg.n_heads
@@ -327,7 +339,7 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=Non
             next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
         else:
             if top_k is not None:
-                kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1): k-th largest
+                kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1): k-th largest
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             probs = torch.softmax(logits / temperature, dim=-1)
             next_id = torch.multinomial(probs, 1, generator=generator)
@@ -728,11 +740,14 @@ def gpt2_tensors(path):
 
 def config_from_hf(path):
     """A GPTConfig from a Hugging Face GPT-2 config.json (the head count is not in the weights)."""
-    c = json.loads(Path(path).read_text())
-    if c.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise DataError(f"{path}: activation {c['activation_function']}, but minigpt uses tanh GELU")
-    return GPTConfig(vocab_size=c["vocab_size"], context_length=c["n_positions"],
-                     emb_dim=c["n_embd"], n_heads=c["n_head"], n_layers=c["n_layer"])
+    try:
+        c = json.loads(Path(path).read_text(encoding="utf-8"))
+        if c.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise DataError(f"{path}: activation {c['activation_function']}, but minigpt uses tanh GELU")
+        return GPTConfig(vocab_size=c["vocab_size"], context_length=c["n_positions"],
+                         emb_dim=c["n_embd"], n_heads=c["n_head"], n_layers=c["n_layer"])
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise DataError(f"{path}: not a GPT-2 config.json ({type(e).__name__}: {e})") from e
 
 
 def load_weights(cfg, tensors, device="cpu"):
@@ -790,6 +805,26 @@ def convert(safetensors_path, cfg, out_dir):
     return out_dir
 
 
+def read_config(path):
+    """The GPTConfig of a converted folder's config.json, or a DataError that says what is wrong."""
+    try:
+        return GPTConfig(**json.loads(Path(path).read_text(encoding="utf-8")))
+    except (ValueError, TypeError) as e:  # not JSON, not an object, an unknown key, an impossible shape
+        raise DataError(f"{path}: not a minigpt model config ({e})") from e
+
+
+def read_npy(path):
+    """One converted parameter as a float32 array. The .npy format is a small header (dtype, shape)
+    and the raw numbers; np.load refuses pickled Python objects (they could run code) by default."""
+    try:
+        a = np.load(path)
+    except (ValueError, OSError, EOFError) as e:  # truncated, pickled, or not a .npy file at all
+        raise DataError(f"{path}: not a readable .npy file ({e}); convert the model again") from e
+    if a.dtype != np.float32:
+        raise DataError(f"{path} holds {a.dtype} numbers; converted weights are float32 (convert the model again)")
+    return a
+
+
 def gpt2_dir(name):
     """data/gpt2/<name>/ with converted weights: downloaded (or mirrored) and converted if needed.
     The mirror holds `$MINIGPT_MIRROR/<name>/model.safetensors`."""
@@ -813,8 +848,8 @@ def load_model(spec, device="cpu", **config_changes):
         cfg = replace(config_from_hf(path / "config.json"), **config_changes)
         return load_weights(cfg, gpt2_tensors(path / "model.safetensors"), device)
     if (path / "config.json").exists():
-        cfg = replace(GPTConfig(**json.loads((path / "config.json").read_text())), **config_changes)
-        return load_weights(cfg, ((p.stem, np.load(p)) for p in path.glob("*.npy")), device)
+        cfg = replace(read_config(path / "config.json"), **config_changes)
+        return load_weights(cfg, ((p.stem, read_npy(p)) for p in path.glob("*.npy")), device)
     raise DataError(f"{spec}: not a GPT-2 name ({', '.join(GPT2_FILES)}), a model folder or a checkpoint file")
 
 
@@ -1032,9 +1067,9 @@ def main(argv=None):
                         "or random (random weights of --preset's shape: for timing)")
     p.add_argument("--preset", default="gpt2-small", choices=PRESETS, help="the shape for --model random")
     p.add_argument("--prompt", default="Every effort moves you")
-    p.add_argument("--max-new-tokens", type=int, default=25)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (always the most likely token)")
-    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
+    p.add_argument("--max-new-tokens", type=positive_int, default=25)
+    p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy (always the most likely token)")
+    p.add_argument("--top-k", type=positive_int, default=None, help="sample only among the k most likely tokens")
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--no-cache", action="store_true", help="recompute every position for every token")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: the fastest available)")
@@ -1043,6 +1078,8 @@ def main(argv=None):
     p.add_argument("--compare-dtypes", action="store_true",
                    help="run the prompt and --max-new-tokens in float32 and in bfloat16: speed and logit difference")
     args = p.parse_args(argv)
+    if not args.prompt:
+        p.error("--prompt is empty: give the model some text to continue")
     device = pick_device(args.device)
     t0 = time.time()
     if args.model == "random":

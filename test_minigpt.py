@@ -9,6 +9,7 @@ Hermetic: every test writes under pytest's temporary folders. The data folder (m
 and MINIGPT_DATA for the scripts run as subprocesses) points into one for the whole session.
 """
 
+import contextlib
 import copy
 import csv
 import hashlib
@@ -16,9 +17,13 @@ import http.server
 import json
 import os
 import re
+import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
+import time
 import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import replace
@@ -967,7 +972,7 @@ def test_command_line_classifies_texts_files_and_stdin(tiny_classifier, tmp_path
     plain = run("FREE txt urgent call 0800 now", "love you, home for dinner tomorrow")
     assert plain.returncode == 0, plain.stderr
     lines = plain.stdout.splitlines()
-    assert lines[0].startswith("spam") and lines[1].startswith("ham") and "messages/s" in plain.stderr
+    assert lines[0].startswith("spam") and lines[1].startswith("ham") and "texts/s" in plain.stderr
     as_json = run("--file", str(messages), "--json", "-", input="ok thanks\n")
     results = [json.loads(line) for line in as_json.stdout.splitlines()]
     assert [r["label"] for r in results] == ["ham", "spam", "ham"]  # stdin ('-'), then the file
@@ -1127,14 +1132,391 @@ def test_three_label_api_cli_and_page(three_class_classifier, tmp_path):
         server.server_close()
 
 
-def test_a_stalled_request_gets_408_and_the_server_goes_on(tiny_classifier):
-    import socket
-    server = classify.make_server(classify.Classifier(tiny_classifier), port=0)
-    server.RequestHandlerClass.timeout = 1  # 30 s in real use
+@contextlib.contextmanager
+def running(classifier, **options):
+    """A server for `classifier` on a free port, in this process: (base URL, server)."""
+    server = classify.make_server(classifier, port=0, **options)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as s:
-        s.sendall(b"POST /api/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"text\": ")
-        assert s.recv(1000).startswith(b"HTTP/1.0 408")  # the other 90 bytes never came
-    assert call(f"http://127.0.0.1:{server.server_port}/healthz")[0] == 200
-    server.shutdown()
-    server.server_close()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def raw_request(url, data, timeout=10, then=b""):
+    """Send bytes on a fresh connection (then, after a moment, `then`); the whole answer as bytes."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(data)
+        if then:
+            time.sleep(0.3)
+            s.sendall(then)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    return answer
+
+
+def status_of(answer):
+    return int(answer.split(b" ", 2)[1])
+
+
+def json_body(answer):
+    return json.loads(answer.split(b"\r\n\r\n", 1)[1])
+
+
+@pytest.fixture(scope="module")
+def quiet_classifier(tiny_classifier):
+    return classify.Classifier(tiny_classifier)
+
+
+def test_a_stalled_or_trickled_request_gets_408_and_the_server_goes_on(quiet_classifier, monkeypatch):
+    monkeypatch.setattr(classify.Handler, "timeout", 1)  # 30 s in real use: for the whole request
+    with running(quiet_classifier) as (url, server):
+        stalled = raw_request(url, b"POST /api/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"text\": ")
+        assert status_of(stalled) == 408 and "did not arrive" in json_body(stalled)["error"]
+        host, port = url.removeprefix("http://").split(":")
+        t0 = time.monotonic()
+        with socket.create_connection((host, int(port)), timeout=10) as s:  # a byte every 0.3 s: each read is
+            s.sendall(b"POST /api/classify HTTP/1.0\r\nContent-Length: 30\r\n\r\n")  # quick, the whole is not
+            answer = b""
+            for byte in b'{"text": "trickle, trickle"}':
+                try:
+                    s.sendall(bytes([byte]))
+                except OSError:
+                    break
+                time.sleep(0.3)
+                s.setblocking(False)
+                try:
+                    answer += s.recv(1000)
+                except BlockingIOError:
+                    pass
+                s.setblocking(True)
+                if answer:
+                    break
+        assert status_of(answer) == 408 and time.monotonic() - t0 < 3
+        assert call(f"{url}/healthz")[0] == 200
+
+
+@pytest.mark.parametrize("request_bytes,status,words", [
+    (b"POST /api/classify HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 411, "chunked"),
+    (b"POST /api/classify HTTP/1.0\r\n\r\n", 411, "Content-Length"),
+    (b"POST /api/classify HTTP/1.0\r\nContent-Length: +16\r\n\r\n{\"text\": \"hi!\"}", 400, "bad Content-Length"),
+    (b"POST /api/classify HTTP/1.0\r\nContent-Length: 1_6\r\n\r\n{\"text\": \"hi!\"}", 400, "bad Content-Length"),
+    (b"POST /api/classify HTTP/1.0\r\nContent-Length: 16\r\nContent-Length: 16\r\n\r\n{\"text\": \"hi!\"}", 400,
+     "bad Content-Length"),
+    (b"TRACE / HTTP/1.0\r\n\r\n", 405, "TRACE"),
+    (b"CONNECT example.com:443 HTTP/1.0\r\n\r\n", 405, "CONNECT"),
+    (b"BREW /api/classify HTTP/1.0\r\n\r\n", 405, "BREW"),
+    (b"GARBAGE\r\n\r\n", 400, "")])
+def test_protocol_errors_get_a_json_answer(server_url, request_bytes, status, words):
+    answer = raw_request(server_url, request_bytes)
+    assert status_of(answer) == status and b"application/json" in answer.split(b"\r\n\r\n")[0]
+    assert words in json_body(answer)["error"]
+
+
+def test_nested_json_is_a_400_not_a_dropped_connection(server_url):
+    status, r = call(f"{server_url}/api/classify", ("[" * 1000 + "]" * 1000).encode())
+    assert status == 400 and "nested too deeply" in r["error"]
+    status, r = call(f"{server_url}/api/classify", ('{"text": ' + "[" * 100000 + "]" * 100000 + "}").encode())
+    assert status in (400, 413)
+
+
+def test_over_limit_bodies_get_413_at_once_and_cleanly(server_url):
+    big = 2 * 1024 * 1024
+    head = f"POST /api/classify HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {big}\r\n\r\n".encode()
+    answer = raw_request(server_url, head + b"x" * big)  # a client that sends it all, then reads (curl)
+    assert status_of(answer) == 413 and b"Connection: close" in answer
+    t0 = time.monotonic()
+    host, port = server_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:  # says 10 GB, sends none of it
+        s.sendall(head.replace(str(big).encode(), b"10000000000"))
+        assert status_of(s.recv(65536)) == 413 and time.monotonic() - t0 < 2
+
+
+def test_a_burst_of_200_connections_is_answered(server_url):
+    body = json.dumps({"text": "see you at lunch"}).encode()
+    request = b"POST /api/classify HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    host, port = server_url.removeprefix("http://").split(":")
+    sockets = []
+    for _ in range(200):  # all 200 connect at once, before the server has answered any
+        s = socket.socket()
+        s.settimeout(60)
+        s.connect_ex((host, int(port)))
+        sockets.append(s)
+    deadline = time.monotonic() + 60
+    with ThreadPoolExecutor(50) as pool:
+        def send_and_read(s):
+            try:
+                s.sendall(request)
+                s.settimeout(max(0.1, deadline - time.monotonic()))
+                answer = b""
+                while chunk := s.recv(65536):
+                    answer += chunk
+                return status_of(answer)
+            except OSError as e:
+                return repr(e)
+            finally:
+                s.close()
+        statuses = list(pool.map(send_and_read, sockets))
+    assert statuses.count(200) == 200, Counter(statuses)
+
+
+def test_client_disconnects_leave_no_traceback(quiet_classifier, capfd):
+    with running(quiet_classifier) as (url, server):
+        host, port = url.removeprefix("http://").split(":")
+        for data in (b"POST /api/classify HTTP/1.0\r\nContent-Length: 50\r\n\r\n{\"te", b"GET / HTTP/1.0\r\n"):
+            s = socket.create_connection((host, int(port)))
+            s.sendall(data)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+            s.close()
+        time.sleep(0.3)
+        assert call(f"{url}/healthz")[0] == 200
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_token_guards_the_api_and_metrics_but_not_health(quiet_classifier):
+    with running(quiet_classifier, token="s3cret") as (url, server):
+        status, r = call(f"{url}/api/classify", {"text": "hi"})
+        assert status == 401 and "token" in r["error"]
+        request = urllib.request.Request(f"{url}/api/classify", b"{}")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(request, timeout=10)
+        assert e.value.headers["WWW-Authenticate"].startswith("Bearer")
+        wrong = {"Content-Type": "application/json", "Authorization": "Bearer s3creT"}
+        assert call(f"{url}/api/classify", {"text": "hi"}, headers=wrong)[0] == 401
+        right = {"Content-Type": "application/json", "Authorization": "Bearer s3cret"}
+        status, r = call(f"{url}/api/classify", {"text": "see you at lunch"}, headers=right)
+        assert status == 200 and r["label"] == "ham"
+        assert call(f"{url}/metrics")[0] == 401 and call(f"{url}/metrics", headers=right)[0] == 200
+        assert call(f"{url}/healthz")[0] == 200 and call(f"{url}/")[0] == 200  # for load balancers; the page asks
+
+
+def slow(classifier, seconds):
+    """The same classifier, but every forward pass takes at least `seconds` (to make a queue)."""
+    slow_one = copy.copy(classifier)
+    slow_one.probabilities = lambda examples, batch_size=None: (time.sleep(seconds),
+                                                                classifier.probabilities(examples, batch_size))[1]
+    return slow_one
+
+
+def test_a_full_queue_answers_503_with_retry_after_at_once(quiet_classifier):
+    with running(slow(quiet_classifier, 1.0), max_queue=2) as (url, server):
+        def post(text):
+            t0 = time.monotonic()
+            try:
+                with urllib.request.urlopen(urllib.request.Request(f"{url}/api/classify",
+                                                                   json.dumps({"text": text}).encode()), timeout=30) as r:
+                    return r.status, None, time.monotonic() - t0
+            except urllib.error.HTTPError as e:
+                return e.code, e.headers.get("Retry-After"), time.monotonic() - t0
+        with ThreadPoolExecutor(8) as pool:
+            first = pool.submit(post, "the worker takes this one at once")
+            time.sleep(0.3)
+            answers = list(pool.map(post, [f"text {i}" for i in range(7)]))
+        assert first.result()[0] == 200
+        statuses = [status for status, _, _ in answers]
+        assert statuses.count(200) == 2 and statuses.count(503) == 5  # two fit in the queue
+        assert all(retry == "1" and seconds < 0.5 for status, retry, seconds in answers if status == 503)
+
+
+def test_batched_answers_equal_one_at_a_time_and_metrics_count_them(quiet_classifier):
+    prometheus = pytest.importorskip("prometheus_client.parser", reason="pip install -r requirements-test.txt")
+    texts = [t for _, t in synthetic_messages(12, 12, seed=3)] + ["WIN " * 40, "ok"]
+    alone = [quiet_classifier([t])[0] for t in texts]  # one by one, without a server
+    with running(slow(quiet_classifier, 0.2)) as (url, server):
+        with ThreadPoolExecutor(len(texts)) as pool:
+            crowd = list(pool.map(lambda t: call(f"{url}/api/classify", {"text": t}), texts))
+        assert all(status == 200 for status, _ in crowd)
+        for one, (_, together) in zip(alone, crowd):
+            assert one["label"] == together["label"]
+            for label in one["probabilities"]:
+                assert together["probabilities"][label] == pytest.approx(one["probabilities"][label], abs=1e-5)
+        families = {f.name: f for f in prometheus.text_string_to_metric_families(call(f"{url}/metrics")[1])}
+        requests = {(s.labels["path"], s.labels["status"]): s.value for s in families["minigpt_requests"].samples
+                    if s.name == "minigpt_requests_total"}
+        assert requests[("/api/classify", "200")] == len(texts)
+        batches = {s.name: s.value for s in families["minigpt_batch_texts"].samples if "le" not in s.labels}
+        assert batches["minigpt_batch_texts_sum"] == len(texts) and batches["minigpt_batch_texts_count"] < len(texts)
+        assert families["minigpt_texts_classified"].samples[0].value == len(texts)
+        call(f"{url}/nope")
+        again = {f.name: f for f in prometheus.text_string_to_metric_families(call(f"{url}/metrics")[1])}
+        assert any(s.labels.get("path") == "other" and s.labels.get("status") == "404" and s.value == 1
+                   for s in again["minigpt_requests"].samples)
+
+
+def start_service(classifier_dir, *options):
+    """`classify.py --serve` as its own process on a free port: (process, base URL)."""
+    process = subprocess.Popen([sys.executable, str(HERE / "classify.py"), "--model", str(classifier_dir), "--serve",
+                                "--port", "0", *options], stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:
+        if line.startswith("serving on "):
+            return process, line.split()[2]
+    raise AssertionError(f"the server did not start: {process.wait()}")
+
+
+def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(tiny_classifier):
+    process, url = start_service(tiny_classifier)
+    try:
+        body = json.dumps({"text": "see you at lunch"}).encode()
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=20) as s:
+            s.sendall(b"POST /api/classify HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body[:5]))
+            time.sleep(0.5)  # the request is in flight: half its body has come
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            s.sendall(body[5:])
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        assert status_of(answer) == 200 and json_body(answer)["label"] == "ham"
+        assert process.wait(timeout=20) == 0
+        log = process.stderr.read()
+        assert "SIGTERM: no new connections" in log and "stopped" in log
+        assert "POST /api/classify 200" in log  # the access-log line of the finished request
+    finally:
+        process.kill()
+
+
+def test_the_page_asks_for_the_token_once(tiny_classifier, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip("no browser: apt-get install chromium (.ci/run does)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (requirements-test.txt)")
+    with running(classify.Classifier(tiny_classifier), token="page-token") as (url, server), \
+            sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        page = browser.new_page()
+        page.goto(url)
+        page.fill("#text", "WIN cash PRIZE claim now call 0800")
+        page.click("#go")
+        page.wait_for_selector("#auth:not([hidden])")  # a 401: the page asks
+        page.fill("#token", "page-token")
+        page.click("#auth button")
+        page.wait_for_selector('#verdict[data-label="spam"]')
+        page.fill("#text", "see you at lunch later")
+        page.click("#go")
+        page.wait_for_selector('#verdict[data-label="ham"]')  # no second question
+        assert page.locator("#auth").is_hidden()
+        assert page.evaluate("localStorage.length + sessionStorage.length") == 0 and "page-token" not in page.content()
+        browser.close()
+
+
+# ---------------------------------------------------------------- bad input: one clear line, nothing lost
+
+def outcome(main, argv, capsys):
+    """(exit code, what the user reads) of a script's main as its `if __name__ == "__main__"` runs it:
+    argparse's usage errors exit 2, a DataError is printed as `error: ...` and exits 1."""
+    try:
+        main(argv)
+    except SystemExit as e:
+        return e.code, capsys.readouterr().err
+    except minigpt.DataError as e:
+        return 1, f"error: {e}"
+    return 0, capsys.readouterr().err
+
+
+@pytest.fixture
+def bad_inputs(tmp_path):
+    """Files a careless user might pass."""
+    sms = write_messages(tmp_path / "sms.txt", synthetic_messages(30, 15))
+    (tmp_path / "empty.txt").write_bytes(b"")
+    write_messages(tmp_path / "one-class.txt", [("ham", "a"), ("ham", "b")])
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    return tmp_path, sms
+
+
+@pytest.mark.parametrize("flags,code,words", [
+    (["--out", "/etc/hostname"], 2, "exists and is not a folder"),
+    (["--out", "/etc/hostname/x"], 2, "cannot write into"),
+    (["--out", "/proc/version/runs"], 2, "cannot write into"),
+    (["--data", "{tmp}/nope.txt"], 1, "cannot read"),
+    (["--data", "{tmp}"], 1, "is a folder"),
+    (["--data", "{tmp}/empty.txt"], 1, "is empty"),
+    (["--data", "{tmp}/one-class.txt"], 1, "at least 2 classes"),
+    (["--data", "{tmp}/latin1.txt"], 1, "line 1: not UTF-8"),
+    (["--batch-size", "0"], 2, "must be at least 1"),
+    (["--eval-every", "0"], 2, "must be at least 1"),
+    (["--lora-rank", "0"], 2, "must be at least 1"),
+    (["--max-length", "-5"], 2, "must be at least 1"),
+    (["--max-length", "0"], 2, "must be at least 1"),
+    (["--lr", "-1"], 2, "must be greater than 0"),
+    (["--lr", "nan"], 2, "not a finite number"),
+    (["--epochs", "0"], 2, "must be at least 1"),
+    (["--epochs", "-1"], 2, "must be at least 1"),
+    (["--unseen-ham", "-3"], 2, "must be at least 0"),
+    (["--device", "bogus"], 1, "not a device"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], 1, "CUDA")])
+def test_finetune_refuses_bad_input_before_any_work(bad_inputs, capsys, flags, code, words):
+    tmp, sms = bad_inputs
+    flags = [f.format(tmp=tmp) for f in flags]
+    base = ["--data", str(sms), "--init", "random", "--preset", "tiny", "--epochs", "1", "--out", str(tmp / "out")]
+    got, message = outcome(finetune.main, base + flags, capsys)
+    assert (got, words in message) == (code, True), message
+    assert "Traceback" not in message
+    assert not (tmp / "out" / "classifier.pt").exists()  # nothing was trained, nothing written
+
+
+def test_classify_refuses_bad_input(tiny_classifier, tmp_path, capsys):
+    (tmp_path / "latin1.txt").write_bytes("ok\ncaf\xe9\n".encode("latin-1"))
+    model = ["--model", str(tiny_classifier)]
+    assert outcome(classify.main, model + ["--file", str(tmp_path / "latin1.txt")], capsys)[1].startswith(
+        f"error: {tmp_path / 'latin1.txt'}, line 2: not UTF-8")
+    assert outcome(classify.main, model + ["--file", str(tmp_path)], capsys)[0] == 2  # a folder
+    assert "must be less than 65536" in outcome(classify.main, model + ["--serve", "--port", "70000"], capsys)[1]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        code, message = outcome(classify.main, model + ["--serve", "--port", str(taken.getsockname()[1])], capsys)
+    assert code == 1 and "cannot listen on 127.0.0.1" in message
+    assert "not a device" in outcome(classify.main, model + ["hi", "--device", "bogus"], capsys)[1]
+    (tmp_path / "bom.txt").write_bytes("\ufeffWIN cash PRIZE claim now\r\nsee you at lunch\r\n".encode())
+    classify.main(model + ["--json", "--file", str(tmp_path / "bom.txt")])
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line)["text"] for line in lines] == ["WIN cash PRIZE claim now", "see you at lunch"]
+
+
+def test_a_classifier_whose_base_checkpoint_is_gone_says_so(tmp_path, capsys):
+    minigpt.save_checkpoint(tmp_path / "base.pt", tiny_model(seed=1))
+    data = write_messages(tmp_path / "sms.txt", synthetic_messages(40, 20))
+    finetune.main(["--data", str(data), "--init", str(tmp_path / "base.pt"), "--trainable", "head",
+                   "--epochs", "1", "--out", str(tmp_path / "out")])
+    (tmp_path / "base.pt").unlink()
+    code, message = outcome(classify.main, ["--model", str(tmp_path / "out"), "hello"], capsys)
+    assert code == 1 and "base model" in message and "is missing" in message
+
+
+@pytest.mark.parametrize("damage,words", [
+    (lambda d: (d / "wte.weight.npy").write_bytes((d / "wte.weight.npy").read_bytes()[:1000]), "not a readable .npy"),
+    (lambda d: np.save(d / "wte.weight.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True),
+     "not a readable .npy"),
+    (lambda d: np.save(d / "wpe.weight.npy", np.load(d / "wpe.weight.npy").astype(np.float64)), "float64"),
+    (lambda d: np.save(d / "wpe.weight.npy", np.load(d / "wpe.weight.npy").astype(np.int64)), "int64"),
+    (lambda d: (d / "config.json").write_text("{not json"), "not a minigpt model config"),
+    (lambda d: (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()),
+                                                          "n_head": 2})), "unexpected keyword argument 'n_head'"),
+    (lambda d: (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()),
+                                                          "n_heads": 5})), "not divisible by n_heads 5"),
+])
+def test_a_damaged_model_folder_is_a_clear_error(tmp_path, capsys, damage, words):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    model = tiny_model()
+    for name, p in model.named_parameters():
+        np.save(folder / f"{name}.npy", p.detach().numpy())
+    (folder / "config.json").write_text(json.dumps(minigpt.asdict(model.cfg)))
+    assert outcome(minigpt.main, ["--model", str(folder), "--max-new-tokens", "2"], capsys)[0] == 0
+    damage(folder)
+    code, message = outcome(minigpt.main, ["--model", str(folder), "--max-new-tokens", "2"], capsys)
+    assert code == 1 and words in message and "Traceback" not in message
+
+
+def test_scripts_print_one_error_line_not_a_traceback(tmp_path):
+    """The `__main__` wrappers, as a user runs them."""
+    for script, args in (("finetune.py", ["--data", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o")]),
+                         ("minigpt.py", ["--model", str(tmp_path), "--device", "cpu"]),
+                         ("classify.py", ["--model", str(tmp_path), "hello"])):
+        run = subprocess.run([sys.executable, str(HERE / script), *args], capture_output=True, text=True, timeout=120)
+        last = run.stderr.strip().splitlines()[-1]
+        assert run.returncode == 1 and last.startswith("error: ") and "Traceback" not in run.stderr, run.stderr

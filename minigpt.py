@@ -7,7 +7,7 @@ text to a trained model, and leaves the plumbing for last.
   2. the model     config, attention (the maths, then the fused kernel), MLP, block, the GPT,
                    a key/value cache for generating
   3. generation    greedy, temperature and top-k sampling
-  4. data          the sliding-window dataset for pretraining, the padding dataset for classifying
+  4. data          the padding dataset for classifying (pretrain.py reads windows from token files)
   5. precision     the device, and bfloat16 where the hardware multiplies it natively
   6. training      the loss, AdamW and its parameter groups, one training loop for both scripts
   7. checkpoints   save and load a model; loss curves as an SVG file
@@ -349,23 +349,6 @@ def complete(model, tokenizer, prompt, max_new_tokens, **kwargs):
 # ----------------------------------------------------------------------------------------------
 # 4. Data as tensors: examples for the training loop.
 # ----------------------------------------------------------------------------------------------
-
-class WindowDataset(torch.utils.data.Dataset):
-    """Pretraining examples from one long token stream: windows of `max_length` ids starting every
-    `stride` ids. The target is the input shifted by one: at every position, the next token."""
-
-    def __init__(self, ids, max_length, stride):
-        self.ids = torch.as_tensor(ids, dtype=torch.long)
-        self.max_length = max_length
-        self.starts = range(0, len(ids) - max_length, stride)  # each window needs one more id as target
-
-    def __len__(self):
-        return len(self.starts)
-
-    def __getitem__(self, i):
-        s = self.starts[i]
-        return self.ids[s:s + self.max_length], self.ids[s + 1:s + self.max_length + 1]  # (L,), (L,)
-
 
 class PaddedDataset(torch.utils.data.Dataset):
     """Classification examples: texts as token ids, cut to `max_length` (default: the longest text)

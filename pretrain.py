@@ -5,12 +5,12 @@ Pretraining is next-token prediction: show the model a window of text, and at ev
 ask it for the token that comes next. The loss is the cross-entropy of the true next token; as it
 falls, the model's samples turn from random tokens into words and phrases. The story is about
 5,000 tokens, far too little to learn English; the model mostly memorises it, which is what
-makes the effect visible in minutes on a laptop CPU. Four novels (2 million tokens) are enough
+makes the effect visible in minutes on a laptop CPU. Four novels (1.7 million tokens) are enough
 for a small model to learn what English looks like: there the validation loss keeps falling.
 
     python pretrain.py                     # small model on the story, about 2 minutes on a 2-core CPU
     python pretrain.py --setting book      # the reference book's run: 124M shape, ~6 minutes
-    python pretrain.py --corpus books      # four novels: a model that generalises, ~13 minutes
+    python pretrain.py --corpus books      # four novels: a model that generalises, ~10 minutes
     python pretrain.py --text my.txt docs/ # your own UTF-8 files (folders: every *.txt inside)
     python pretrain.py --corpus books --resume                   # continue a stopped run
     torchrun --nproc_per_node=4 pretrain.py --corpus books       # 4 processes, DistributedDataParallel
@@ -633,7 +633,8 @@ def pretrain(args, device, rank, world, distributed):
     minigpt.svg_plot(args.out / "loss.svg", {"train": (report["seen"], report["train"]),
                                              "validation": (report["seen"], report["validation"])},
                      "tokens seen", "cross-entropy loss",
-                     f"Pretraining the {args.preset} model on {len(train_ids) + len(validation_ids):,} tokens")
+                     f"Pretraining a {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-parameter GPT on "
+                     f"{token_folder.name.rsplit('-', 1)[0]}: {len(train_ids) + len(validation_ids):,} tokens")
     if not finished:
         minigpt.write_text(args.out / "history.json", json.dumps(report, indent=1))
         print(f"Stopped after step {state['step']:,} of {total:,}; saved {args.out / 'model.pt'}. To continue: "

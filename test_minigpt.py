@@ -291,13 +291,6 @@ def test_generation_stops_at_end_of_text():
 
 # ---------------------------------------------------------------- data and training
 
-def test_window_dataset_inputs_and_shifted_targets():
-    ds = minigpt.WindowDataset(list(range(10)), max_length=4, stride=3)
-    assert len(ds) == 2
-    x, y = ds[1]
-    assert x.tolist() == [3, 4, 5, 6] and y.tolist() == [4, 5, 6, 7]
-
-
 def test_padded_dataset(tokenizer):
     ds = minigpt.PaddedDataset(["hi there", "a much longer message than that", ""], [0, 1, 0], tokenizer, 5)
     assert ds.ids.shape == (3, 5)
@@ -601,6 +594,23 @@ def test_pretrain_runs_and_writes_its_files(tmp_path, monkeypatch, capsys):
     assert model.cfg.context_length == 32
     ET.parse(tmp_path / "loss.svg")
     assert json.loads((tmp_path / "history.json").read_text())["train"]
+
+
+def test_windows_shift_targets_share_steps_and_continue():
+    ids = np.arange(100, dtype="<u2")
+    x, y = pretrain.window_batch(ids, [3, 50], 4)
+    assert x.tolist() == [[3, 4, 5, 6], [50, 51, 52, 53]] and y.tolist() == [[4, 5, 6, 7], [51, 52, 53, 54]]
+    first = lambda batches: sorted(int(s) for x, _ in batches for s in x[:, 0])  # the windows' starts
+    for how in ("random", "sliding"):
+        # 2 processes x 2 micro-batches x 3 windows, or 1 process x 2 x 6: the same 12 windows a step.
+        two = [list(pretrain.Windows(ids, 4, 3, 2, rank, 2, seed=0, how=how)) for rank in (0, 1)]
+        one = list(pretrain.Windows(ids, 4, 6, 2, 0, 1, seed=0, how=how))
+        assert len(one) == len(two[0]) == 4  # 24 side-by-side windows: 2 steps of 12 per epoch
+        assert first(one[:2]) == first(two[0][:2] + two[1][:2]) and first(two[0][:2]) != first(two[1][:2])
+        continued = pretrain.Windows(ids, 4, 6, 2, 0, 1, seed=0, how=how)
+        continued.step = 1  # as after resuming at step 1: the rest of the epoch
+        assert first(continued) == first(one[2:])
+    assert first(one) == list(range(0, 96, 4))  # sliding (the last): each window once per epoch
 
 
 def english(n_words, seed=0):

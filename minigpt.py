@@ -7,7 +7,7 @@ text to a trained model, and leaves the plumbing for last.
   2. the model     config, attention (the maths, then the fused kernel), MLP, block, the GPT,
                    a key/value cache for generating
   3. generation    greedy, temperature and top-k sampling
-  4. data          the sliding-window dataset for pretraining, the padding dataset for classifying
+  4. data          the padding dataset for classifying (pretrain.py reads windows from token files)
   5. precision     the device, and bfloat16 where the hardware multiplies it natively
   6. training      the loss, AdamW and its parameter groups, one training loop for both scripts
   7. checkpoints   save and load a model; loss curves as an SVG file
@@ -363,23 +363,6 @@ def complete(model, tokenizer, prompt, max_new_tokens, **kwargs):
 # 4. Data as tensors: examples for the training loop.
 # ----------------------------------------------------------------------------------------------
 
-class WindowDataset(torch.utils.data.Dataset):
-    """Pretraining examples from one long token stream: windows of `max_length` ids starting every
-    `stride` ids. The target is the input shifted by one: at every position, the next token."""
-
-    def __init__(self, ids, max_length, stride):
-        self.ids = torch.as_tensor(ids, dtype=torch.long)
-        self.max_length = max_length
-        self.starts = range(0, len(ids) - max_length, stride)  # each window needs one more id as target
-
-    def __len__(self):
-        return len(self.starts)
-
-    def __getitem__(self, i):
-        s = self.starts[i]
-        return self.ids[s:s + self.max_length], self.ids[s + 1:s + self.max_length + 1]  # (L,), (L,)
-
-
 class PaddedDataset(torch.utils.data.Dataset):
     """Classification examples: texts as token ids, cut to `max_length` (default: the longest text)
     and padded on the right with <|endoftext|> to that length, plus labels and real lengths.
@@ -526,12 +509,18 @@ def lm_loss(model, batch, device, dtype=torch.float32):
 
 @torch.no_grad()
 def evaluate(model, loss_fn, batches, max_batches=None):
-    """Mean loss over (at most `max_batches` of) `batches`, in eval mode (no dropout)."""
+    """Mean loss per example over (at most `max_batches` of) `batches`, in eval mode (no dropout).
+    Each batch's mean loss is weighted by its size (len(batch[0])), so a short last batch counts
+    for what it holds, and the result does not depend on how the examples were batched."""
     was_training = model.training
     model.eval()
-    losses = [loss_fn(batch).item() for _, batch in zip(range(max_batches or 10**9), batches)]
+    total = 0.0
+    examples = 0
+    for _, batch in zip(range(max_batches or 10**9), batches):
+        total += loss_fn(batch).item() * len(batch[0])
+        examples += len(batch[0])
     model.train(was_training)
-    return sum(losses) / max(len(losses), 1)
+    return total / max(examples, 1)
 
 
 def cosine_lr(step, total_steps, peak_lr, warmup_steps, min_lr=0.0):
@@ -562,41 +551,71 @@ def adamw(model, lr, weight_decay, device, betas=(0.9, 0.999)):
 
 
 def train(model, optimizer, loss_fn, train_batches, epochs, eval_every, eval_sets, count, eval_batches=None,
-          lr_at=None, clip=None, on_epoch_end=None):
-    """The training loop, shared by pretraining and finetuning.
+          lr_at=None, clip=None, on_epoch_end=None, max_steps=None, grad_accum=1, no_sync=None, state=None,
+          on_step_end=None):
+    """The training loop, shared by pretraining and finetuning. Returns the history: step, seen
+    and each eval set's loss at every evaluation.
 
-    loss_fn(batch) -> scalar loss. train_batches is re-iterated every epoch (a shuffling
-    DataLoader gives a new order each time). Every `eval_every` steps it prints the mean loss over
-    (at most `eval_batches` batches of) each of eval_sets, e.g. {"train": ..., "validation": ...}.
+    loss_fn(batch) -> scalar loss. One optimizer step sums the gradients of `grad_accum`
+    micro-batches from train_batches (each loss divided by grad_accum, so the sum is their mean:
+    the same gradient as one batch grad_accum times as big, in a fraction of the memory).
+    An epoch is one pass over train_batches (a shuffling DataLoader gives a new order each time):
+    len(train_batches) // grad_accum steps. The run takes `epochs` epochs, or `max_steps` steps,
+    whichever ends first (either may be None).
+    Every `eval_every` steps, and after the last, it prints the mean loss over (at most
+    `eval_batches` batches of) each of eval_sets, e.g. {"train": ..., "validation": ...}; with no
+    eval_sets it says nothing.
     count(batch) is how many things a batch holds (tokens, examples): `seen` adds them up.
-    lr_at(step) -> learning rate, and clip (max gradient norm) are optional. on_epoch_end(epoch)
-    runs after each epoch (a sample, an accuracy).
-    Returns the history: step, seen and each eval set's loss at every evaluation.
+    lr_at(step) -> learning rate, and clip (max gradient norm) are optional.
+    on_epoch_end(epoch) runs after each epoch (a sample, an accuracy); on_step_end(state) after
+    each step (save a checkpoint, say how fast); if it returns True, training stops there.
+    no_sync(): a context in which backward leaves the gradients unshared between processes
+    (DistributedDataParallel.no_sync); every micro-batch but a step's last runs in it.
+
+    state: where training stands, {"step": steps done, "seen", "seconds": time spent in steps,
+    "history"}, updated in place; pass {} to start, and read it afterwards. Pass the state of an
+    earlier, stopped run to continue it: train_batches must then continue from the same place
+    (pretrain.py's windows do).
     """
-    history = {"step": [], "seen": [], **{name: [] for name in eval_sets}}
-    step = -1
-    seen = 0
+    steps_per_epoch = len(train_batches) // grad_accum
+    total = min(epochs * steps_per_epoch if epochs else math.inf, max_steps or math.inf)
+    state = {} if state is None else state
+    if not state:  # a new run
+        state.update(step=0, seen=0, seconds=0.0, history={"step": [], "seen": [], **{name: [] for name in eval_sets}})
+    history = state["history"]
+    batches = None
     model.train()
-    for epoch in range(1, epochs + 1):
-        for batch in train_batches:
-            step += 1
-            if lr_at is not None:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step)
-            optimizer.zero_grad(set_to_none=True)
-            loss_fn(batch).backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            optimizer.step()
-            seen += count(batch)
-            if step % eval_every == 0:
-                losses = {name: evaluate(model, loss_fn, batches, eval_batches) for name, batches in eval_sets.items()}
-                for key, value in {"step": step, "seen": seen, **losses}.items():
-                    history[key].append(value)
-                print(f"Ep {epoch} (Step {step:06d}): " +
-                      ", ".join(f"{name.capitalize()} loss {loss:.3f}" for name, loss in losses.items()))
-        if on_epoch_end is not None:
+    while state["step"] < total:
+        step = state["step"]                       # counted from 0
+        epoch = step // steps_per_epoch + 1
+        if batches is None or step % steps_per_epoch == 0:
+            batches = iter(train_batches)          # a new epoch (or a continued one)
+        start = time.perf_counter()
+        if lr_at is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
+        optimizer.zero_grad(set_to_none=True)
+        for i in range(grad_accum):
+            batch = next(batches)
+            last = i == grad_accum - 1             # only the last micro-batch shares gradients
+            with (contextlib.nullcontext() if last or no_sync is None else no_sync()):
+                (loss_fn(batch) / grad_accum).backward()
+            state["seen"] += count(batch)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        state["step"] += 1
+        state["seconds"] += time.perf_counter() - start
+        if eval_sets and (step % eval_every == 0 or state["step"] == total):  # and after the last step
+            losses = {name: evaluate(model, loss_fn, data, eval_batches) for name, data in eval_sets.items()}
+            for key, value in {"step": step, "seen": state["seen"], **losses}.items():
+                history[key].append(value)
+            print(f"Ep {epoch} (Step {step:06d}): " +
+                  ", ".join(f"{name.capitalize()} loss {loss:.3f}" for name, loss in losses.items()))
+        if on_epoch_end is not None and state["step"] % steps_per_epoch == 0:
             on_epoch_end(epoch)
+        if on_step_end is not None and on_step_end(state):
+            break
     return history
 
 

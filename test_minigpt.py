@@ -298,13 +298,6 @@ def test_generation_stops_at_end_of_text():
 
 # ---------------------------------------------------------------- data and training
 
-def test_window_dataset_inputs_and_shifted_targets():
-    ds = minigpt.WindowDataset(list(range(10)), max_length=4, stride=3)
-    assert len(ds) == 2
-    x, y = ds[1]
-    assert x.tolist() == [3, 4, 5, 6] and y.tolist() == [4, 5, 6, 7]
-
-
 def test_padded_dataset(tokenizer):
     ds = minigpt.PaddedDataset(["hi there", "a much longer message than that", ""], [0, 1, 0], tokenizer, 5)
     assert ds.ids.shape == (3, 5)
@@ -321,7 +314,8 @@ def test_loss_falls_when_overfitting_a_tiny_batch(capsys):
     loss = lambda b: minigpt.lm_loss(model, b, "cpu")
     history = minigpt.train(model, opt, loss, [batch], epochs=40, eval_every=10, eval_sets={"train": [batch]},
                             count=lambda b: b[0].numel())
-    assert history["seen"][-1] == 31 * 64 and history["train"][0] > 10
+    assert history["step"] == [0, 10, 20, 30, 39] and history["seen"][-1] == 40 * 64  # and after the last step
+    assert history["train"][0] > 10
     assert history["train"][-1] < 0.5 * history["train"][0]
     assert "Ep 1 (Step 000000): Train loss" in capsys.readouterr().out
 
@@ -593,9 +587,11 @@ def test_real_gpt2_small_greedy_continuation(tokenizer):
 
 # ---------------------------------------------------------------- pretrain.py
 
+import pretrain  # noqa: E402  (here, next to the tests that use it)
+
+
 @needs_mirror
 def test_pretrain_runs_and_writes_its_files(tmp_path, monkeypatch, capsys):
-    import pretrain
     monkeypatch.setenv("MINIGPT_MIRROR", str(MIRROR))
     pretrain.main(["--preset", "tiny", "--context-length", "32", "--epochs", "1", "--eval-every", "20",
                    "--out", str(tmp_path)])
@@ -605,6 +601,183 @@ def test_pretrain_runs_and_writes_its_files(tmp_path, monkeypatch, capsys):
     assert model.cfg.context_length == 32
     ET.parse(tmp_path / "loss.svg")
     assert json.loads((tmp_path / "history.json").read_text())["train"]
+
+
+def test_windows_shift_targets_share_steps_and_continue():
+    ids = np.arange(100, dtype="<u2")
+    x, y = pretrain.window_batch(ids, [3, 50], 4)
+    assert x.tolist() == [[3, 4, 5, 6], [50, 51, 52, 53]] and y.tolist() == [[4, 5, 6, 7], [51, 52, 53, 54]]
+    first = lambda batches: sorted(int(s) for x, _ in batches for s in x[:, 0])  # the windows' starts
+    for how in ("random", "sliding"):
+        # 2 processes x 2 micro-batches x 3 windows, or 1 process x 2 x 6: the same 12 windows a step.
+        two = [list(pretrain.Windows(ids, 4, 3, 2, rank, 2, seed=0, how=how)) for rank in (0, 1)]
+        one = list(pretrain.Windows(ids, 4, 6, 2, 0, 1, seed=0, how=how))
+        assert len(one) == len(two[0]) == 4  # 24 side-by-side windows: 2 steps of 12 per epoch
+        assert first(one[:2]) == first(two[0][:2] + two[1][:2]) and first(two[0][:2]) != first(two[1][:2])
+        continued = pretrain.Windows(ids, 4, 6, 2, 0, 1, seed=0, how=how)
+        continued.step = 1  # as after resuming at step 1: the rest of the epoch
+        assert first(continued) == first(one[2:])
+    assert first(one) == list(range(0, 96, 4))  # sliding (the last): each window once per epoch
+
+
+def english(n_words, seed=0):
+    """Made-up text with lines and paragraphs: sentences of common words."""
+    rng = np.random.default_rng(seed)
+    words = "the a man woman house sea ship book letter said walked saw old new long day night".split()
+    lines = []
+    for i in range(n_words // 8):
+        sentence = " ".join(rng.choice(words, 8))
+        lines.append(sentence.capitalize() + (".\n\n" if i % 5 == 4 else ".\n"))
+    return "".join(lines)
+
+
+def test_text_pieces_tokenize_exactly_like_the_whole_text(tmp_path, tokenizer):
+    body = ("Chapter 1\n\n\n  Indented line.\n\tTabbed.\nA line ending in spaces   \nNext\n\n"
+            "<|endoftext|>\nCafé, naïve—“quotes”.\n\n\nThe end\n") * 20
+    book = tmp_path / "book.txt"
+    book.write_bytes(("Project Gutenberg license header\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\n"
+                      + body + "*** END OF THIS PROJECT GUTENBERG EBOOK X ***\nlicense footer\n")
+                     .replace("\n", "\r\n").encode())
+    pieces = list(pretrain.text_pieces(book, size=30))
+    assert len(pieces) > 20 and "".join(pieces) == body  # header and footer gone, CRLF read as \n
+    whole = tokenizer.encode(body, allowed_special={"<|endoftext|>"})
+    assert [i for p in pieces for i in tokenizer.encode(p, allowed_special={"<|endoftext|>"})] == whole
+    plain = tmp_path / "plain.txt"
+    plain.write_text(body)  # no Gutenberg lines: all of it
+    assert "".join(pretrain.text_pieces(plain, size=30)) == body
+
+
+def test_token_files_split_every_document_and_are_reused(tmp_path, tokenizer, capsys):
+    folder = tmp_path / "texts"
+    (folder / "more").mkdir(parents=True)
+    texts = {"a.txt": english(400, 1), "more/b.txt": english(300, 2)}
+    for name, text in texts.items():
+        (folder / name).write_text(text)
+    (folder / "notes.md").write_text("not a .txt file")
+    args = ["--text", str(folder), "--prepare-only", "--context-length", "8"]
+    assert pretrain.main(args) is None
+    [out] = (minigpt.DATA_DIR / "tokens").glob("texts-*")
+    meta = json.loads((out / "tokens.json").read_text())
+    train = np.fromfile(out / "train.bin", dtype="<u2").tolist()
+    validation = np.fromfile(out / "validation.bin", dtype="<u2").tolist()
+    a, b = (tokenizer.encode(texts[name]) for name in ("a.txt", "more/b.txt"))
+    ka, kb = int(0.9 * len(a)), int(0.9 * len(b))
+    assert train == a[:ka] + [minigpt.EOT] + b[:kb]                 # documents joined with <|endoftext|>
+    assert validation == a[ka:] + [minigpt.EOT] + b[kb:]            # the last 10 % of each document
+    assert meta["train_tokens"] == len(train) and meta["validation_tokens"] == len(validation)
+    assert [d["sha256"] for d in meta["documents"]] == [minigpt.sha256_of(folder / n) for n in texts]
+    assert "Reusing" not in capsys.readouterr().out
+    pretrain.main(args)
+    assert f"Reusing the token files in {out}" in capsys.readouterr().out
+    (folder / "a.txt").write_text(texts["a.txt"] + "Changed.\n")  # other sources: other files
+    pretrain.main(args)
+    assert len(list((minigpt.DATA_DIR / "tokens").glob("texts-*"))) == 2
+
+
+def test_bad_text_gives_a_clear_error(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "short.txt").write_text("Too short.\n")
+    for given, message in ((tmp_path / "latin1.txt", "is not UTF-8 text"), (tmp_path / "empty", r"no \*\.txt files"),
+                           (tmp_path / "missing.txt", "no such file"), (tmp_path / "short.txt", "too little text")):
+        with pytest.raises(minigpt.DataError, match=message):
+            pretrain.main(["--text", str(given), "--context-length", "8"])
+
+
+def test_flops_per_token_counts_the_output_layer_once_and_no_lookup_tables():
+    tied = minigpt.GPT(TINY)
+    flops, n = pretrain.flops_per_token(tied)
+    assert n == sum(p.numel() for p in tied.parameters()) - TINY.context_length * TINY.emb_dim
+    assert flops == 6 * n + 12 * TINY.n_layers * TINY.context_length * TINY.emb_dim
+    untied = minigpt.GPT(replace(TINY, tied_head=False))
+    assert pretrain.flops_per_token(untied)[1] == n  # its token table is looked up, its head multiplies
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    (folder / "long.txt").write_text(english(2000))  # ~2,400 tokens: random windows, all in one epoch
+    (folder / "short.txt").write_text(english(240))  # ~290 tokens: 3 steps per epoch of sliding windows
+    return folder
+
+
+def weights(path):
+    return minigpt.load_checkpoint(path)[0].state_dict()
+
+
+@pytest.mark.parametrize("windows", ["random", "sliding"])
+def test_stopped_and_resumed_run_equals_an_uninterrupted_one(small_corpus, tmp_path, monkeypatch, capsys, windows):
+    """Ctrl+C during step 2, --stop-at 4, then to the end (6 steps): bit for bit the same weights and
+    losses as one run, in float32 on a CPU; dropout and gradient accumulation on, so that every
+    generator and the data position must be restored. Plain python runs no distributed code."""
+    monkeypatch.setattr(torch.distributed, "init_process_group", None)  # calling it would fail
+    text = small_corpus / ("long.txt" if windows == "random" else "short.txt")
+    plan = ["--text", str(text), "--preset", "tiny", "--context-length", "16", "--batch-size", "2",
+            "--grad-accum", "2", "--dropout", "0.1", "--max-steps", "6", "--windows", windows,
+            "--eval-every", "2", "--eval-windows", "4", "--dtype", "float32"]
+    assert pretrain.main(plan + ["--out", str(tmp_path / "whole")]) is None
+
+    lm_loss = minigpt.lm_loss
+    calls = []
+
+    def ctrl_c_in_step_2(*a, **k):
+        if torch.is_grad_enabled():  # a training micro-batch; 2 per step
+            calls.append(1)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+        return lm_loss(*a, **k)
+
+    out = ["--out", str(tmp_path / "sessions")]
+    monkeypatch.setattr(minigpt, "lm_loss", ctrl_c_in_step_2)
+    assert pretrain.main(plan + out) == 130
+    monkeypatch.setattr(minigpt, "lm_loss", lm_loss)
+    assert minigpt.load_checkpoint(tmp_path / "sessions" / "model.pt")[1]["training"]["state"]["step"] == 2
+    with pytest.raises(minigpt.DataError, match="trained with --lr 0.002, not 0.01"):
+        pretrain.main(out + ["--resume", "--lr", "0.01"])
+    assert pretrain.main(out + ["--resume", "--stop-at", "4", "--save-every", "3"]) is None
+    log = capsys.readouterr().out
+    assert "Resuming" in log and "Saved step 3" in log and "Stopped after step 4 of 6" in log
+    assert pretrain.main(out + ["--resume"]) is None
+    assert "Final loss" in capsys.readouterr().out
+
+    whole, resumed = weights(tmp_path / "whole" / "model.pt"), weights(tmp_path / "sessions" / "model.pt")
+    assert all(torch.equal(whole[name], resumed[name]) for name in whole)
+    histories = [json.loads((tmp_path / run / "history.json").read_text()) for run in ("whole", "sessions")]
+    assert histories[0]["validation"] == histories[1]["validation"] and len(histories[0]["validation"]) == 4
+    assert pretrain.main(out + ["--resume"]) is None
+    assert "has finished all its 6 steps" in capsys.readouterr().out
+
+
+def test_torchrun_two_processes_match_one_process(small_corpus, tmp_path):
+    """torchrun, 2 CPU processes (gloo, loopback only), 2 windows each per step, against one process
+    with 4 windows per step, and with 2 micro-batches of 2: the same losses and weights to float
+    tolerance. The checkpoint is saved once and loads in minigpt.py."""
+    plan = ["--text", str(small_corpus / "long.txt"), "--preset", "tiny", "--context-length", "16",
+            "--max-steps", "4", "--windows", "random", "--eval-every", "2", "--eval-windows", "4",
+            "--save-every", "2", "--dtype", "float32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if sys.platform == "linux":
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(HERE / "pretrain.py"), *plan, "--batch-size", "2", "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=120, env=env, cwd=HERE)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 windows x 1 micro-batches x 2 process(es) = 4 windows" in run.stdout
+    assert run.stdout.count("Final loss") == 1  # process 0 alone reports
+    pretrain.main(plan + ["--batch-size", "4", "--out", str(tmp_path / "one")])
+    pretrain.main(plan + ["--batch-size", "2", "--grad-accum", "2", "--out", str(tmp_path / "accum")])
+    reference = json.loads((tmp_path / "one" / "history.json").read_text())
+    one = weights(tmp_path / "one" / "model.pt")
+    for run in ("two", "accum"):
+        history = json.loads((tmp_path / run / "history.json").read_text())
+        assert history["validation"] == pytest.approx(reference["validation"], abs=1e-4)
+        assert history["final_loss"] == pytest.approx(reference["final_loss"], abs=1e-4)
+        other = weights(tmp_path / run / "model.pt")
+        assert all(torch.allclose(other[name], one[name], atol=1e-4) for name in one)
+    generated = subprocess.run([sys.executable, "minigpt.py", "--model", str(tmp_path / "two" / "model.pt"),
+                                "--max-new-tokens", "5", "--prompt", "The sea"],
+                               capture_output=True, text=True, timeout=60, cwd=HERE)
+    assert generated.returncode == 0 and generated.stdout.startswith("The sea"), generated.stderr
 
 
 # ---------------------------------------------------------------- finetune.py

@@ -12,11 +12,17 @@ produce the one position the head reads, so it projects keys and values at every
 runs the attention, c_proj and MLP at that one position only (block_at). The maths is the same as
 the full forward pass (test_minigpt.py checks it to 1e-5); the work is a fraction.
 
+--trainable lora trains low-rank adapters on every layer of every block instead, and qlora does
+the same on a base whose frozen layers are stored in 4 bits (NF4, from QLoRA): GPT-2 XL's 1.5
+billion parameters then take 1.2 GB of memory instead of 6.2 GB. Nothing is frozen below the
+adapters, so for these two every pass runs the whole model.
+
     python finetune.py                                   # GPT-2 124M, last block, 5 epochs, SMS spam
     python finetune.py --init random                     # same work, random weights (offline)
     python finetune.py --init runs/pretrain/model.pt --trainable all
     python finetune.py --data tickets.csv --text-column body --label-column team   # your labels
     python finetune.py --data books --init random        # which of six books a passage is from
+    python finetune.py --init random --preset gpt2-xl --trainable qlora --max-steps 20 --unseen-ham 0
 
 Data: UCI's SMS Spam Collection by default, balanced to 747 ham + 747 spam, split 70/10/20;
 or a CSV/TSV file with a header, or `label<TAB>text` lines, with any labels, split stratified.
@@ -25,6 +31,7 @@ Writes classifier.pt (only what finetuning changed), metrics.json, plots and the
 
 import argparse
 import csv
+import ctypes
 import io
 import json
 import math
@@ -39,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import minigpt
 
@@ -273,7 +281,7 @@ def book_passages(per_class=600, seed=123):
 # 2. The classifier: GPT-2 with a 2-way head, and which of its parameters train.
 # ----------------------------------------------------------------------------------------------
 
-TRAINABLE = ("head", "last_block", "last_two_blocks", "all", "lora")
+TRAINABLE = ("head", "last_block", "last_two_blocks", "all", "lora", "qlora")
 POOLS = ("last", "last_real", "mean")
 
 
@@ -289,13 +297,121 @@ class LoRA(nn.Module):
     def __init__(self, dense, rank, alpha):
         super().__init__()
         self.dense = dense
-        n_in, n_out = dense.weight.shape
+        n_in, n_out = dense.shape if isinstance(dense, NF4Dense) else dense.weight.shape
         self.A = nn.Parameter(torch.empty(n_in, rank).uniform_(-n_in ** -0.5, n_in ** -0.5))
         self.B = nn.Parameter(torch.zeros(rank, n_out))
         self.scale = alpha / rank
 
     def forward(self, x):
         return self.dense(x) + self.scale * ((x @ self.A) @ self.B)  # (..., in) -> (..., out)
+
+
+# QLoRA (Dettmers et al. 2023): LoRA on a base whose frozen Dense weights are stored in 4 bits.
+# A weight matrix is cut into blocks of 64 weights; each block is divided by its largest |weight|
+# (its absmax, "scale"), and each weight, now in [-1, 1], is replaced by the index of the nearest of
+# 16 code values, 4 bits. The code values are NF4, "4-bit NormalFloat": quantiles of N(0, 1) scaled
+# to [-1, 1], so that each is about equally used by normally distributed weights; 0 is exact.
+# The scales (one float32 per 64 weights, 0.5 bit a weight) are quantized again ("double
+# quantization"): minus their mean, in groups of 256, to 8 bits each against the group's largest
+# |scale - mean|, stored as one float32. Bits per weight: 4 + 8/64 + 32/(64 * 256) = 4.127.
+
+NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+                    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0])  # (16,), ascending
+# A byte holds two codes, the first in its high 4 bits: row b of NF4_PAIRS is the two values byte b
+# stands for, so one lookup per byte unpacks and decodes (3x faster than unpacking, then looking up).
+NF4_PAIRS = torch.stack((NF4.repeat_interleave(16), NF4.repeat(16)), dim=1)  # (256, 2)
+BLOCK = 64         # weights per absmax scale
+SCALE_BLOCK = 256  # scales per float32 in the double quantization
+
+
+def nf4_quantize(w):
+    """A weight matrix (in, out) in NF4: a dict of four tensors. For n = in * out weights (padded
+    with zeros to whole blocks: zeros change no absmax), nb = n / 64 blocks, ng = nb / 256 groups:
+
+        codes         (n / 2,)      uint8    two 4-bit indices into NF4 per byte        n / 2 bytes
+        scale_codes   (ng * 256,)   int8     each block's absmax minus the mean          nb bytes
+        scale_scales  (ng,)         float32  each group's largest |absmax - mean|        4 ng bytes
+        scale_mean    ()            float32  the mean absmax                            4 bytes
+
+    GPT-2 XL's c_fc (1600, 6400): 5,120,000 + 160,000 + 2,500 + 4 bytes instead of 40,960,000.
+    """
+    flat = w.detach().float().flatten()
+    flat = F.pad(flat, (0, -len(flat) % BLOCK))                       # (nb * 64,)
+    blocks = flat.view(-1, BLOCK)                                     # (nb, 64)
+    absmax = blocks.abs().amax(dim=1)                                 # (nb,)
+    scaled = blocks / absmax.clamp_min(1e-30)[:, None]                # (nb, 64) in [-1, 1]
+    code_values = NF4.to(w.device)
+    between = (code_values[1:] + code_values[:-1]) / 2                # (15,) midpoints of neighbours
+    codes = torch.bucketize(scaled, between, out_int32=True).to(torch.uint8).flatten()  # (nb * 64,): nearest
+    # Double quantization of the scales: centred on their mean, so that the 8 bits spread over their
+    # differences (all absmaxes are positive and alike); int8 steps of (group's largest) / 127.
+    mean = absmax.mean()                                              # ()
+    centred = F.pad(absmax - mean, (0, -len(absmax) % SCALE_BLOCK)).view(-1, SCALE_BLOCK)  # (ng, 256)
+    scale_scales = centred.abs().amax(dim=1)                          # (ng,)
+    scale_codes = torch.round(centred / scale_scales.clamp_min(1e-30)[:, None] * 127)     # (ng, 256)
+    return {"codes": codes[0::2] << 4 | codes[1::2],                  # (nb * 32,): first code high
+            "scale_codes": scale_codes.to(torch.int8).flatten(), "scale_scales": scale_scales,
+            "scale_mean": mean}
+
+
+def nf4_dequantize(q, shape, dtype=torch.float32):
+    """The weight matrix `shape` (in, out) back from nf4_quantize's dict, in `dtype`:
+    NF4[code] * (scale_code / 127 * scale_scale + mean) for each weight."""
+    centred = q["scale_codes"].view(-1, SCALE_BLOCK) / 127 * q["scale_scales"][:, None]  # (ng, 256)
+    scales = (centred + q["scale_mean"]).flatten()                    # (ng * 256,): each block's absmax
+    values = NF4_PAIRS.to(q["codes"].device).index_select(0, q["codes"].int())  # (nb * 32, 2) in [-1, 1]
+    w = values.view(-1, BLOCK).mul_(scales[:len(values) * 2 // BLOCK, None])    # (nb, 64)
+    return w.flatten()[:math.prod(shape)].view(shape).to(dtype)      # (in, out)
+
+
+def compute_dtype(x):
+    """The dtype a matrix product with x runs in: autocast's where it is on, else x's own."""
+    on = torch.is_autocast_enabled(x.device.type)
+    return torch.get_autocast_dtype(x.device.type) if on else x.dtype
+
+
+class NF4Matmul(torch.autograd.Function):
+    """x @ W for the frozen NF4 weight W of `layer`, dequantized for the product and again for the
+    backward pass (the gradient for x is grad @ Wᵀ). Plain autograd would keep every dequantized W
+    from the forward pass to the backward: the whole float32 model again."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer, ctx.dtype = layer, x.dtype
+        return x @ layer.dequantize(compute_dtype(x))                 # (..., in) -> (..., out)
+
+    @staticmethod
+    def backward(ctx, grad):                                          # grad: (..., out)
+        return (grad @ ctx.layer.dequantize(grad.dtype).T).to(ctx.dtype), None  # (..., in); W has none
+
+
+class NF4Dense(nn.Module):
+    """A frozen Dense layer, y = x @ W + bias, with W (in, out) stored in NF4 (the buffers are
+    nf4_quantize's dict) and the bias in float. Built empty; filled by load_nf4."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.shape = (n_in, n_out)
+        n_blocks = -(-n_in * n_out // BLOCK)                          # rounded up
+        n_groups = -(-n_blocks // SCALE_BLOCK)
+        self.register_buffer("codes", torch.zeros(n_blocks * BLOCK // 2, dtype=torch.uint8))
+        self.register_buffer("scale_codes", torch.zeros(n_groups * SCALE_BLOCK, dtype=torch.int8))
+        self.register_buffer("scale_scales", torch.zeros(n_groups))
+        self.register_buffer("scale_mean", torch.zeros(()))
+        self.bias = nn.Parameter(torch.zeros(n_out), requires_grad=False)
+
+    def dequantize(self, dtype=torch.float32):
+        return nf4_dequantize(dict(self.named_buffers()), self.shape, dtype)  # (in, out)
+
+    def forward(self, x):
+        return NF4Matmul.apply(x, self) + self.bias                  # (..., in) -> (..., out)
+
+
+def dense_layers(block):
+    """(module, name) of each Dense layer of a block: the attention's two, the MLP's two."""
+    return (block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")
 
 
 def frozen_blocks(model, trainable):
@@ -306,17 +422,21 @@ def frozen_blocks(model, trainable):
 
 def make_classifier(model, trainable, n_classes=2, lora_rank=16, lora_alpha=16):
     """Turn a GPT into a classifier in place: a new head with one output per class, and only
-    `trainable` parts train."""
+    `trainable` parts train. For qlora, `model` comes with NF4Dense layers (load_nf4); LoRA goes
+    around them as for lora."""
     model.lm_head = nn.Linear(model.cfg.emb_dim, n_classes).to(model.wte.weight.device)  # untied, new
     model.requires_grad_(trainable == "all")
-    if trainable == "lora":  # low-rank updates on every Dense layer of every block
+    if trainable in ("lora", "qlora"):  # low-rank updates on every Dense (or NF4Dense) layer of every block
         for block in model.h:
-            for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"),
-                                 (block.mlp, "c_fc"), (block.mlp, "c_proj")):
+            for parent, name in dense_layers(block):
                 setattr(parent, name, LoRA(getattr(parent, name), lora_rank, lora_alpha))
     if trainable in ("last_block", "last_two_blocks"):
         model.h[frozen_blocks(model, trainable):].requires_grad_(True)
+    if trainable != "head":
         model.ln_f.requires_grad_(True)
+    # QLoRA saves memory twice: 4-bit weights, and in training each block keeps only its input for
+    # the backward pass, which runs the block again for the rest (see forward_block).
+    model.recompute_blocks = trainable == "qlora"
     model.lm_head.requires_grad_(True)
     return model
 
@@ -344,6 +464,17 @@ def block_at(block, x, positions):
     return x + block.drop(block.mlp(block.ln_2(x)))                               # (B, C)
 
 
+def forward_block(model, block, x):
+    """block(x), (B, T, C). With model.recompute_blocks, when a backward pass will follow, through
+    activation checkpointing: the block keeps only x, and the backward pass runs it again to get
+    what it needs. Keeping it all costs about 16 C floats per token per block (measured), 4.9 MB
+    a token for GPT-2 XL's 48 blocks: 1.5 GB for a batch of 8 SMS of 40 tokens, more than its
+    4-bit weights; recomputing costs one more forward pass."""
+    if model.recompute_blocks and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+    return block(x)
+
+
 def classify(model, x, lengths, pool, frozen=0):
     """Class logits (B, classes).
 
@@ -359,12 +490,12 @@ def classify(model, x, lengths, pool, frozen=0):
     blocks = model.h[frozen:]
     if pool == "mean":
         for block in blocks:
-            x = block(x)                                       # (B, T, C)
+            x = forward_block(model, block, x)                 # (B, T, C)
         real = torch.arange(x.shape[1], device=x.device) < lengths[:, None]  # (B, T)
         x = (model.ln_f(x) * real[..., None]).sum(1) / lengths[:, None]      # (B, C)
         return model.lm_head(x)
     for block in blocks[:-1]:
-        x = block(x)                                           # (B, T, C)
+        x = forward_block(model, block, x)                     # (B, T, C)
     if len(blocks):
         x = block_at(blocks[-1], x, lengths - 1)               # (B, C): just the position read
     else:
@@ -524,17 +655,85 @@ def baselines(train, test, classes):
 # ----------------------------------------------------------------------------------------------
 
 def base_model(meta, device):
-    """The model finetuning started from, before its head was replaced."""
+    """The model finetuning started from, before its head was replaced. For qlora, its blocks'
+    Dense layers are NF4, quantized as the weights stream in (see load_nf4)."""
+    qlora = meta["trainable"] == "qlora"
     if meta["init"] == "random":  # no file: rebuild the same random weights from the seed
         torch.manual_seed(meta["seed"])
-        return minigpt.GPT(minigpt.GPTConfig(**meta["config"])).to(device)
+        cfg = minigpt.GPTConfig(**meta["config"])
+        return load_nf4(cfg, random_tensors(cfg), device) if qlora else minigpt.GPT(cfg).to(device)
     if meta.get("init_sha256") and not Path(meta["init"]).is_file():
         raise minigpt.DataError(f"this classifier's base model {meta['init']} is missing; put it back, "
                                 "or run finetune.py again")
     if meta.get("init_sha256") and minigpt.sha256_of(meta["init"]) != meta["init_sha256"]:
         raise minigpt.DataError(f"{meta['init']} changed since this classifier was trained on it; "
                                 "run finetune.py again")
+    if qlora:
+        return load_nf4(*minigpt.model_tensors(meta["init"], device, dropout=0.0), device)
     return minigpt.load_model(meta["init"], device, dropout=0.0)
+
+
+def random_tensors(cfg):
+    """(name, tensor) pairs of a random GPT(cfg), made one tensor at a time: the very numbers
+    minigpt.GPT(cfg) draws after the same torch.manual_seed (test_minigpt.py checks), without
+    the whole model in memory. A GPT without blocks draws what GPT(cfg) draws before its blocks'
+    weights (the embeddings, the head that wte then replaces: every preset ties it); then each
+    block's, in GPT(cfg)'s order."""
+    outside = minigpt.GPT(replace(cfg, n_layers=0))                   # wte, wpe, ln_f
+    with torch.device("meta"):
+        block = minigpt.Block(cfg, 0)                                 # the names and shapes of a block
+    for i in range(cfg.n_layers):
+        for name, p in block.named_parameters():
+            name = f"h.{i}.{name}"
+            yield name, minigpt.init_parameter(name, torch.empty(p.shape), cfg)
+    yield from outside.named_parameters()
+
+
+def return_freed_memory_at_once():
+    """Ask the C library's allocator to give freed blocks of 1 MB or more back to the system at once.
+
+    glibc's malloc (Linux) serves blocks of up to 32 MB from a heap that it keeps for reuse and
+    can only shrink from the top. A training step frees and allocates thousands of such blocks
+    (activations, dequantized weights) around others that stay, and the heap fills with holes:
+    with GPT-2 XL in 4 bits it held 1 GB of freed memory after one forward pass. With a fixed
+    threshold of 1 MB, bigger blocks are mapped on their own and unmapped when freed: less peak
+    memory, for some time spent mapping fresh pages (see README). Elsewhere this does nothing.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3: M_MMAP_THRESHOLD in glibc's malloc.h
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def load_nf4(cfg, tensors, device):
+    """A GPT(cfg) whose blocks' Dense layers are NF4Dense, from (name, array) pairs: each Dense
+    weight is quantized as it arrives and dropped: besides the embeddings and the 4-bit rest,
+    only the float32 matrix being quantized is in memory (GPT-2 XL: 41 MB at most, not 5.9 GB)."""
+    return_freed_memory_at_once()  # a 4-bit model is loaded to save memory: the allocator should too
+    with torch.device("meta"):                                        # shapes only, no memory
+        model = minigpt.GPT(cfg)
+        for block in model.h:
+            for parent, name in dense_layers(block):
+                setattr(parent, name, NF4Dense(*getattr(parent, name).weight.shape))
+    quantized = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, NF4Dense)}
+
+    def quantize(tensors):
+        for name, a in tensors:
+            if name in quantized:                                     # (in, out) float -> NF4 parts
+                for part, t in nf4_quantize(torch.as_tensor(a, device=device)).items():
+                    yield name.removesuffix("weight") + part, t
+            else:
+                yield name, a
+
+    return minigpt.load_weights(cfg, quantize(tensors), device, model)
+
+
+def model_bytes(model):
+    """(bytes in NF4 layers, bytes of everything else) of a model's parameters and buffers."""
+    nf4 = {id(t) for m in model.modules() if isinstance(m, NF4Dense) for t in m.buffers()}
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}.values()  # a tied tensor once
+    count = lambda ts: sum(t.numel() * t.element_size() for t in ts)
+    return count(t for t in tensors if id(t) in nf4), count(t for t in tensors if id(t) not in nf4)
 
 
 def save_classifier(out, model, meta):
@@ -611,6 +810,8 @@ def parse_args(argv=None):
     p.add_argument("--lora-rank", type=minigpt.positive_int, default=16)
     p.add_argument("--lora-alpha", type=minigpt.positive_float, default=16)
     p.add_argument("--epochs", type=minigpt.positive_int, default=5)
+    p.add_argument("--max-steps", type=minigpt.positive_int,
+                   help="stop after this many optimizer steps (quick trials on big models)")
     p.add_argument("--batch-size", type=minigpt.positive_int, default=8)
     p.add_argument("--lr", type=minigpt.positive_float, default=5e-5)
     p.add_argument("--weight-decay", type=minigpt.nonnegative_float, default=0.1)
@@ -725,9 +926,15 @@ def build_model(args, device, classes):
         meta["init_sha256"] = minigpt.sha256_of(meta["init"])
     make_classifier(model, args.trainable, len(classes), args.lora_rank, args.lora_alpha)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in model.parameters())
+    n_nf4 = sum(math.prod(m.shape) for m in model.modules() if isinstance(m, NF4Dense))
+    n_all = n_nf4 + sum(p.numel() for p in model.parameters())
     print(f"model: {args.init}, {n_all:,} parameters, {n_train:,} trainable ({args.trainable}); "
           f"loaded in {time.time() - t0:.1f} s")
+    nf4_bytes, other_bytes = model_bytes(model)
+    in_nf4 = f"{nf4_bytes / 1e6:,.1f} MB of it NF4 ({n_nf4:,} weights, {8 * nf4_bytes / n_nf4:.3f} bits each), " \
+        if n_nf4 else ""
+    print(f"in memory: {(nf4_bytes + other_bytes) / 1e6:,.1f} MB of weights; {in_nf4}"
+          f"{other_bytes / 1e6:,.1f} MB not quantized")
     return model, meta
 
 
@@ -744,7 +951,7 @@ def make_batches(model, meta, splits, tokenizer, args, device, dtype):
                                             tokenizer, meta["max_length"]) for name, part in splits.items()}
     print(f"max length {meta['max_length']} tokens; {sum(int(d.lengths.sum()) for d in datasets.values()):,} "
           f"tokens in all, pooling '{args.pool}'")
-    frozen = frozen_blocks(model, args.trainable)  # trainable all or lora: nothing is frozen, 0
+    frozen = frozen_blocks(model, args.trainable)  # all, lora, qlora: nothing is frozen, 0
     t0 = time.time()
     examples = {name: examples_of(d, args.pool) for name, d in datasets.items()}
     if frozen > 0:
@@ -761,6 +968,12 @@ def make_batches(model, meta, splits, tokenizer, args, device, dtype):
     batches["train_sample"] = Batches(examples["train"], datasets["train"].labels, args.batch_size,
                                       shuffle=True, seed=args.seed + 1)
     return batches, frozen
+
+
+def examples_trained(batches, args):
+    """Examples the optimizer steps through: every (full) batch of every epoch, or --max-steps batches."""
+    steps = args.epochs * len(batches["train_shuffled"])
+    return min(steps, args.max_steps or steps) * args.batch_size
 
 
 def train_classifier(model, batches, frozen, args, device, dtype):
@@ -790,9 +1003,10 @@ def train_classifier(model, batches, frozen, args, device, dtype):
     t0 = time.time()
     history = minigpt.train(model, optimizer, loss_fn, batches["train_shuffled"], args.epochs, args.eval_every,
                             {"train": batches["train_sample"], "validation": batches["validation"]},
-                            count=lambda batch: len(batch[1]), eval_batches=5, on_epoch_end=on_epoch_end)
+                            count=lambda batch: len(batch[1]), eval_batches=5, on_epoch_end=on_epoch_end,
+                            max_steps=args.max_steps)
     seconds = time.time() - t0
-    examples_seen = args.epochs * len(batches["train_shuffled"]) * args.batch_size
+    examples_seen = examples_trained(batches, args)
     print(f"Trained in {seconds:.1f} s ({examples_seen / seconds:.0f} examples/s, {examples_seen} examples seen, "
           f"{minigpt.dtype_name(dtype)})")
     return history, accuracies, seconds
@@ -864,9 +1078,9 @@ def main(argv=None):
     batches, frozen = make_batches(model, meta, splits, tokenizer, args, device, dtype)  # 3. features, batches
     history, accuracies, seconds = train_classifier(model, batches, frozen, args, device, dtype)  # 4. train
     metrics = evaluate_classifier(model, meta, splits, batches, frozen, accuracies, args, device, dtype)  # 5.
-    examples_seen = args.epochs * len(batches["train_shuffled"]) * args.batch_size
     metrics.update(train_seconds=seconds, wall_seconds=time.time() - started,
-                   examples_per_second=examples_seen / seconds, epochs=args.epochs, init=args.init,
+                   examples_per_second=examples_trained(batches, args) / seconds, epochs=args.epochs,
+                   max_steps=args.max_steps, init=args.init,
                    trainable=args.trainable, pool=args.pool, dtype=minigpt.dtype_name(dtype))
     save_outputs(args.out, model, meta, splits, metrics, history, accuracies)    # 6. save
     print(f"Saved {args.out}/classifier.pt, metrics.json, loss.svg, accuracy.svg and the splits "

@@ -239,6 +239,25 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
+def init_parameter(name, p, cfg):
+    """GPT-2's initialisation of the parameter `name` (as GPT.named_parameters() calls it), in place.
+
+    N(0, 0.02), zero biases, LayerNorm gains 1; the layers that write into the residual stream are
+    scaled down by sqrt(2 * n_layers) so the sum of 2 * n_layers corrections stays O(1). By name,
+    so that a big model can also be initialised one tensor at a time (finetune.py's QLoRA does).
+    """
+    if name.endswith("bias"):
+        nn.init.zeros_(p)
+    elif "ln_" in name:
+        nn.init.ones_(p)
+    elif name in ("wte.weight", "wpe.weight"):
+        nn.init.normal_(p, 0.0, cfg.embedding_std)
+    else:
+        std = 0.02 / math.sqrt(2 * cfg.n_layers) if name.endswith("c_proj.weight") else 0.02
+        nn.init.normal_(p, 0.0, std)
+    return p
+
+
 class GPT(nn.Module):
     """Token ids (B, T) -> next-token logits (B, T, vocab_size)."""
 
@@ -253,18 +272,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tied_head:  # as in GPT-2: reading and writing tokens share one table
             self.lm_head.weight = self.wte.weight
-        # GPT-2's initialisation: N(0, 0.02), zero biases; the layers that write into the residual
-        # stream are scaled down by sqrt(2 * n_layers) so the sum of 2 * n_layers corrections stays O(1).
-        for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif "ln_" in name:
-                nn.init.ones_(p)
-            elif name in ("wte.weight", "wpe.weight"):
-                nn.init.normal_(p, 0.0, cfg.embedding_std)
-            else:
-                std = 0.02 / math.sqrt(2 * cfg.n_layers) if name.endswith("c_proj.weight") else 0.02
-                nn.init.normal_(p, 0.0, std)
+        for name, p in self.named_parameters():  # GPT-2's initialisation (see init_parameter)
+            init_parameter(name, p, cfg)
 
     def embed(self, idx, past=0):
         """Token ids (B, T) at positions past..past+T-1 -> (B, T, C): what the token is plus where."""
@@ -375,8 +384,9 @@ class PaddedDataset(torch.utils.data.Dataset):
         self.max_length = max_length or max(self.token_counts)
         self.truncated = torch.tensor([n > self.max_length for n in self.token_counts])
         ids = [i[:self.max_length] or [EOT] for i in ids]  # an empty text reads as one <|endoftext|>
-        self.lengths = torch.tensor([len(i) for i in ids])                           # (N,)
-        self.ids = torch.tensor([i + [EOT] * (self.max_length - len(i)) for i in ids])  # (N, max_length)
+        padded = [i + [EOT] * (self.max_length - len(i)) for i in ids]
+        self.lengths = torch.tensor([len(i) for i in ids], dtype=torch.long)  # (N,); N may be 0
+        self.ids = torch.tensor(padded, dtype=torch.long)                     # (N, max_length)
         self.labels = torch.as_tensor(labels, dtype=torch.long)                       # (N,)
 
     def __len__(self):
@@ -629,13 +639,18 @@ def save_checkpoint(path, model, **extra):
         torch.save({"config": asdict(model.cfg), "model": model.state_dict(), **extra}, tmp)
 
 
-def load_checkpoint(path, device="cpu", **config_changes):
-    """(model, checkpoint dict). weights_only=True: a checkpoint cannot run code when loaded."""
+def read_checkpoint(path, device="cpu", **config_changes):
+    """(config, checkpoint dict). weights_only=True: a checkpoint cannot run code when loaded."""
     try:
         ck = torch.load(path, map_location=device, weights_only=True)
-        cfg = replace(GPTConfig(**ck["config"]), **config_changes)
+        return replace(GPTConfig(**ck["config"]), **config_changes), ck
     except Exception as e:
         raise DataError(f"{path} is not a minigpt checkpoint ({type(e).__name__}: {e})") from e
+
+
+def load_checkpoint(path, device="cpu", **config_changes):
+    """(model, checkpoint dict)."""
+    cfg, ck = read_checkpoint(path, device, **config_changes)
     return load_weights(cfg, ck["model"].items(), device), ck
 
 
@@ -769,15 +784,19 @@ def config_from_hf(path):
         raise DataError(f"{path}: not a GPT-2 config.json ({type(e).__name__}: {e})") from e
 
 
-def load_weights(cfg, tensors, device="cpu"):
+def load_weights(cfg, tensors, device="cpu", model=None):
     """Build a GPT from (name, array) pairs, checking that every parameter comes once, with its shape.
 
     The model is first built on the "meta" device (shapes only, no memory, no random init), then
     each array becomes the parameter itself: peak memory is about one model, not two.
+    model: a GPT already built on "meta" to fill instead (finetune.py's QLoRA passes one whose
+    layers hold buffers, which are filled and checked like the parameters).
     """
-    with torch.device("meta"):
-        model = GPT(cfg)
-    expected = {name: p.shape for name, p in model.named_parameters()}  # a tied lm_head is not listed
+    if model is None:
+        with torch.device("meta"):
+            model = GPT(cfg)
+    # Every parameter and buffer by name; a tied lm_head is not listed (it is wte.weight).
+    expected = {name: t.shape for name, t in (*model.named_parameters(), *model.named_buffers())}
     state = {}
     for name, a in tensors:
         if name == "lm_head.weight" and cfg.tied_head:  # it is wte.weight (some files store it anyway)
@@ -860,15 +879,22 @@ def load_model(spec, device="cpu", **config_changes):
     """A GPT from `spec`: a GPT-2 name (gpt2-small, ...), a converted folder (config.json + .npy),
     a folder written by transformers' save_pretrained (config.json + model.safetensors), or a
     checkpoint written by pretrain.py (.pt). config_changes: e.g. dropout=0.0."""
+    return load_weights(*model_tensors(spec, device, **config_changes), device)
+
+
+def model_tensors(spec, device="cpu", **config_changes):
+    """(config, (name, array) pairs) of the model `spec` names (see load_model). From files of
+    .npy or safetensors the arrays are read one at a time, as the pairs are asked for."""
     path = gpt2_dir(spec) if spec in GPT2_FILES else Path(spec)
     if path.is_file():
-        return load_checkpoint(path, device, **config_changes)[0]
+        cfg, ck = read_checkpoint(path, device, **config_changes)
+        return cfg, ck["model"].items()
     if (path / "model.safetensors").exists():
         cfg = replace(config_from_hf(path / "config.json"), **config_changes)
-        return load_weights(cfg, gpt2_tensors(path / "model.safetensors"), device)
+        return cfg, gpt2_tensors(path / "model.safetensors")
     if (path / "config.json").exists():
         cfg = replace(read_config(path / "config.json"), **config_changes)
-        return load_weights(cfg, ((p.stem, read_npy(p)) for p in path.glob("*.npy")), device)
+        return cfg, ((p.stem, read_npy(p)) for p in path.glob("*.npy"))
     raise DataError(f"{spec}: not a GPT-2 name ({', '.join(GPT2_FILES)}), a model folder or a checkpoint file")
 
 

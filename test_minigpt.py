@@ -25,8 +25,9 @@ import sys
 import threading
 import time
 import xml.etree.ElementTree as ET
+import weakref
 from collections import Counter
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -318,6 +319,18 @@ def test_loss_falls_when_overfitting_a_tiny_batch(capsys):
     assert history["train"][0] > 10
     assert history["train"][-1] < 0.5 * history["train"][0]
     assert "Ep 1 (Step 000000): Train loss" in capsys.readouterr().out
+
+
+def test_training_stops_after_max_steps_within_an_epoch():
+    torch.manual_seed(0)
+    model = minigpt.GPT(TINY)
+    batches = [(torch.randint(0, 100, (2, 8)), torch.randint(0, 100, (2, 8))) for _ in range(4)]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ends = []
+    history = minigpt.train(model, opt, lambda b: minigpt.lm_loss(model, b, "cpu"), batches, epochs=3,
+                            eval_every=1, eval_sets={}, count=lambda b: 1, on_epoch_end=ends.append, max_steps=6)
+    assert history["step"] == [0, 1, 2, 3, 4, 5] and history["seen"][-1] == 6
+    assert ends == [1]  # epoch 1 ended (4 steps); epoch 2 stopped after its second step
 
 
 def test_cosine_learning_rate():
@@ -899,18 +912,27 @@ def trainable_names(model):
     return {name for name, p in model.named_parameters() if p.requires_grad}
 
 
+def tiny_base(trainable, seed=0, cfg=TINY):
+    """The tiny random base model finetune.py starts from for `trainable` (NF4 layers for qlora)."""
+    return finetune.base_model(dict(init="random", config=asdict(cfg), seed=seed, trainable=trainable), "cpu")
+
+
 @pytest.mark.parametrize("trainable", finetune.TRAINABLE)
 def test_each_trainable_choice_trains_exactly_its_parameters(trainable):
-    model = finetune.make_classifier(tiny_model(), trainable)
+    model = finetune.make_classifier(tiny_base(trainable), trainable)
     names = trainable_names(model)
     head = {"lm_head.weight", "lm_head.bias"}
+    ln_f = {"ln_f.weight", "ln_f.bias"}
     last = {n for n, _ in model.named_parameters() if n.startswith("h.1.")}
-    expected = {"head": head, "last_block": head | last | {"ln_f.weight", "ln_f.bias"},
+    adapters = {f"h.{i}.{m}.{ab}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+                for ab in "AB"}
+    expected = {"head": head, "last_block": head | last | ln_f,
                 "last_two_blocks": {n for n, _ in model.named_parameters() if n.startswith(("h.", "ln_f", "lm_head"))},
                 "all": {n for n, _ in model.named_parameters()},
-                "lora": head | {f"h.{i}.{m}.{ab}" for i in range(2) for m in
-                                ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj") for ab in "AB"}}
+                "lora": head | ln_f | adapters, "qlora": head | ln_f | adapters}
     assert names == expected[trainable]
+    assert all(isinstance(m.dense, finetune.NF4Dense) == (trainable == "qlora")
+               for m in model.modules() if isinstance(m, finetune.LoRA))
     assert model.lm_head.weight.shape == (2, TINY.emb_dim) and model.wte.weight.shape[0] == TINY.vocab_size
 
 
@@ -951,6 +973,171 @@ def test_lora_starts_as_an_exact_no_op():
         lora.h[0].attn.c_attn.B.fill_(0.1)  # once B moves, the output moves
         assert not torch.equal(finetune.classify(lora, ids, lengths, "last_real"),
                                finetune.classify(plain, ids, lengths, "last_real"))
+
+
+NF4_VALUES = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+              0.7229568362236023, 1.0]  # as printed in QLoRA's reference code
+
+
+def test_nf4_code_values_are_qloras_exactly():
+    assert finetune.NF4.dtype == torch.float32 and finetune.NF4.tolist() == NF4_VALUES
+    # Their construction: quantiles of N(0, 1), 8 for the positive side and 7 for the negative side,
+    # from 0.5 up to the offset halfway between 1 - 1/(2*15) and 1 - 1/(2*16), plus 0, scaled to [-1, 1].
+    offset = (1 - 1 / 30 + 1 - 1 / 32) / 2
+    positive = torch.special.ndtri(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
+    negative = -torch.special.ndtri(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
+    values = torch.cat([negative, torch.zeros(1, dtype=torch.float64), positive]).sort().values
+    torch.testing.assert_close(values / values.abs().max(), finetune.NF4.double(), atol=2e-7, rtol=0)
+    # Two codes per byte, the first in the high 4 bits: a byte's row of NF4_PAIRS is its two values.
+    assert finetune.NF4_PAIRS[0x3C].tolist() == [NF4_VALUES[3], NF4_VALUES[12]]
+
+
+def unpacked_codes(q):
+    return torch.stack((q["codes"] >> 4, q["codes"] & 15), dim=1).flatten().long()
+
+
+@pytest.mark.parametrize("shape", [(256, 1024), (100, 77)])  # whole groups of 256 blocks; a part-filled one
+def test_nf4_error_is_at_most_half_the_gap_to_the_neighbouring_code_value(shape):
+    torch.manual_seed(0)
+    w = torch.randn(shape) * 0.02
+    q = finetune.nf4_quantize(w)
+    n = w.numel()
+    blocks = torch.nn.functional.pad(w.flatten(), (0, -n % 64)).view(-1, 64)
+    absmax = blocks.abs().amax(dim=1)                                  # (nb,) the true scales
+    codes = unpacked_codes(q)[:n]
+    scaled = w.flatten() / absmax.repeat_interleave(64)[:n]            # in [-1, 1]
+    nf4 = finetune.NF4
+    # Half the gap to the neighbouring code value on the weight's side (1 and -1 have one side only).
+    lower = torch.cat([torch.tensor([-1.0]), (nf4[1:] + nf4[:-1]) / 2])[codes]
+    upper = torch.cat([(nf4[1:] + nf4[:-1]) / 2, torch.tensor([1.0])])[codes]
+    assert ((scaled >= lower - 1e-6) & (scaled <= upper + 1e-6)).all()
+    assert torch.equal(codes, (scaled[:, None] - nf4).abs().argmin(dim=1))  # so: the nearest code value
+    # Double quantization: each scale within half an 8-bit step of its group's largest |scale - mean|.
+    nb = len(absmax)
+    step = q["scale_scales"].repeat_interleave(256)[:nb] / 127
+    scales = q["scale_codes"][:nb] * step + q["scale_mean"]
+    assert ((scales - absmax).abs() <= step / 2 + 1e-7).all()
+    assert q["scale_codes"].abs().max() == 127 and (absmax.mean() - q["scale_mean"]).abs() < 1e-9
+    # Together: each weight within half its gap times the true scale, plus its code value times the
+    # scale's error.
+    got = finetune.nf4_dequantize(q, shape).flatten()
+    half_gap = torch.maximum(nf4[codes] - lower, upper - nf4[codes])
+    scale_error = (scales - absmax).abs().repeat_interleave(64)[:n]
+    bound = half_gap * absmax.repeat_interleave(64)[:n] + nf4[codes].abs() * scale_error
+    assert ((got - w.flatten()).abs() <= bound + 1e-7).all()
+    assert (got - w.flatten()).abs().max() > 0 and got.dtype == torch.float32
+
+
+def test_nf4_packs_4_127_bits_per_weight():
+    w = torch.randn(1024, 1024)
+    q = finetune.nf4_quantize(w)
+    n = w.numel()
+    nbytes = sum(t.numel() * t.element_size() for t in q.values())
+    assert nbytes == n // 2 + n // 64 + 4 * n // (64 * 256) + 4     # codes, scale codes, scale scales, mean
+    assert round(8 * nbytes / n, 3) == 4.127                         # 4 + 8/64 + 32/16384 (+ 32/n)
+    assert [q[k].dtype for k in ("codes", "scale_codes", "scale_scales", "scale_mean")] == \
+        [torch.uint8, torch.int8, torch.float32, torch.float32]
+    layer = finetune.NF4Dense(1024, 1024)  # the layer's buffers are sized for exactly these parts
+    assert {k: t.shape for k, t in layer.named_buffers()} == {k: t.shape for k, t in q.items()}
+    model = torch.nn.Sequential(layer)
+    assert finetune.model_bytes(model) == (nbytes, 1024 * 4)          # NF4 parts; the float32 bias
+
+
+def test_random_base_streamed_tensor_by_tensor_is_gpt_init():
+    torch.manual_seed(3)
+    streamed = dict(finetune.random_tensors(TINY))
+    after_stream = torch.rand(3)
+    torch.manual_seed(3)
+    expected = minigpt.GPT(TINY).state_dict()
+    after_init = torch.rand(3)
+    del expected["lm_head.weight"]  # tied: wte.weight
+    assert streamed.keys() == expected.keys()
+    assert all(torch.equal(streamed[k], expected[k]) for k in expected)
+    assert torch.equal(after_stream, after_init)  # the same draws: the new head and adapters match too
+
+
+def copy_to_plain(qlora, plain):
+    """Give a lora classifier the qlora classifier's dequantized weights, adapters and head."""
+    for name, m in qlora.named_modules():
+        if isinstance(m, finetune.NF4Dense):
+            plain.get_submodule(name).weight.data = m.dequantize()
+    plain.load_state_dict({k: v for k, v in qlora.state_dict().items() if k in plain.state_dict()}, strict=False)
+
+
+def test_fresh_qlora_model_equals_the_model_with_dequantized_weights():
+    qlora = finetune.make_classifier(tiny_base("qlora"), "qlora", lora_rank=4, lora_alpha=8)
+    plain = finetune.make_classifier(tiny_base("lora"), "lora", lora_rank=4, lora_alpha=8)
+    copy_to_plain(qlora, plain)
+    assert (qlora.h[0].attn.c_attn.B == 0).all()
+    ids, lengths = torch.randint(0, TINY.vocab_size, (3, 10)), torch.tensor([10, 4, 7])
+    for pool in finetune.POOLS:
+        with torch.no_grad():
+            assert torch.equal(finetune.classify(qlora, ids, lengths, pool), finetune.classify(plain, ids, lengths, pool))
+    # Trained, the adapters move: the output and the gradients stay those of the dequantized model
+    # (through NF4Matmul's own backward and the blocks' recomputation).
+    for model in (qlora, plain):
+        model.h[1].mlp.c_fc.B.data.fill_(0.1)
+        model.train()
+        finetune.classify(model, ids, lengths, "last_real").square().sum().backward()
+    assert qlora.recompute_blocks and not plain.recompute_blocks
+    plain_parameters = dict(plain.named_parameters())
+    assert trainable_names(qlora) == trainable_names(plain)
+    for name in trainable_names(qlora):
+        torch.testing.assert_close(qlora.get_parameter(name).grad, plain_parameters[name].grad, rtol=1e-5,
+                                   atol=1e-6, msg=name)
+    # Block 0's gradients come back through block 1's NF4 layers; A trains once its B is not zero.
+    assert qlora.h[0].attn.c_attn.B.grad.abs().sum() > 0 and qlora.h[1].mlp.c_fc.A.grad.abs().sum() > 0
+
+
+def test_qlora_in_bfloat16_dequantizes_to_bfloat16_and_trains_float32_adapters():
+    model = finetune.make_classifier(tiny_base("qlora"), "qlora")
+    model.h[0].attn.c_attn.B.data.normal_(0, 0.1)
+    ids, lengths = torch.randint(0, TINY.vocab_size, (3, 10)), torch.tensor([10, 4, 7])
+    with torch.no_grad():
+        expected = finetune.classify(model, ids, lengths, "last_real")
+    with minigpt.autocast("cpu", torch.bfloat16):
+        assert finetune.compute_dtype(torch.zeros(1)) == torch.bfloat16
+        got = finetune.classify(model.train(), ids, lengths, "last_real")
+    assert relative_error(got.detach(), expected) < BF16_TOLERANCE
+    got.float().sum().backward()
+    assert model.h[0].attn.c_attn.A.grad.dtype == torch.float32 and model.h[0].attn.c_attn.A.grad.abs().sum() > 0
+
+
+def write_folder(model, folder):
+    """A converted-model folder (config.json + one .npy per parameter), as minigpt.convert writes."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(asdict(model.cfg)))
+    for name, p in model.state_dict().items():
+        np.save(folder / f"{name}.npy", p.numpy())
+
+
+def test_qlora_quantizes_each_weight_as_it_streams_from_npy_files(tmp_path):
+    write_folder(tiny_model(seed=4), tmp_path / "base")
+    cfg, tensors = minigpt.model_tensors(tmp_path / "base", dropout=0.0)
+    seen = []  # weak references to the Dense weights read so far
+
+    def watched(tensors):
+        for name, a in tensors:
+            a = torch.as_tensor(a)
+            # Every weight matrix read before the previous one has been quantized and let go.
+            assert all(ref() is None for ref in seen[:-1]), name
+            if name.endswith(("attn.c_attn.weight", "c_proj.weight", "mlp.c_fc.weight")):
+                seen.append(weakref.ref(a))
+            yield name, a
+
+    model = finetune.load_nf4(cfg, watched(tensors), "cpu")
+    assert len(seen) == 4 * TINY.n_layers
+    plain = minigpt.load_model(tmp_path / "base")
+    for name, m in model.named_modules():
+        if isinstance(m, finetune.NF4Dense):
+            q = finetune.nf4_quantize(plain.get_submodule(name).weight)
+            assert all(torch.equal(getattr(m, k), q[k]) for k in q), name
+            assert torch.equal(m.bias, plain.get_submodule(name).bias)
+    assert torch.equal(model.wte.weight, plain.wte.weight) and model.lm_head.weight is model.wte.weight
+    float32_bytes = sum(4 * m.weight.numel() for m in plain.modules() if isinstance(m, minigpt.Dense))
+    assert finetune.model_bytes(model)[0] < float32_bytes / 6  # not 7.8: tiny layers fill a quarter of a group
 
 
 @pytest.mark.parametrize("pool", finetune.POOLS)
@@ -1040,6 +1227,36 @@ def test_saved_classifier_reloads_to_the_trained_models_predictions(tiny_run, to
     probs, tokens, truncated = finetune.class_probabilities(model, meta, tokenizer, texts)
     assert probs == expected and probs[0][1] > 0.5 > probs[1][1]  # [ham, spam] per text
     assert tokens == [len(tokenizer.encode(t)) for t in texts] and truncated == [False] * 3
+
+
+def test_qlora_finetune_learns_a_separable_set_and_reloads_to_identical_predictions(tmp_path, tokenizer):
+    data = write_messages(tmp_path / "sms.txt", synthetic_messages(200, 100))
+    out = tmp_path / "out"
+    trained, meta = finetune.main(["--data", str(data), "--init", "random", "--preset", "tiny", "--trainable",
+                                   "qlora", "--lr", "3e-3", "--epochs", "3", "--unseen-ham", "0", "--out", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_accuracy"] >= 0.9 and metrics["trainable"] == "qlora"
+    assert metrics["unseen_ham_count"] == 0 and metrics["unseen_ham_false_positive_rate"] is None
+    saved = torch.load(out / "classifier.pt", weights_only=True)["state"]
+    assert set(saved) == trainable_names(trained) and {"ln_f.weight", "lm_head.weight"} <= set(saved)
+    assert all(name.endswith((".A", ".B")) or name.startswith(("ln_f.", "lm_head.")) for name in saved)
+    model, meta = finetune.load_classifier(out)
+    assert isinstance(model.h[0].mlp.c_fc.dense, finetune.NF4Dense)
+    texts = ["WIN cash PRIZE claim now", "see you at lunch later", "call me", "FREE txt urgent 0800"]
+    expected, _, _ = finetune.spam_probabilities(trained, meta, tokenizer, texts)
+    probs, _, _ = finetune.spam_probabilities(model, meta, tokenizer, texts)
+    assert probs == expected and probs[0] > 0.5 > probs[1]
+
+
+def test_max_steps_stops_finetuning_early(tmp_path, capsys):
+    data = write_messages(tmp_path / "sms.txt", synthetic_messages(60, 30))
+    finetune.main(["--data", str(data), "--init", "random", "--preset", "tiny", "--trainable", "lora",
+                   "--max-steps", "3", "--unseen-ham", "0", "--out", str(tmp_path / "out")])
+    assert "24 examples seen" in capsys.readouterr().out  # 3 steps of batch 8 (an epoch has 7)
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["max_steps"] == 3
+    for bad in (["--max-steps", "0"], ["--unseen-ham", "-1"]):
+        with pytest.raises(SystemExit):
+            finetune.parse_args(bad)
 
 
 @pytest.mark.parametrize("trainable,pool", [("last_block", "last_real"), ("lora", "mean"),

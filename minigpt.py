@@ -94,8 +94,9 @@ class GPTConfig:
         """Refuse shapes no model can have, with a message (a config.json or a flag may be wrong)."""
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, not {value!r}")
+            least = 0 if name == "n_layers" else 1  # no blocks: embeddings straight to the output layer
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{name} must be an integer of at least {least}, not {value!r}")
         if self.emb_dim % self.n_heads:
             raise ValueError(f"emb_dim {self.emb_dim} is not divisible by n_heads {self.n_heads} "
                              "(each head takes emb_dim / n_heads channels)")

@@ -326,10 +326,12 @@ def test_training_stops_after_max_steps_within_an_epoch():
     model = minigpt.GPT(TINY)
     batches = [(torch.randint(0, 100, (2, 8)), torch.randint(0, 100, (2, 8))) for _ in range(4)]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    ends = []
+    ends, state = [], {}
     history = minigpt.train(model, opt, lambda b: minigpt.lm_loss(model, b, "cpu"), batches, epochs=3,
-                            eval_every=1, eval_sets={}, count=lambda b: 1, on_epoch_end=ends.append, max_steps=6)
-    assert history["step"] == [0, 1, 2, 3, 4, 5] and history["seen"][-1] == 6
+                            eval_every=2, eval_sets={"train": batches[:1]}, count=lambda b: 1,
+                            on_epoch_end=ends.append, max_steps=6, state=state)
+    assert history["step"] == [0, 2, 4, 5] and history["seen"] == [1, 3, 5, 6]  # and after the last step
+    assert state["step"] == 6 and state["seen"] == 6
     assert ends == [1]  # epoch 1 ended (4 steps); epoch 2 stopped after its second step
 
 
@@ -1236,16 +1238,16 @@ def test_qlora_finetune_learns_a_separable_set_and_reloads_to_identical_predicti
                                    "qlora", "--lr", "3e-3", "--epochs", "3", "--unseen-ham", "0", "--out", str(out)])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test_accuracy"] >= 0.9 and metrics["trainable"] == "qlora"
-    assert metrics["unseen_ham_count"] == 0 and metrics["unseen_ham_false_positive_rate"] is None
+    assert "unseen_accuracy" not in metrics  # --unseen-ham 0: nothing measured
     saved = torch.load(out / "classifier.pt", weights_only=True)["state"]
     assert set(saved) == trainable_names(trained) and {"ln_f.weight", "lm_head.weight"} <= set(saved)
     assert all(name.endswith((".A", ".B")) or name.startswith(("ln_f.", "lm_head.")) for name in saved)
     model, meta = finetune.load_classifier(out)
     assert isinstance(model.h[0].mlp.c_fc.dense, finetune.NF4Dense)
     texts = ["WIN cash PRIZE claim now", "see you at lunch later", "call me", "FREE txt urgent 0800"]
-    expected, _, _ = finetune.spam_probabilities(trained, meta, tokenizer, texts)
-    probs, _, _ = finetune.spam_probabilities(model, meta, tokenizer, texts)
-    assert probs == expected and probs[0] > 0.5 > probs[1]
+    expected, _, _ = finetune.class_probabilities(trained, meta, tokenizer, texts)
+    probs, _, _ = finetune.class_probabilities(model, meta, tokenizer, texts)
+    assert probs == expected and probs[0][1] > 0.5 > probs[1][1]  # [ham, spam] per text
 
 
 def test_max_steps_stops_finetuning_early(tmp_path, capsys):

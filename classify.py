@@ -53,7 +53,8 @@ class Classifier:
 
     def __init__(self, model_dir, device="cpu", dtype=torch.float32):
         self.model, self.meta = finetune.load_classifier(model_dir, device)
-        self.model.to(dtype)  # inference only: weights cast once (in bfloat16, faster than autocast)
+        for p in self.model.parameters():  # inference only: weights cast once (in bfloat16, faster than
+            p.data = p.data.to(dtype)      # autocast); a QLoRA base's NF4 scales are buffers: they stay float32
         self.dtype = dtype
         self.labels = self.meta["labels"]
         self.tokenizer, self.device, self.lock = minigpt.get_tokenizer(), device, threading.Lock()

@@ -54,28 +54,10 @@ SMS = ("SMSSpamCollection", "https://archive.ics.uci.edu/static/public/228/sms+s
        "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d")
 SMS_ZIP_SHA256 = "1587ea43e58e82b14ff1f5425c88e17f8496bfcdb67a583dbff9eefaf9963ce3"
 SPLITS = ("train", "validation", "test")
-# The second worked example: passages from six public-domain texts, labelled by source.
-# (name, file name in data/ and in MINIGPT_MIRROR, public URL, sha256)
-BOOKS = (
-    ("middlemarch", "books/middlemarch.txt",
-     "https://raw.githubusercontent.com/GITenberg/Middlemarch_145/master/145.txt",
-     "f499b77eb0e4e34edc3bae6b968e3241c8327384631bd26e8eec76b726915a7d"),
-    ("moby-dick", "books/moby-dick.txt",
-     "https://raw.githubusercontent.com/GITenberg/Moby-Dick--Or-The-Whale_2701/master/2701.txt",
-     "f17ab08e0ad8c6e43d1e85e3cdae4e1b617ae35069cee7db8dcd457c87b1ec76"),
-    ("pride-and-prejudice", "books/pride-and-prejudice.txt",
-     "https://raw.githubusercontent.com/GITenberg/Pride-and-Prejudice_1342/master/1342.txt",
-     "441e778a4297bfc944dc254810e8ded3134cfb0e36d73eef6bb312b4ffd74d6a"),
-    ("shakespeare", "tinyshakespeare.txt",
-     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-     "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
-    ("the-verdict", "the-verdict.txt",
-     "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt",
-     "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"),
-    ("war-and-peace", "books/war-and-peace.txt",
-     "https://raw.githubusercontent.com/GITenberg/War-and-Peace_2600/master/2600.txt",
-     "31b5d23be25fe9ad27eca1e78f9f449ae2e17adf07ce62238a79425c53a96646"),
-)
+# The second worked example: passages from six public-domain texts, labelled by source: the
+# corpora of pretrain.py (minigpt.CORPORA). (label, (file name, public URL, sha256)), by label.
+BOOKS = sorted((Path(file[0]).stem.removeprefix("tiny"), file)
+               for name in ("books", "shakespeare", "verdict") for file in minigpt.CORPORA[name])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,8 +238,8 @@ def book_passages(per_class=600, seed=123):
     """
     rng = np.random.default_rng(seed)
     examples = []
-    for name, file_name, url, sha256 in BOOKS:
-        text = minigpt.fetch(file_name, url, sha256).read_text(encoding="utf-8")
+    for name, file in BOOKS:
+        text = minigpt.fetch(*file).read_text(encoding="utf-8")
         start = re.search(r"^\*\*\* ?START OF.*$", text, re.MULTILINE)
         end = re.search(r"^\*\*\* ?END OF", text, re.MULTILINE)
         text = text[start.end() if start else 0:end.start() if end else len(text)]
@@ -959,8 +941,11 @@ def make_batches(model, meta, splits, tokenizer, args, device, dtype):
         examples = {name: frozen_features(model, ex, frozen, device) for name, ex in examples.items()}
         print(f"cached the output of the {frozen} frozen blocks in {time.time() - t0:.1f} s "
               f"({minigpt.dtype_name(dtype)})")
-    batches = {name: Batches(examples[name], datasets[name].labels, args.batch_size * 8)
-               for name in examples}
+    # Evaluating needs no backward pass, so its batches can be 8 times bigger (faster); not for
+    # qlora, whose point is memory: a no-grad pass over 64 texts of 169 tokens holds 0.9 GB of
+    # GPT-2 XL's activations at its widest (the MLP's), more than a training step over 8.
+    eval_batch_size = args.batch_size if args.trainable == "qlora" else args.batch_size * 8
+    batches = {name: Batches(examples[name], datasets[name].labels, eval_batch_size) for name in examples}
     batches["train_shuffled"] = Batches(examples["train"], datasets["train"].labels, args.batch_size,
                                         shuffle=True, seed=args.seed, drop_last=True)
     # Random training batches for the periodic loss, with their own random order, so that

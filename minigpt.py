@@ -936,6 +936,30 @@ def sha256_of(path):
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+# The public texts pretrain.py trains on (and finetune.py's book example reads): each a list of
+# (file name in data/ and in MINIGPT_MIRROR, public URL, sha256).
+CORPORA = {
+    "verdict": [("the-verdict.txt",
+                 "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt",
+                 "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f")],
+    "shakespeare": [("tinyshakespeare.txt",
+                     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+                     "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed")],
+    "books": [("books/middlemarch.txt",
+               "https://raw.githubusercontent.com/GITenberg/Middlemarch_145/master/145.txt",
+               "f499b77eb0e4e34edc3bae6b968e3241c8327384631bd26e8eec76b726915a7d"),
+              ("books/war-and-peace.txt",
+               "https://raw.githubusercontent.com/GITenberg/War-and-Peace_2600/master/2600.txt",
+               "31b5d23be25fe9ad27eca1e78f9f449ae2e17adf07ce62238a79425c53a96646"),
+              ("books/moby-dick.txt",
+               "https://raw.githubusercontent.com/GITenberg/Moby-Dick--Or-The-Whale_2701/master/2701.txt",
+               "f17ab08e0ad8c6e43d1e85e3cdae4e1b617ae35069cee7db8dcd457c87b1ec76"),
+              ("books/pride-and-prejudice.txt",
+               "https://raw.githubusercontent.com/GITenberg/Pride-and-Prejudice_1342/master/1342.txt",
+               "441e778a4297bfc944dc254810e8ded3134cfb0e36d73eef6bb312b4ffd74d6a")],
+}
+
+
 def fetch(name, url, sha256, archive_sha256=None):
     """Return the local path of the public file `name`, whose sha256 must be `sha256` (None: no
     published digest; the caller checks the file's structure instead).
@@ -1057,9 +1081,9 @@ def output_folder(text):
         raise argparse.ArgumentTypeError(f"{path} exists and is not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path / ".write-test") as tmp:  # really write (read-only disks, permissions)
-            tmp.write_bytes(b"")
-        (path / ".write-test").unlink()
+        test = path / f".write-test-{os.getpid()}"  # really write (read-only disks, permissions); one
+        test.write_bytes(b"")                       # name per process, as torchrun starts several
+        test.unlink()
     except OSError as e:
         raise argparse.ArgumentTypeError(f"cannot write into {path}: {e.strerror or e}")
     return path

@@ -39,27 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import minigpt
 
-# Corpora by name: (file name in data/ and in the mirror, public URL, sha256) for each document.
-CORPORA = {
-    "verdict": [("the-verdict.txt",
-                 "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt",
-                 "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f")],
-    "shakespeare": [("tinyshakespeare.txt",
-                     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-                     "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed")],
-    "books": [("books/middlemarch.txt",
-               "https://raw.githubusercontent.com/GITenberg/Middlemarch_145/master/145.txt",
-               "f499b77eb0e4e34edc3bae6b968e3241c8327384631bd26e8eec76b726915a7d"),
-              ("books/war-and-peace.txt",
-               "https://raw.githubusercontent.com/GITenberg/War-and-Peace_2600/master/2600.txt",
-               "31b5d23be25fe9ad27eca1e78f9f449ae2e17adf07ce62238a79425c53a96646"),
-              ("books/moby-dick.txt",
-               "https://raw.githubusercontent.com/GITenberg/Moby-Dick--Or-The-Whale_2701/master/2701.txt",
-               "f17ab08e0ad8c6e43d1e85e3cdae4e1b617ae35069cee7db8dcd457c87b1ec76"),
-              ("books/pride-and-prejudice.txt",
-               "https://raw.githubusercontent.com/GITenberg/Pride-and-Prejudice_1342/master/1342.txt",
-               "441e778a4297bfc944dc254810e8ded3134cfb0e36d73eef6bb312b4ffd74d6a")],
-}
+# The corpora (--corpus) are minigpt.CORPORA: each a list of files, each with its public URL and sha256.
 
 # Named settings; any flag given on the command line overrides its value.
 SETTINGS = {
@@ -99,27 +79,27 @@ def parse_args(argv=None):
     p.add_argument("--setting", choices=SETTINGS,
                    help="named defaults (see SETTINGS); default: 'corpus' for --corpus books or shakespeare, else 'default'")
     what = p.add_mutually_exclusive_group()
-    what.add_argument("--corpus", choices=CORPORA, help="public text to train on (default: verdict)")
+    what.add_argument("--corpus", choices=minigpt.CORPORA, help="public text to train on (default: verdict)")
     what.add_argument("--text", nargs="+", type=Path, metavar="FILE_OR_FOLDER",
                       help="train on these UTF-8 files instead (folders: every *.txt inside, sorted)")
     p.add_argument("--preset", choices=minigpt.PRESETS, help="model shape")
-    p.add_argument("--context-length", type=int, help="positions per training window")
-    p.add_argument("--epochs", type=int, help="passes over the training tokens")
-    p.add_argument("--max-steps", type=int, help="optimizer steps; with --epochs, whichever ends first")
-    p.add_argument("--batch-size", type=int, help="windows per micro-batch, per process")
-    p.add_argument("--grad-accum", type=int, help="micro-batches whose gradients are summed into one step")
-    p.add_argument("--lr", type=float, help="peak learning rate of AdamW")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--dropout", type=float)
-    p.add_argument("--warmup", type=int, help="steps of linear warmup, then cosine decay; 0: constant lr")
-    p.add_argument("--clip", type=float, help="clip the gradient norm to this; 0: off")
+    p.add_argument("--context-length", type=minigpt.positive_int, help="positions per training window")
+    p.add_argument("--epochs", type=minigpt.positive_int, help="passes over the training tokens")
+    p.add_argument("--max-steps", type=minigpt.positive_int, help="optimizer steps; with --epochs, whichever ends first")
+    p.add_argument("--batch-size", type=minigpt.positive_int, help="windows per micro-batch, per process")
+    p.add_argument("--grad-accum", type=minigpt.positive_int, help="micro-batches whose gradients are summed into one step")
+    p.add_argument("--lr", type=minigpt.positive_float, help="peak learning rate of AdamW")
+    p.add_argument("--weight-decay", type=minigpt.nonnegative_float)
+    p.add_argument("--dropout", type=minigpt.fraction)
+    p.add_argument("--warmup", type=minigpt.nonnegative_int, help="steps of linear warmup, then cosine decay; 0: constant lr")
+    p.add_argument("--clip", type=minigpt.nonnegative_float, help="clip the gradient norm to this; 0: off")
     p.add_argument("--windows", choices=("sliding", "random"),
                    help="sliding: the text cut into side-by-side windows, shuffled every epoch; "
                         "random: windows at random offsets, drawn afresh every step")
-    p.add_argument("--eval-every", type=int, help="steps between loss evaluations")
-    p.add_argument("--eval-windows", type=int, help="windows of each split in the fixed evaluation sample")
-    p.add_argument("--save-every", type=int, help="also save model.pt every this many steps")
-    p.add_argument("--stop-at", type=int, help="end this session after this many steps, saving (then --resume)")
+    p.add_argument("--eval-every", type=minigpt.positive_int, help="steps between loss evaluations")
+    p.add_argument("--eval-windows", type=minigpt.positive_int, help="windows of each split in the fixed evaluation sample")
+    p.add_argument("--save-every", type=minigpt.positive_int, help="also save model.pt every this many steps")
+    p.add_argument("--stop-at", type=minigpt.positive_int, help="end this session after this many steps, saving (then --resume)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out/model.pt")
     p.add_argument("--prepare-only", action="store_true", help="write the token files and stop")
     p.add_argument("--prompt", help="start of the samples (default: 'Every effort moves you')")
@@ -127,7 +107,7 @@ def parse_args(argv=None):
     p.add_argument("--device", help="cpu, cuda, mps (default: the fastest available)")
     p.add_argument("--dtype", choices=minigpt.DTYPES, default="auto",
                    help="auto: bfloat16 matmuls where the device has them natively, else float32")
-    p.add_argument("--out", type=Path, help="folder for model.pt, loss.svg, history.json")
+    p.add_argument("--out", type=minigpt.output_folder, help="folder for model.pt, loss.svg, history.json")
     return p.parse_args(argv)
 
 
@@ -177,7 +157,7 @@ def documents(args):
     """[{name, path, sha256, url}] for each document, in order."""
     if not args.text:
         return [{"name": name, "path": minigpt.fetch(name, url, sha256), "sha256": sha256, "url": url}
-                for name, url, sha256 in CORPORA[args.corpus]]
+                for name, url, sha256 in minigpt.CORPORA[args.corpus]]
     paths = []
     for given in map(Path, args.text):
         if given.is_dir():

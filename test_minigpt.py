@@ -699,6 +699,24 @@ def test_bad_text_gives_a_clear_error(tmp_path):
             pretrain.main(["--text", str(given), "--context-length", "8"])
 
 
+@pytest.mark.parametrize("flags,words", [
+    (["--context-length", "0"], "must be at least 1"),
+    (["--batch-size", "0"], "must be at least 1"),
+    (["--grad-accum", "0"], "must be at least 1"),
+    (["--max-steps", "-2"], "must be at least 1"),
+    (["--epochs", "0"], "must be at least 1"),
+    (["--dropout", "2"], "must be less than 1"),
+    (["--lr", "0"], "must be greater than 0"),
+    (["--warmup", "-1"], "must be at least 0"),
+    (["--eval-every", "0"], "must be at least 1"),
+    (["--out", "/etc/hostname"], "exists and is not a folder"),
+    (["--out", "/proc/version/runs"], "cannot write into")])
+def test_pretrain_refuses_bad_flags_before_any_work(capsys, flags, words):
+    got, message = outcome(pretrain.main, flags, capsys)
+    assert (got, words in message) == (2, True), message
+    assert "Traceback" not in message
+
+
 def test_flops_per_token_counts_the_output_layer_once_and_no_lookup_tables():
     tied = minigpt.GPT(TINY)
     flops, n = pretrain.flops_per_token(tied)

@@ -12,7 +12,8 @@ text to a trained model, and leaves the plumbing for last.
   6. training      the loss, AdamW and its parameter groups, one training loop for both scripts
   7. checkpoints   save and load a model; loss curves as an SVG file
   8. GPT-2         read OpenAI's weights (safetensors, numpy only), convert, load
-  9. files         plumbing: atomic writes; fetching public files (mirror, sha256, resumable download)
+  9. files         plumbing: atomic writes; the public texts; fetching public files (mirror, sha256,
+                   resumable download)
  10. arguments     command-line flags checked as they are read
 
 `python minigpt.py --model gpt2-small --prompt "Every effort moves you"` generates text.

@@ -44,7 +44,6 @@ import minigpt
 
 MAX_BODY = 64 * 1024  # bytes in a request body
 MAX_TEXTS = 64        # texts in one request
-MAX_DEPTH = 32        # nesting of JSON arrays and objects in a request body
 
 
 class Classifier:
@@ -214,7 +213,7 @@ class Batcher:
 class Histogram:
     def __init__(self, bounds):
         self.bounds = bounds
-        self.counts = [0] * len(bounds)  # observations <= each bound (cumulative when written)
+        self.counts = [0] * len(bounds)  # observations in (previous bound, bound]; summed when written
         self.sum = 0.0
         self.count = 0
 
@@ -245,7 +244,6 @@ class Metrics:
         self.latency = Histogram((0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
         self.batch = Histogram((1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.texts = 0
-        self.queue_length = lambda: 0      # set by make_server: texts waiting for the model
 
     def observe_request(self, path, status, seconds, texts):
         path = path if path in self.paths else "other"  # bounded: no series per random URL
@@ -258,7 +256,8 @@ class Metrics:
         with self.lock:
             self.batch.observe(texts)
 
-    def text(self):
+    def text(self, queued):
+        """The Prometheus text; queued: texts waiting for the model now."""
         with self.lock:
             lines = ["# HELP minigpt_requests_total HTTP requests answered, by path and status.",
                      "# TYPE minigpt_requests_total counter"]
@@ -272,7 +271,7 @@ class Metrics:
                       *self.batch.lines("minigpt_batch_texts"),
                       "# HELP minigpt_queue_texts Texts waiting for the model now.",
                       "# TYPE minigpt_queue_texts gauge",
-                      f"minigpt_queue_texts {self.queue_length()}",
+                      f"minigpt_queue_texts {queued}",
                       "# HELP minigpt_texts_classified_total Texts classified and answered.",
                       "# TYPE minigpt_texts_classified_total counter",
                       f"minigpt_texts_classified_total {self.texts}"]
@@ -543,11 +542,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         classifier = self.batcher.classifier
         if self.route == "/":
-            self.reply(200, render_page(classifier), "text/html")
+            self.reply(200, self.page, "text/html")
         elif self.route == "/healthz":
             self.reply(200, {"status": "ok", "model": classifier.description})
         else:
-            self.reply(200, self.metrics.text(), "text/plain; version=0.0.4")
+            self.reply(200, self.metrics.text(self.batcher.queued), "text/plain; version=0.0.4")
 
     def do_POST(self):
         if not self.allowed("POST"):
@@ -600,8 +599,6 @@ class Server(http.server.ThreadingHTTPServer):
     in the kernel's listen backlog, sized for a burst; and it can wait for the requests in flight
     before it closes (graceful shutdown)."""
 
-    daemon_threads = True
-
     def __init__(self, address, handler, batcher, max_connections=64):
         self.request_queue_size = max(128, 4 * max_connections)  # the listen backlog (default: 5)
         self.batcher = batcher
@@ -644,8 +641,8 @@ def make_server(classifier, host="127.0.0.1", port=8000, token=None, max_batch=6
     """The service (port 0: any free port); call serve_forever() on it, or use serve()."""
     metrics = Metrics(Handler.routes)
     batcher = Batcher(classifier, max_batch, max_tokens, max_queue, metrics)
-    metrics.queue_length = lambda: batcher.queued
-    handler = type("BoundHandler", (Handler,), {"batcher": batcher, "metrics": metrics, "token": token})
+    handler = type("BoundHandler", (Handler,), {"batcher": batcher, "metrics": metrics, "token": token,
+                                                "page": render_page(classifier)})  # the page never changes
     try:
         return Server((host, port), handler, batcher, max_connections)
     except OSError:
@@ -732,19 +729,6 @@ def is_loopback(host):
         return False
 
 
-def read_lines(path):
-    """Non-empty lines of a UTF-8 text file (a byte-order mark is not text)."""
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as e:
-        raise minigpt.DataError(f"cannot read {path}: {e.strerror}") from e
-    try:
-        return raw.decode("utf-8-sig").splitlines()
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise minigpt.DataError(f"{path}, line {line}: not UTF-8 ({e.reason}); save the file as UTF-8") from e
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -779,8 +763,8 @@ def main(argv=None):
     for t in args.texts:
         texts += sys.stdin.read().splitlines() if t == "-" else [t]
     if args.file:
-        texts += read_lines(args.file)
-    texts = [t.removeprefix("\ufeff") for t in texts if t.strip()]
+        texts += minigpt.read_utf8(args.file).splitlines()
+    texts = [t.removeprefix("\ufeff") for t in texts if t.strip()]  # a BOM piped in on stdin is not text
     t0 = time.time()
     device = minigpt.pick_device(args.device)
     classifier = Classifier(args.model, device, minigpt.pick_dtype(args.dtype, device))

@@ -77,17 +77,9 @@ def read_examples(path, text_column="text", label_column="label"):
     UTF-8, with or without a byte-order mark. Any problem is a DataError naming file and line.
     """
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except IsADirectoryError:
+    if path.is_dir():
         raise minigpt.DataError(f"{path} is a folder; give a data file (.csv, .tsv or label<TAB>text lines)")
-    except OSError as e:
-        raise minigpt.DataError(f"cannot read {path}: {e.strerror}") from e
-    try:
-        text = raw.decode("utf-8-sig")  # -sig: a byte-order mark (Notepad writes one) is not text
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise minigpt.DataError(f"{path}, line {line}: not UTF-8 ({e.reason}); save the file as UTF-8") from e
+    text = minigpt.read_utf8(path)
     if not text.strip():
         raise minigpt.DataError(f"{path} is empty")
     suffix = path.suffix.lower()
@@ -956,16 +948,10 @@ def make_batches(model, meta, splits, tokenizer, args, device, dtype):
     return batches, frozen
 
 
-def examples_trained(batches, args):
-    """Examples the optimizer steps through: every (full) batch of every epoch, or --max-steps batches."""
-    steps = args.epochs * len(batches["train_shuffled"])
-    return min(steps, args.max_steps or steps) * args.batch_size
-
-
 def train_classifier(model, batches, frozen, args, device, dtype):
     """Step 4, train: AdamW on the trainable parameters (float32, with the forward pass in dtype),
     the loss every --eval-every steps, the accuracies after every epoch.
-    Returns (loss history, accuracies per epoch, seconds)."""
+    Returns (loss history, accuracies per epoch, seconds, examples trained on)."""
     acc = lambda name: accuracy(model, batches[name], args.pool, frozen, device, dtype)
     print(f"Before finetuning: train {acc('train'):.2%}, validation {acc('validation'):.2%}, "
           f"test {acc('test'):.2%}")
@@ -987,15 +973,15 @@ def train_classifier(model, batches, frozen, args, device, dtype):
 
     optimizer = minigpt.adamw(model, args.lr, args.weight_decay, device)
     t0 = time.time()
+    state = {}  # the loop counts the examples it trains on: state["seen"]
     history = minigpt.train(model, optimizer, loss_fn, batches["train_shuffled"], args.epochs, args.eval_every,
                             {"train": batches["train_sample"], "validation": batches["validation"]},
                             count=lambda batch: len(batch[1]), eval_batches=5, on_epoch_end=on_epoch_end,
-                            max_steps=args.max_steps)
+                            max_steps=args.max_steps, state=state)
     seconds = time.time() - t0
-    examples_seen = examples_trained(batches, args)
-    print(f"Trained in {seconds:.1f} s ({examples_seen / seconds:.0f} examples/s, {examples_seen} examples seen, "
+    print(f"Trained in {seconds:.1f} s ({state['seen'] / seconds:.0f} examples/s, {state['seen']} examples seen, "
           f"{minigpt.dtype_name(dtype)})")
-    return history, accuracies, seconds
+    return history, accuracies, seconds, state["seen"]
 
 
 def evaluate_classifier(model, meta, splits, batches, frozen, accuracies, args, device, dtype):
@@ -1062,10 +1048,10 @@ def main(argv=None):
     model, meta = build_model(args, device, classes)                                    # 2. model
     meta["title"], meta["examples"] = page_text(args, splits, classes)
     batches, frozen = make_batches(model, meta, splits, tokenizer, args, device, dtype)  # 3. features, batches
-    history, accuracies, seconds = train_classifier(model, batches, frozen, args, device, dtype)  # 4. train
+    history, accuracies, seconds, seen = train_classifier(model, batches, frozen, args, device, dtype)  # 4. train
     metrics = evaluate_classifier(model, meta, splits, batches, frozen, accuracies, args, device, dtype)  # 5.
     metrics.update(train_seconds=seconds, wall_seconds=time.time() - started,
-                   examples_per_second=examples_trained(batches, args) / seconds, epochs=args.epochs,
+                   examples_per_second=seen / seconds, epochs=args.epochs,
                    max_steps=args.max_steps, init=args.init,
                    trainable=args.trainable, pool=args.pool, dtype=minigpt.dtype_name(dtype))
     save_outputs(args.out, model, meta, splits, metrics, history, accuracies)    # 6. save

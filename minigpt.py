@@ -927,6 +927,20 @@ def atomic_path(path):
             os.remove(tmp)
 
 
+def read_utf8(path):
+    """The text of a UTF-8 file (a byte-order mark, which Notepad writes, is not text), or a
+    DataError naming the file, and the line where the bytes stop being UTF-8."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from e
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}, line {line}: not UTF-8 ({e.reason}); save the file as UTF-8") from e
+
+
 def write_text(path, text):
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

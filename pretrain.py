@@ -60,7 +60,7 @@ SETTINGS = {
                  windows="sliding", eval_every=5, eval_windows=10, out="runs/pretrain-book",
                  model=dict(tied_head=False, embedding_std=1.0)),
     # A corpus of novels (--corpus books or shakespeare picks this setting): the same small model,
-    # random windows, a budget in steps that fits 12 minutes on a 2-core CPU. See the README.
+    # random windows, a budget in steps that takes about 10 minutes on a 2-core CPU. See the README.
     "corpus": dict(corpus="books", preset="verdict", context_length=128, epochs=None, max_steps=1200,
                    batch_size=8, grad_accum=1, lr=2e-3, weight_decay=0.1, dropout=0.0, warmup=50, clip=1.0,
                    windows="random", eval_every=100, eval_windows=40, out="runs/pretrain-{corpus}", model={}),
@@ -305,12 +305,11 @@ def load_tokens(args, tokenizer, distributed):
     Under torchrun, one process per machine writes the files while the others wait."""
     name = args.corpus or (Path(args.text[0]).stem if len(args.text) == 1 else "text")
     first = not distributed or int(os.environ["LOCAL_RANK"]) == 0
-    if first:
-        folder, meta = token_files(documents(args), name, tokenizer)
-    if distributed:
+    if distributed and not first:
+        dist.barrier()  # wait for the first to write the files; then token_files finds them
+    folder, meta = token_files(documents(args), name, tokenizer)
+    if distributed and first:
         dist.barrier()
-    if not first:
-        folder, meta = token_files(documents(args), name, tokenizer)  # finds what the first one wrote
     splits = []
     for split in ("train", "validation"):
         if meta[f"{split}_tokens"] <= args.context_length:
@@ -355,9 +354,9 @@ class Windows:
     Every optimizer step takes a global batch of batch_size x grad_accum x world windows; process
     `rank` of `world` uses its own share, as grad_accum micro-batches of batch_size windows. Two
     ways to choose them:
-    - "sliding": the text cut into side-by-side windows, in a new random order every epoch (as
-      pretrain.py always did). Every token is trained on once per epoch: right for a short text
-      that is read many times, and it keeps the story's run as it was.
+    - "sliding": the text cut into side-by-side windows, in a new random order every epoch.
+      Every token is trained on once per epoch: right for a short text that is read many times
+      (the story's run).
     - "random": windows at random offsets, drawn afresh for every step (nanoGPT's way). Nothing to
       keep track of, and a window may start anywhere: right for a corpus read about once.
     Either way, which windows step k takes depends only on the seed and k, never on earlier steps
@@ -373,6 +372,7 @@ class Windows:
         self.starts = side_by_side(ids, T)
         self.steps_per_epoch = len(self.starts) // self.global_batch  # the last, partial batch is left out
         self.step = 0  # the next step to hand out; set it to continue a run
+        self.order = (None, None)  # (epoch, its order of the side-by-side windows): shuffled once an epoch
 
     def __len__(self):
         """Micro-batches per epoch, for this process."""
@@ -382,8 +382,9 @@ class Windows:
         """Start offsets of step's global batch of windows (every process computes the same)."""
         epoch, i = divmod(step, self.steps_per_epoch)
         if self.how == "sliding":
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.starts))
-            return self.starts[order[i * self.global_batch:(i + 1) * self.global_batch]]
+            if self.order[0] != epoch:
+                self.order = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.starts))
+            return self.starts[self.order[1][i * self.global_batch:(i + 1) * self.global_batch]]
         return np.random.default_rng([self.seed, step]).integers(0, len(self.ids) - self.T, self.global_batch)
 
     def __iter__(self):

@@ -979,7 +979,7 @@ def train_classifier(model, batches, frozen, args, device, dtype):
                             count=lambda batch: len(batch[1]), eval_batches=5, on_epoch_end=on_epoch_end,
                             max_steps=args.max_steps, state=state)
     seconds = time.time() - t0
-    print(f"Trained in {seconds:.1f} s ({state['seen'] / seconds:.0f} examples/s, {state['seen']} examples seen, "
+    print(f"Trained in {seconds:.1f} s ({state['seen'] / seconds:,.1f} examples/s, {state['seen']} examples seen, "
           f"{minigpt.dtype_name(dtype)})")
     return history, accuracies, seconds, state["seen"]
 

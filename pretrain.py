@@ -68,7 +68,7 @@ SETTINGS = {
 # The settings that decide what training computes: a resumed run must keep them (--resume takes
 # them from the checkpoint, and refuses a different value on the command line).
 PLAN = ("setting", "corpus", "text", "preset", "context_length", "epochs", "max_steps", "batch_size", "grad_accum",
-        "lr", "weight_decay", "dropout", "warmup", "clip", "windows", "seed")
+        "lr", "weight_decay", "dropout", "warmup", "clip", "windows", "seed", "dtype")
 KEPT = ("eval_every", "eval_windows", "save_every", "prompt")  # also from the checkpoint, unless given again
 FINAL_WINDOWS = 200  # the final losses: over this many windows of each split (all of them, for the story)
 
@@ -105,8 +105,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt", help="start of the samples (default: 'Every effort moves you')")
     p.add_argument("--seed", type=int, help="default 123")
     p.add_argument("--device", help="cpu, cuda, mps (default: the fastest available)")
-    p.add_argument("--dtype", choices=minigpt.DTYPES, default="auto",
-                   help="auto: bfloat16 matmuls where the device has them natively, else float32")
+    p.add_argument("--dtype", choices=minigpt.DTYPES,
+                   help="auto (the default): bfloat16 matmuls where the device has them natively, else float32")
     p.add_argument("--out", type=minigpt.output_folder, help="folder for model.pt, loss.svg, history.json")
     return p.parse_args(argv)
 
@@ -120,6 +120,8 @@ def resolve_settings(args, device):
     args.out = Path(args.out or setting["out"].format(corpus=args.corpus or setting["corpus"]))
     if args.text:
         args.text = [str(p.resolve()) for p in args.text]
+    if args.dtype == "auto":  # what auto means here, so that a resumed run can compare it with its own
+        args.dtype = minigpt.dtype_name(minigpt.pick_dtype("auto", device))
     resumed = None
     if args.resume:
         path = args.out / "model.pt"
@@ -138,6 +140,7 @@ def resolve_settings(args, device):
                 setattr(args, key, value)
         setting = SETTINGS[args.setting]
     args.setting = args.setting or "default"
+    args.dtype = args.dtype or minigpt.dtype_name(minigpt.pick_dtype("auto", device))
     args.seed = 123 if args.seed is None else args.seed
     args.save_every = args.save_every or 0
     args.prompt = args.prompt or "Every effort moves you"
@@ -419,6 +422,19 @@ def join_processes(device):
     return rank, dist.get_world_size(), device
 
 
+def leave_processes():
+    """Leave the process group together, once every process is done.
+
+    Without the barrier, process 1 exits while process 0 still evaluates and saves, and it can
+    abort on its way out ("terminate called without an active exception"): gloo's worker thread
+    releases the last collective's tensors, which needs Python's lock, just as the interpreter
+    shuts down. Waiting in a barrier releases that lock, so the thread finishes first; the
+    barrier's own work holds no Python tensors.
+    """
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def rng_states(distributed):
     """Every random generator's state, of every process (a list, one per rank): dropout draws from
     these. (The windows need none: they follow from the seed and the step.)"""
@@ -476,13 +492,16 @@ def main(argv=None):
     device = minigpt.pick_device(args.device)
     rank, world = 0, 1
     distributed = "RANK" in os.environ  # set by torchrun; a plain `python pretrain.py` runs none of this
-    if distributed:
-        rank, world, device = join_processes(device)
-    try:
+    if not distributed:
         return pretrain(args, device, rank, world, distributed)
-    finally:
-        if distributed:
-            dist.destroy_process_group()
+    rank, world, device = join_processes(device)
+    try:
+        result = pretrain(args, device, rank, world, distributed)
+    except BaseException:
+        dist.destroy_process_group()  # a failed process leaves at once; torchrun stops the others
+        raise
+    leave_processes()
+    return result
 
 
 def pretrain(args, device, rank, world, distributed):
@@ -536,14 +555,14 @@ def pretrain(args, device, rank, world, distributed):
         if rng["cuda"]:
             torch.cuda.set_rng_state_all(rng["cuda"])
         windows.step = state["step"]
-        print(f"Resuming {args.out / 'model.pt'} after step {state['step']:,} of {total:,}")
+        print(f"Resuming {args.out / 'model.pt'} after step {state['step']:,} of {total:,} ({args.dtype})")
     elif rank:
         torch.manual_seed(args.seed + rank)  # other processes: their own dropout masks
 
     # Under torchrun the wrapper shares gradients; the model itself is what is saved and sampled.
-    # broadcast_buffers=False: forward passes need no talk between processes (there are no buffers),
-    # so process 0 can evaluate alone.
-    trained = DistributedDataParallel(model, broadcast_buffers=False) if distributed else model
+    # The GPT has no buffers, so the wrapper's forward pass needs no talk between processes (it
+    # would broadcast buffers) and process 0 can evaluate alone.
+    trained = DistributedDataParallel(model) if distributed else model
     loss = lambda batch: minigpt.lm_loss(trained, batch, device, dtype)
     eval_sets = {} if rank else {name: sample_batches(ids, T, args.eval_windows, args.batch_size)
                                  for name, ids in (("train", train_ids), ("validation", validation_ids))}

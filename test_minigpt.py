@@ -738,17 +738,20 @@ def weights(path):
     return minigpt.load_checkpoint(path)[0].state_dict()
 
 
-@pytest.mark.parametrize("windows", ["random", "sliding"])
-def test_stopped_and_resumed_run_equals_an_uninterrupted_one(small_corpus, tmp_path, monkeypatch, capsys, windows):
+@pytest.mark.parametrize("windows,dtype", [("random", "bfloat16"), ("sliding", "float32")])
+def test_stopped_and_resumed_run_equals_an_uninterrupted_one(small_corpus, tmp_path, monkeypatch, capsys, windows,
+                                                             dtype):
     """Ctrl+C during step 2, --stop-at 4, then to the end (6 steps): bit for bit the same weights and
-    losses as one run, in float32 on a CPU; dropout and gradient accumulation on, so that every
-    generator and the data position must be restored. Plain python runs no distributed code."""
+    losses as one run on this CPU; dropout and gradient accumulation on, so that every generator
+    and the data position must be restored. The sessions after the first are resumed without
+    --dtype: on any CPU, one of the two dtypes differs from what auto would pick, so a resumed run
+    that did not keep its dtype fails here. Plain python runs no distributed code."""
     monkeypatch.setattr(torch.distributed, "init_process_group", None)  # calling it would fail
     text = small_corpus / ("long.txt" if windows == "random" else "short.txt")
     plan = ["--text", str(text), "--preset", "tiny", "--context-length", "16", "--batch-size", "2",
             "--grad-accum", "2", "--dropout", "0.1", "--max-steps", "6", "--windows", windows,
-            "--eval-every", "2", "--eval-windows", "4", "--dtype", "float32"]
-    assert pretrain.main(plan + ["--out", str(tmp_path / "whole")]) is None
+            "--eval-every", "2", "--eval-windows", "4"]
+    assert pretrain.main(plan + ["--dtype", dtype, "--out", str(tmp_path / "whole")]) is None
 
     lm_loss = minigpt.lm_loss
     calls = []
@@ -762,14 +765,19 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(small_corpus, tmp_p
 
     out = ["--out", str(tmp_path / "sessions")]
     monkeypatch.setattr(minigpt, "lm_loss", ctrl_c_in_step_2)
-    assert pretrain.main(plan + out) == 130
+    assert pretrain.main(plan + ["--dtype", dtype] + out) == 130
     monkeypatch.setattr(minigpt, "lm_loss", lm_loss)
-    assert minigpt.load_checkpoint(tmp_path / "sessions" / "model.pt")[1]["training"]["state"]["step"] == 2
+    training = minigpt.load_checkpoint(tmp_path / "sessions" / "model.pt")[1]["training"]
+    assert training["state"]["step"] == 2 and training["args"]["dtype"] == dtype
     with pytest.raises(minigpt.DataError, match="trained with --lr 0.002, not 0.01"):
         pretrain.main(out + ["--resume", "--lr", "0.01"])
+    other = {"bfloat16": "float32", "float32": "bfloat16"}[dtype]
+    with pytest.raises(minigpt.DataError, match=f"trained with --dtype {dtype}, not {other}"):
+        pretrain.main(out + ["--resume", "--dtype", other])
     assert pretrain.main(out + ["--resume", "--stop-at", "4", "--save-every", "3"]) is None
     log = capsys.readouterr().out
-    assert "Resuming" in log and "Saved step 3" in log and "Stopped after step 4 of 6" in log
+    assert f"Resuming {tmp_path / 'sessions' / 'model.pt'} after step 2 of 6 ({dtype})" in log
+    assert "Saved step 3" in log and "Stopped after step 4 of 6" in log
     assert pretrain.main(out + ["--resume"]) is None
     assert "Final loss" in capsys.readouterr().out
 
@@ -781,13 +789,35 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(small_corpus, tmp_p
     assert "has finished all its 6 steps" in capsys.readouterr().out
 
 
-def test_torchrun_two_processes_match_one_process(small_corpus, tmp_path):
-    """torchrun, 2 CPU processes (gloo, loopback only), 2 windows each per step, against one process
-    with 4 windows per step, and with 2 micro-batches of 2: the same losses and weights to float
-    tolerance. The checkpoint is saved once and loads in minigpt.py."""
-    plan = ["--text", str(small_corpus / "long.txt"), "--preset", "tiny", "--context-length", "16",
+def distributed_plan(small_corpus):
+    return ["--text", str(small_corpus / "long.txt"), "--preset", "tiny", "--context-length", "16",
             "--max-steps", "4", "--windows", "random", "--eval-every", "2", "--eval-windows", "4",
             "--save-every", "2", "--dtype", "float32"]
+
+
+@pytest.fixture(scope="module")
+def one_process(small_corpus, tmp_path_factory):
+    """The reference for the torchrun tests: one process, 4 windows per step."""
+    out = tmp_path_factory.mktemp("one")
+    pretrain.main(distributed_plan(small_corpus) + ["--batch-size", "4", "--out", str(out)])
+    return out
+
+
+def assert_same_run(out, reference):
+    """Two runs with the same global batch: the same losses and weights, to float tolerance."""
+    expected, got = (json.loads((folder / "history.json").read_text()) for folder in (reference, out))
+    assert got["validation"] == pytest.approx(expected["validation"], abs=1e-4)
+    assert got["final_loss"] == pytest.approx(expected["final_loss"], abs=1e-4)
+    one, other = weights(reference / "model.pt"), weights(out / "model.pt")
+    assert all(torch.allclose(other[name], one[name], atol=1e-4) for name in one)
+
+
+def test_torchrun_two_processes_match_one_process(small_corpus, one_process, tmp_path):
+    """torchrun, 2 CPU processes (gloo, loopback only), 2 windows each per step, against one process
+    with 4 windows per step, and with 2 micro-batches of 2: the same losses and weights to float
+    tolerance. Both processes exit 0, with no deprecation warning; the checkpoint is saved once and loads in
+    minigpt.py."""
+    plan = distributed_plan(small_corpus)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if sys.platform == "linux":
         env["GLOO_SOCKET_IFNAME"] = "lo"
@@ -795,22 +825,71 @@ def test_torchrun_two_processes_match_one_process(small_corpus, tmp_path):
                           str(HERE / "pretrain.py"), *plan, "--batch-size", "2", "--out", str(tmp_path / "two")],
                          capture_output=True, text=True, timeout=120, env=env, cwd=HERE)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "FutureWarning" not in run.stderr, run.stderr[-3000:]
     assert "2 windows x 1 micro-batches x 2 process(es) = 4 windows" in run.stdout
     assert run.stdout.count("Final loss") == 1  # process 0 alone reports
-    pretrain.main(plan + ["--batch-size", "4", "--out", str(tmp_path / "one")])
     pretrain.main(plan + ["--batch-size", "2", "--grad-accum", "2", "--out", str(tmp_path / "accum")])
-    reference = json.loads((tmp_path / "one" / "history.json").read_text())
-    one = weights(tmp_path / "one" / "model.pt")
-    for run in ("two", "accum"):
-        history = json.loads((tmp_path / run / "history.json").read_text())
-        assert history["validation"] == pytest.approx(reference["validation"], abs=1e-4)
-        assert history["final_loss"] == pytest.approx(reference["final_loss"], abs=1e-4)
-        other = weights(tmp_path / run / "model.pt")
-        assert all(torch.allclose(other[name], one[name], atol=1e-4) for name in one)
+    for out in ("two", "accum"):
+        assert_same_run(tmp_path / out, one_process)
     generated = subprocess.run([sys.executable, "minigpt.py", "--model", str(tmp_path / "two" / "model.pt"),
                                 "--max-new-tokens", "5", "--prompt", "The sea"],
                                capture_output=True, text=True, timeout=60, cwd=HERE)
     assert generated.returncode == 0 and generated.stdout.startswith("The sea"), generated.stderr
+
+
+def network_namespaces():
+    """None if this machine can make network namespaces joined by a veth pair, else why not."""
+    if sys.platform != "linux" or os.geteuid() != 0:
+        return "needs Linux and root, for ip netns"
+    name = f"minigpt-probe-{os.getpid()}"
+    try:
+        made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    except FileNotFoundError:
+        return "needs the ip command (Debian: apt-get install iproute2)"
+    if made.returncode:
+        return f"ip netns add failed: {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "delete", name])
+    return None
+
+
+@pytest.mark.skipif(network_namespaces() is not None, reason=str(network_namespaces()))
+def test_torchrun_on_two_hosts_matches_one_process(small_corpus, one_process, tmp_path):
+    """Two hosts: two network namespaces joined by a veth pair, addresses that exist only inside
+    them, one process on each, started with the README's several-machines command. Both torchruns
+    exit 0 and the run equals one process with the same global batch."""
+    hosts = [f"minigpt-{os.getpid()}-{n}" for n in (0, 1)]
+    addresses = ["10.213.47.1", "10.213.47.2"]
+    links = [f"mg{os.getpid() % 100000}v{n}" for n in (0, 1)]  # interface names: at most 15 characters
+    sh = lambda *command: subprocess.run(command, check=True, capture_output=True)
+    nodes = []
+    try:
+        for host in hosts:
+            sh("ip", "netns", "add", host)
+        sh("ip", "link", "add", links[0], "type", "veth", "peer", "name", links[1])
+        for host, link, address in zip(hosts, links, addresses):
+            sh("ip", "link", "set", link, "netns", host)
+            sh("ip", "-n", host, "addr", "add", f"{address}/30", "dev", link)
+            sh("ip", "-n", host, "link", "set", link, "up")
+            sh("ip", "-n", host, "link", "set", "lo", "up")
+        for n, (host, link) in enumerate(zip(hosts, links)):
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": link}
+            command = ["ip", "netns", "exec", host, sys.executable, "-m", "torch.distributed.run",
+                       "--nnodes=2", f"--node-rank={n}", "--nproc-per-node=1", f"--master-addr={addresses[0]}",
+                       "--master-port=29500", str(HERE / "pretrain.py"), *distributed_plan(small_corpus),
+                       "--batch-size", "2", "--out", str(tmp_path / f"host{n}")]
+            nodes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                          env=env, cwd=HERE))
+        outputs = [node.communicate(timeout=120) for node in nodes]
+        for node, (stdout, stderr) in zip(nodes, outputs):
+            assert node.returncode == 0, stderr[-3000:]
+        assert "2 windows x 1 micro-batches x 2 process(es) = 4 windows" in outputs[0][0]
+        assert not (tmp_path / "host1" / "model.pt").exists()  # process 0 alone saves
+        assert_same_run(tmp_path / "host0", one_process)
+    finally:
+        for node in nodes:
+            node.kill()
+        for host in hosts:
+            subprocess.run(["ip", "netns", "delete", host], capture_output=True)
 
 
 # ---------------------------------------------------------------- finetune.py

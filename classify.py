@@ -62,7 +62,8 @@ class Classifier:
         reads = {"last": "the last (padded) position", "last_real": "the last real token",
                  "mean": "the mean over all tokens"}[self.meta["pool"]]
         task = ("to tell spam from ham SMS" if self.labels == ["ham", "spam"] else
-                f"to tell {', '.join(self.labels[:-1])} and {self.labels[-1]} apart")
+                f"to tell {', '.join(self.labels[:-1])} and {self.labels[-1]} apart" if len(self.labels) <= 6 else
+                f"to tell {len(self.labels):,} classes apart")
         self.description = (f"A GPT ({self.model.cfg.n_layers} blocks, from {Path(self.meta['init']).name}) "
                             f"finetuned {task}. Trained: {self.meta['trainable']}; reads "
                             f"{reads}; up to {self.meta['max_length']} tokens"
@@ -89,12 +90,14 @@ class Classifier:
         return self.results(self.probabilities(examples, batch_size=64), tokens, truncated)
 
     def results(self, probs, tokens, truncated):
-        """One result per text: the most likely label, every label's probability, the token count,
-        and whether the text was cut to the model's max length."""
+        """One result per text: the most likely label, the probabilities of the most likely labels
+        (every label, up to finetune.SHOWN of them; in the model's order), the token count, and
+        whether the text was cut to the model's max length."""
         results = []
         for p, n, cut in zip(probs, tokens, truncated):
-            best = max(range(len(p)), key=p.__getitem__)  # the first of equals, as argmax
-            result = {"label": self.labels[best], "probabilities": dict(zip(self.labels, (round(x, 6) for x in p))),
+            likely = sorted(range(len(p)), key=lambda i: -p[i])[:finetune.SHOWN]  # stable: the first of equals
+            result = {"label": self.labels[likely[0]],
+                      "probabilities": {self.labels[i]: round(p[i], 6) for i in sorted(likely)},
                       "tokens": n, "truncated": cut}
             if self.labels == ["ham", "spam"]:  # what clients of the spam-only API read
                 result["spam_probability"] = result["probabilities"]["spam"]
@@ -731,7 +734,7 @@ def is_loopback(host):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=minigpt.Help)
     p.add_argument("texts", nargs="*", help="texts to classify; '-' reads one per line from stdin")
     p.add_argument("--file", type=minigpt.existing_file, help="read texts from this file, one per line")
     p.add_argument("--json", action="store_true", help="print one JSON object per line")
@@ -739,8 +742,8 @@ def main(argv=None):
     p.add_argument("--serve", action="store_true", help="serve the web page and the API")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every network)")
     p.add_argument("--port", type=minigpt.number_type(int, 0, 65536), default=8000, help="0: any free port")
-    p.add_argument("--token", default=os.environ.get("MINIGPT_TOKEN"),
-                   help="require `Authorization: Bearer TOKEN` for /api/* and /metrics (default: $MINIGPT_TOKEN)")
+    p.add_argument("--token", help="require `Authorization: Bearer TOKEN` for /api/* and /metrics "
+                                   "(default: the environment variable MINIGPT_TOKEN, if set)")
     p.add_argument("--max-batch", type=minigpt.positive_int, default=64, help="texts per forward pass")
     p.add_argument("--max-batch-tokens", type=minigpt.positive_int, default=16384,
                    help="texts x longest text's tokens per forward pass")
@@ -756,6 +759,7 @@ def main(argv=None):
     p.add_argument("--dtype", choices=minigpt.DTYPES, default="auto",
                    help="auto: bfloat16 where the device multiplies it natively, else float32")
     args = p.parse_args(argv)
+    args.token = args.token or os.environ.get("MINIGPT_TOKEN")  # after parsing: --help never shows its value
     if not (args.texts or args.file or args.serve or args.benchmark):
         p.error("give texts, '-', --file, --serve or --benchmark")
 
@@ -795,7 +799,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except minigpt.DataError as e:  # a missing or broken file, or bad input: say what to do, no traceback
-        sys.exit(f"error: {e}")
+    minigpt.run_script(main, "nothing was saved")

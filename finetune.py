@@ -54,6 +54,9 @@ SMS = ("SMSSpamCollection", "https://archive.ics.uci.edu/static/public/228/sms+s
        "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d")
 SMS_ZIP_SHA256 = "1587ea43e58e82b14ff1f5425c88e17f8496bfcdb67a583dbff9eefaf9963ce3"
 SPLITS = ("train", "validation", "test")
+OUTPUTS = ("classifier.pt", "metrics.json", "loss.svg", "accuracy.svg", *(f"{name}.csv" for name in SPLITS))
+MAX_CLASSES = 1000  # supported; beyond it, most classes would have too few examples to learn or to measure
+SHOWN = 20          # classes in a printed table, an API answer or the page: the most frequent or most likely
 # The second worked example: passages from six public-domain texts, labelled by source: the
 # corpora of pretrain.py (minigpt.CORPORA). (label, (file name, public URL, sha256)), by label.
 BOOKS = sorted((Path(file[0]).stem.removeprefix("tiny"), file)
@@ -173,7 +176,8 @@ def split_examples(examples, seed, balance, dedupe=False):
         splits = {name: [part[i] for i in rng.permutation(len(part))] for name, part in splits.items()}
         splits["unseen"] = []
     for name in SPLITS:
-        if absent := [c for c in classes if not any(label == c for label, _ in splits[name])]:
+        present = {label for label, _ in splits[name]}
+        if absent := [c for c in classes if c not in present]:
             counts = Counter(label for label, _ in examples)
             raise minigpt.DataError(
                 f"class {absent[0]!r} has {counts[absent[0]]} examples{' after balancing' if balance else ''}: "
@@ -184,7 +188,10 @@ def split_examples(examples, seed, balance, dedupe=False):
 
 def by_class(examples):
     """{label: [its examples, in file order]}, labels sorted."""
-    return {c: [e for e in examples if e[0] == c] for c in sorted({label for label, _ in examples})}
+    members = {}
+    for example in examples:
+        members.setdefault(example[0], []).append(example)
+    return dict(sorted(members.items()))
 
 
 def balance_classes(examples, rng):
@@ -201,6 +208,20 @@ def balance_classes(examples, rng):
         else:
             kept += members
     return [kept[i] for i in rng.permutation(len(kept))], left_out
+
+
+def counts_text(counts, order):
+    """'70 ham, 70 spam': the count of each class in `order`, on part of one line."""
+    return fit([f"{counts[c]:,} {c}" for c in order])
+
+
+def fit(items, width=80):
+    """The items joined with commas, as many as fit in `width` characters, then how many there
+    are: part of one line, whatever their number."""
+    shown = 1
+    while shown < len(items) and len(", ".join(items[:shown + 1])) <= width:
+        shown += 1
+    return ", ".join(items[:shown]) + (f", ... ({len(items):,} classes)" if shown < len(items) else "")
 
 
 def cut_70_10_20(items):
@@ -559,37 +580,63 @@ def accuracy(model, batches, pool, frozen, device, dtype=torch.float32):
 def classification_metrics(labels, predicted, n_classes):
     """Accuracy, the confusion matrix and per-class precision, recall and F1.
 
-    confusion[i][j] counts examples of true class i predicted as class j. For class c:
-    precision = right calls of c / all calls of c (column c), recall = right calls of c / all true
-    c (row c), F1 = their harmonic mean; 0 where nothing was there to divide by.
+    The confusion matrix counts, for true class i and predicted class j, the examples of i
+    predicted as j. It is kept as its non-zero cells, [i, j, count] ("confusion_cells": at most
+    one per example, however many classes), and as the whole matrix ("confusion", rows: true
+    class) for up to SHOWN classes. For class c: precision = right calls of c / all calls of c,
+    recall = right calls of c / all true c, F1 = their harmonic mean; 0 where nothing was there
+    to divide by. actual[c]: the examples of class c.
     """
-    confusion = torch.zeros(n_classes, n_classes, dtype=torch.long)
-    confusion.index_put_((labels, predicted), torch.ones_like(labels), accumulate=True)
-    right = confusion.diag()
-    called = confusion.sum(0)   # column sums: how often each class was predicted
-    actual = confusion.sum(1)   # row sums: how often each class is the truth
+    cells, counts = torch.unique(labels * n_classes + predicted, return_counts=True)  # (i, j) as i * n + j
+    cells = [[cell // n_classes, cell % n_classes, n] for cell, n in zip(cells.tolist(), counts.tolist())]
+    right = torch.bincount(labels[labels == predicted], minlength=n_classes)
+    called = torch.bincount(predicted, minlength=n_classes)  # how often each class was predicted
+    actual = torch.bincount(labels, minlength=n_classes)     # how often each class is the truth
     precision = (right / called.clamp(min=1)).tolist()
     recall = (right / actual.clamp(min=1)).tolist()
     f1 = [2 * p * r / (p + r) if p + r else 0.0 for p, r in zip(precision, recall)]
-    return {"accuracy": right.sum().item() / max(len(labels), 1), "confusion": confusion.tolist(),
-            "precision": precision, "recall": recall, "f1": f1, "macro_f1": sum(f1) / n_classes}
+    metrics = {"accuracy": right.sum().item() / max(len(labels), 1), "confusion_cells": cells,
+               "actual": actual.tolist(), "precision": precision, "recall": recall, "f1": f1,
+               "macro_f1": sum(f1) / n_classes}
+    if n_classes <= SHOWN:
+        metrics["confusion"] = confusion_matrix(cells, range(n_classes))
+    return metrics
+
+
+def confusion_matrix(cells, classes):
+    """The rows and columns of `classes` (class ids) of the confusion matrix given by its cells."""
+    at = {c: k for k, c in enumerate(classes)}
+    matrix = [[0] * len(at) for _ in at]
+    for i, j, n in cells:
+        if i in at and j in at:
+            matrix[at[i]][at[j]] = n
+    return matrix
 
 
 def metrics_table(metrics, classes):
-    """Per-class precision, recall and F1, then the confusion matrix, as lines of text."""
-    width = max(8, *(len(c) for c in classes))
+    """Per-class precision, recall and F1, then the confusion matrix, as lines of text: every class
+    up to SHOWN classes; beyond, the SHOWN most frequent (and the confusion among the 10 most
+    frequent), so that the table fits on a screen whatever the number of classes."""
+    frequent = sorted(range(len(classes)), key=lambda i: -metrics["actual"][i])  # stable: ties in class order
+    shown = sorted(frequent[:SHOWN])
+    names = [classes[i][:40] for i in range(len(classes))]  # long names cut, to keep the lines short
+    width = max(8, *(len(names[i]) for i in shown))
     lines = [f"  {'':{width}}  precision  recall      F1  examples"]
-    for i, c in enumerate(classes):
-        lines.append(f"  {c:{width}}  {metrics['precision'][i]:9.1%}  {metrics['recall'][i]:6.1%}  "
-                     f"{metrics['f1'][i]:6.1%}  {sum(metrics['confusion'][i]):8}")
-    short = max(len(c) for c in classes) <= 8  # long names: number the columns instead
-    heads = classes if short else [f"({i + 1})" for i in range(len(classes))]
-    rows = classes if short else [f"({i + 1}) {c}" for i, c in enumerate(classes)]
-    lines.append(f"  confusion (rows: true class, columns: predicted{'' if short else ', in the same order'}):")
+    for i in shown:
+        lines.append(f"  {names[i]:{width}}  {metrics['precision'][i]:9.1%}  {metrics['recall'][i]:6.1%}  "
+                     f"{metrics['f1'][i]:6.1%}  {metrics['actual'][i]:8}")
+    if len(classes) > SHOWN:
+        lines.append(f"  ... and {len(classes) - SHOWN:,} less frequent classes (all of them: metrics.json)")
+    among = sorted(frequent[:10]) if len(classes) > SHOWN else shown
+    short = max(len(names[i]) for i in among) <= 8  # long names: number the columns instead
+    heads = [names[i] if short else f"({k + 1})" for k, i in enumerate(among)]
+    rows = [names[i] if short else f"({k + 1}) {names[i]}" for k, i in enumerate(among)]
+    which = "" if among == list(range(len(classes))) else f" among the {len(among)} most frequent classes"
+    lines.append(f"  confusion{which} (rows: true class, columns: predicted{'' if short else ', in the same order'}):")
     cell = max(5, *(len(h) for h in heads))
     width = max(len(r) for r in rows)
     lines.append(f"  {'':{width}}  " + " ".join(f"{h:>{cell}}" for h in heads))
-    for name, row in zip(rows, metrics["confusion"]):
+    for name, row in zip(rows, confusion_matrix(metrics["confusion_cells"], among)):
         lines.append(f"  {name:{width}}  " + " ".join(f"{n:>{cell}}" for n in row))
     return lines
 
@@ -601,25 +648,34 @@ def baselines(train, test, classes):
     character 3-grams: each text becomes the counts of its byte triples (b"the", b"he ", ...),
     scaled to length 1; each class's centroid is the mean of its training texts' vectors; a test
     text gets the class whose centroid points most nearly its way (largest dot product). Triples
-    are hashed into 2^18 buckets, so nothing is stored per distinct triple.
+    are hashed into 2^18 buckets, so nothing is stored per distinct triple. The centroids are
+    sparse, (bucket, class, weight) entries sorted by bucket: their memory grows with the
+    training text, not with classes x buckets (1,000 dense centroids would take 2 GB).
     """
     majority = Counter(label for label, _ in train).most_common(1)[0][0]
     buckets = 1 << 18
+    n = len(classes)
+    index = {c: i for i, c in enumerate(classes)}
 
     def triples(text):  # (bucket ids, counts / norm) of one text
         b = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
         ids, counts = np.unique((b[:-2] << 16 | b[1:-1] << 8 | b[2:]) % buckets, return_counts=True)
         return ids, counts / max(np.linalg.norm(counts), 1e-12)
 
-    centroids = np.zeros((len(classes), buckets))
-    for label, text in train:
-        ids, weights = triples(text)
-        centroids[classes.index(label), ids] += weights
-    centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    pieces = [(ids, np.full(len(ids), index[label]), w) for label, text in train for ids, w in [triples(text)]]
+    bucket, cls, weight = (np.concatenate(p) for p in zip(*pieces))
+    keys, inverse = np.unique(bucket * n + cls, return_inverse=True)  # one entry per (bucket, class), by bucket
+    weight = np.bincount(inverse, weights=weight)                     # the sums of the class's texts
+    bucket, cls = keys // n, keys % n
+    weight /= np.maximum(np.sqrt(np.bincount(cls, weights=weight ** 2, minlength=n)), 1e-12)[cls]  # length 1
+    first = np.searchsorted(bucket, np.arange(buckets + 1))           # bucket b's entries: first[b]:first[b + 1]
     right = 0
     for label, text in test:
-        ids, weights = triples(text)
-        right += classes[int(np.argmax(centroids[:, ids] @ weights))] == label
+        ids, w = triples(text)
+        count = first[ids + 1] - first[ids]                           # entries of each of the text's buckets
+        at = np.repeat(first[ids] - np.cumsum(count) + count, count) + np.arange(count.sum())  # their positions
+        scores = np.bincount(cls[at], weights=weight[at] * np.repeat(w, count), minlength=n)  # (classes,)
+        right += classes[int(np.argmax(scores))] == label
     return {"majority": sum(label == majority for label, _ in test) / len(test),
             "char_3gram_centroid": right / len(test)}
 
@@ -713,8 +769,7 @@ def model_bytes(model):
 def save_classifier(out, model, meta):
     """classifier.pt: meta + the trainable parameters (megabytes, not the whole model)."""
     state = {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
-    with minigpt.atomic_path(Path(out) / "classifier.pt") as tmp:
-        torch.save({"meta": meta, "state": state}, tmp)
+    minigpt.save_pt(Path(out) / "classifier.pt", {"meta": meta, "state": state})
 
 
 def load_classifier(out, device="cpu"):
@@ -722,11 +777,11 @@ def load_classifier(out, device="cpu"):
     path = Path(out) / "classifier.pt"
     if not path.exists():
         raise minigpt.DataError(f"no classifier at {path}: run finetune.py first (--out {out})")
+    saved = minigpt.load_pt(path, device, "a classifier saved by finetune.py", "run finetune.py again")
     try:
-        saved = torch.load(path, map_location=device, weights_only=True)
         meta, state = saved["meta"], saved["state"]
-    except Exception as e:
-        raise minigpt.DataError(f"{path} is not a classifier saved by finetune.py ({e}); "
+    except (KeyError, TypeError) as e:
+        raise minigpt.DataError(f"{path} is not a classifier saved by finetune.py (no {e}); "
                                 "run finetune.py again") from e
     model = make_classifier(base_model(meta, device), meta["trainable"], len(meta["labels"]),
                             meta["lora_rank"], meta["lora_alpha"])
@@ -771,7 +826,7 @@ def class_probabilities(model, meta, tokenizer, texts, device="cpu"):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=minigpt.Help)
     p.add_argument("--init", default="gpt2-small",
                    help="gpt2-small, gpt2-medium, gpt2-large, gpt2-xl (OpenAI's weights), random "
                         "(random weights of --preset's shape), or a pretrain.py checkpoint / model folder")
@@ -836,7 +891,10 @@ def load_splits(args):
     save_outputs): bad data costs nothing."""
     examples = read_data(args)
     counts = Counter(label for label, _ in examples)
-    print(f"{len(examples):,} examples: {dict(sorted(counts.items()))}")
+    if len(counts) > MAX_CLASSES:
+        raise minigpt.DataError(f"{args.data}: {len(counts):,} different labels; finetune.py supports at most "
+                                f"{MAX_CLASSES:,} classes (merge rare labels, into 'other' say)")
+    print(f"{len(examples):,} examples: {counts_text(counts, sorted(counts))}")
     if args.validation_data:  # the user's own splits: --data is all training data
         if args.dedupe:
             examples = list(dict.fromkeys(examples))
@@ -851,22 +909,20 @@ def load_splits(args):
     else:
         splits = split_examples(examples, args.seed, args.balance, args.dedupe)
     classes = sorted({label for label, _ in splits["train"]})
-    print(f"classes (in this order): {', '.join(classes)}; "
-          f"{'balanced, then split' if args.balance else 'stratified split'}")
+    print(f"classes (in this order): {fit(classes)}; {'balanced, then split' if args.balance else 'stratified split'}")
     train_texts = {text for _, text in splits["train"]}
     for name in SPLITS:
         part = Counter(label for label, _ in splits[name])
         overlap = "" if name == "train" else \
             f", {sum(text in train_texts for _, text in splits[name])} texts also in train"
-        print(f"  {name}: {len(splits[name])} ({', '.join(f'{part[c]} {c}' for c in classes)}){overlap}")
+        print(f"  {name}: {len(splits[name])} ({counts_text(part, classes)}){overlap}")
     if args.unseen_ham != "all":
         rng = np.random.default_rng(args.seed)
         pick = rng.permutation(len(splits["unseen"]))[:args.unseen_ham]
         splits["unseen"] = [splits["unseen"][i] for i in sorted(pick)]
     if splits["unseen"]:
         part = Counter(label for label, _ in splits["unseen"])
-        print(f"  unseen: {len(splits['unseen'])} of the examples balancing left out "
-              f"({', '.join(f'{n} {c}' for c, n in sorted(part.items()))})")
+        print(f"  unseen: {len(splits['unseen'])} of the examples balancing left out ({counts_text(part, sorted(part))})")
     return splits, classes
 
 
@@ -876,11 +932,14 @@ def page_text(args, splits, classes):
     title = args.title or {"sms": "Is this SMS spam?", "books": "Which book is this passage from?"}.get(args.data)
     if title is None and classes == ["ham", "spam"]:
         title = "Is this spam?"
+    elif title is None and len(classes) == 2:
+        title = f"{' or '.join(classes)}?"
     elif title is None:
-        title = f"{' or '.join(classes)}?" if len(classes) == 2 else f"Which is it: {', '.join(classes)}?"
-    short = {c: [text for label, text in splits["train"] if label == c and len(text) <= 160] for c in classes}
+        title = f"Which is it: {', '.join(classes)}?" if len(classes) <= 6 else f"Which of {len(classes):,} classes is it?"
+    shown = classes[:6]  # at most six examples
+    short = {c: [text for label, text in splits["train"] if label == c and len(text) <= 160][:2] for c in shown}
     per_class = 2 if len(classes) <= 3 else 1
-    return title, [short[c][i] for i in range(per_class) for c in classes if i < len(short[c])]
+    return title[:200], [short[c][i] for i in range(per_class) for c in shown if i < len(short[c])]
 
 
 def build_model(args, device, classes):
@@ -921,7 +980,8 @@ def make_batches(model, meta, splits, tokenizer, args, device, dtype):
     classes = meta["labels"]
     longest = max(len(tokenizer.encode(text, disallowed_special=())) for _, text in splits["train"])
     meta["max_length"] = min(args.max_length or longest, model.cfg.context_length)
-    datasets = {name: minigpt.PaddedDataset([t for _, t in part], [classes.index(label) for label, _ in part],
+    index = {c: i for i, c in enumerate(classes)}
+    datasets = {name: minigpt.PaddedDataset([t for _, t in part], [index[label] for label, _ in part],
                                             tokenizer, meta["max_length"]) for name, part in splits.items()}
     print(f"max length {meta['max_length']} tokens; {sum(int(d.lengths.sum()) for d in datasets.values()):,} "
           f"tokens in all, pooling '{args.pool}'")
@@ -1002,9 +1062,11 @@ def evaluate_classifier(model, meta, splits, batches, frozen, accuracies, args, 
     metrics = {"classes": classes, "train_accuracy": final["train"], "validation_accuracy": final["validation"],
                "test_accuracy": test["accuracy"], "macro_f1": test["macro_f1"],
                "per_class": {c: {"precision": test["precision"][i], "recall": test["recall"][i],
-                                 "f1": test["f1"][i], "examples": sum(test["confusion"][i])}
+                                 "f1": test["f1"][i], "examples": test["actual"][i]}
                              for i, c in enumerate(classes)},
-               "confusion": test["confusion"], "baselines": classical}
+               "confusion_cells": test["confusion_cells"], "baselines": classical}
+    if "confusion" in test:  # up to SHOWN classes
+        metrics["confusion"] = test["confusion"]
     if classes == ["ham", "spam"]:  # the SMS figures, as the reference reports them
         (tn, fp), (fn, tp) = test["confusion"]                 # rows: true ham, true spam
         metrics.update(precision=test["precision"][1], recall=test["recall"][1], f1=test["f1"][1],
@@ -1036,32 +1098,42 @@ def save_outputs(out, model, meta, splits, metrics, history, accuracies):
         write_csv(out / f"{name}.csv", splits[name])
 
 
+def check_output(out):
+    """--out must be new, empty, or what an earlier run wrote: it is replaced whole at the end."""
+    if out.exists() and (foreign := sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS)):
+        raise minigpt.DataError(f"--out {out} holds files finetune.py did not write ({', '.join(foreign[:3])}"
+                                f"{', ...' if len(foreign) > 3 else ''}), and a run replaces the whole folder; "
+                                "give a new or empty folder")
+
+
 def main(argv=None):
     """The run, step by step. Returns the finetuned model and its meta (as load_classifier would)."""
     args = parse_args(argv)
     started = time.time()
+    check_output(args.out)
     torch.manual_seed(args.seed)
     device = minigpt.pick_device(args.device)
     dtype = minigpt.pick_dtype(args.dtype, device)
     tokenizer = minigpt.get_tokenizer()
-    splits, classes = load_splits(args)                                                 # 1. data, splits
-    model, meta = build_model(args, device, classes)                                    # 2. model
-    meta["title"], meta["examples"] = page_text(args, splits, classes)
-    batches, frozen = make_batches(model, meta, splits, tokenizer, args, device, dtype)  # 3. features, batches
-    history, accuracies, seconds, seen = train_classifier(model, batches, frozen, args, device, dtype)  # 4. train
-    metrics = evaluate_classifier(model, meta, splits, batches, frozen, accuracies, args, device, dtype)  # 5.
-    metrics.update(train_seconds=seconds, wall_seconds=time.time() - started,
-                   examples_per_second=seen / seconds, epochs=args.epochs,
-                   max_steps=args.max_steps, init=args.init,
-                   trainable=args.trainable, pool=args.pool, dtype=minigpt.dtype_name(dtype))
-    save_outputs(args.out, model, meta, splits, metrics, history, accuracies)    # 6. save
+    # The outputs go to a folder beside --out that becomes --out once all of them are written: a
+    # run that fails or is stopped leaves --out as it was. A second run on the same --out meanwhile
+    # is refused.
+    with minigpt.atomic_folder(args.out, exclusive=True) as out:
+        splits, classes = load_splits(args)                                                 # 1. data, splits
+        model, meta = build_model(args, device, classes)                                    # 2. model
+        meta["title"], meta["examples"] = page_text(args, splits, classes)
+        batches, frozen = make_batches(model, meta, splits, tokenizer, args, device, dtype)  # 3. features, batches
+        history, accuracies, seconds, seen = train_classifier(model, batches, frozen, args, device, dtype)  # 4.
+        metrics = evaluate_classifier(model, meta, splits, batches, frozen, accuracies, args, device, dtype)  # 5.
+        metrics.update(train_seconds=seconds, wall_seconds=time.time() - started,
+                       examples_per_second=seen / seconds, epochs=args.epochs,
+                       max_steps=args.max_steps, init=args.init,
+                       trainable=args.trainable, pool=args.pool, dtype=minigpt.dtype_name(dtype))
+        save_outputs(out, model, meta, splits, metrics, history, accuracies)             # 6. save
     print(f"Saved {args.out}/classifier.pt, metrics.json, loss.svg, accuracy.svg and the splits "
           f"(train.csv, validation.csv, test.csv); wall time {time.time() - started:.1f} s")
     return model.eval(), meta
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except minigpt.DataError as e:  # a missing or broken file, or bad input: say what to do, no traceback
-        sys.exit(f"error: {e}")
+    minigpt.run_script(main, "nothing was saved; --out is as it was")

@@ -22,6 +22,7 @@ pretrain.py, finetune.py and classify.py build on the pieces below.
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import http.client
 import json
@@ -29,6 +30,7 @@ import math
 import os
 import secrets
 import shutil
+import signal
 import sys
 import time
 import urllib.error
@@ -37,6 +39,11 @@ import zipfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from xml.sax.saxutils import escape
+
+try:
+    import fcntl  # folder locks (atomic_folder); Windows has none
+except ImportError:
+    fcntl = None
 
 import numpy as np
 import tiktoken
@@ -635,16 +642,58 @@ def train(model, optimizer, loss_fn, train_batches, epochs, eval_every, eval_set
 # 7. Checkpoints and plots.
 # ----------------------------------------------------------------------------------------------
 
+def digest(value, h=None):
+    """The sha256 of everything in a checkpoint: its nested dicts and lists, every tensor's dtype,
+    shape and bytes, every other value's repr, in a fixed order. Saved with the checkpoint, it
+    tells a damaged file (a flipped bit on a disk, a bad copy) from a good one when it is loaded."""
+    h = hashlib.sha256() if h is None else h
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous().reshape(-1)
+        h.update(f"tensor {t.dtype} {tuple(value.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().data)  # the raw bytes, whatever the dtype
+    elif isinstance(value, dict):
+        h.update(f"dict {len(value)}|".encode())
+        for key in sorted(value, key=repr):
+            h.update(f"{key!r}:".encode())
+            digest(value[key], h)
+    elif isinstance(value, (list, tuple)):
+        h.update(f"list {len(value)}|".encode())
+        for item in value:
+            digest(item, h)
+    else:
+        h.update(f"{value!r}|".encode())
+    return h
+
+
+def save_pt(path, content):
+    """torch.save of a dict, with its digest, atomically: the file is whole or absent."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: a full disk is an OSError
+        torch.save({**content, "sha256": digest(content).hexdigest()}, f)
+
+
+def load_pt(path, device="cpu", what="a minigpt checkpoint", remedy="use another copy, or train again"):
+    """The dict save_pt wrote, checked against its digest; a DataError that ends in `remedy` if
+    it is not `what` or is damaged. weights_only=True: loading a file never runs code from it."""
+    try:
+        content = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise DataError(f"{path} is not {what} ({type(e).__name__}: {reason}); {remedy}") from e
+    expected = content.pop("sha256", None) if isinstance(content, dict) else None
+    if expected is not None and digest(content).hexdigest() != expected:
+        raise DataError(f"{path} is damaged: its contents do not match the sha256 saved with them; {remedy}")
+    return content
+
+
 def save_checkpoint(path, model, **extra):
-    """config + weights (+ anything in extra), written atomically: never a half-written file."""
-    with atomic_path(path) as tmp:
-        torch.save({"config": asdict(model.cfg), "model": model.state_dict(), **extra}, tmp)
+    """config + weights (+ anything in extra), written atomically with a digest."""
+    save_pt(path, {"config": asdict(model.cfg), "model": model.state_dict(), **extra})
 
 
 def read_checkpoint(path, device="cpu", **config_changes):
-    """(config, checkpoint dict). weights_only=True: a checkpoint cannot run code when loaded."""
+    """(config, checkpoint dict)."""
+    ck = load_pt(path, device)
     try:
-        ck = torch.load(path, map_location=device, weights_only=True)
         return replace(GPTConfig(**ck["config"]), **config_changes), ck
     except Exception as e:
         raise DataError(f"{path} is not a minigpt checkpoint ({type(e).__name__}: {e})") from e
@@ -825,24 +874,15 @@ def convert(safetensors_path, cfg, out_dir):
     loads with one read straight into the array that becomes the parameter, and a reader can
     inspect any tensor with np.load. The folder is written beside out_dir and renamed into place.
     """
-    out_dir = Path(out_dir)
-    tmp = temporary_name(out_dir)
-    tmp.mkdir(parents=True)
-
-    def save(tensors):
+    def save(tensors, folder):
         for name, a in tensors:
-            np.save(tmp / f"{name}.npy", a)
+            np.save(folder / f"{name}.npy", a)
             yield name, a
 
-    try:  # loading onto "meta" checks every name and shape as the tensors stream past
-        load_weights(cfg, save(gpt2_tensors(safetensors_path)), device="meta")
+    with atomic_folder(out_dir, exclusive=True) as tmp:  # loading onto "meta" checks every name and shape
+        load_weights(cfg, save(gpt2_tensors(safetensors_path), tmp), device="meta")  # as they stream past
         (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)
 
 
 def read_config(path):
@@ -890,6 +930,11 @@ def model_tensors(spec, device="cpu", **config_changes):
     path = gpt2_dir(spec) if spec in GPT2_FILES else Path(spec)
     if path.is_file():
         cfg, ck = read_checkpoint(path, device, **config_changes)
+        if "optimizer" in ck:  # pretrain.py keeps its optimizer only while the run is unfinished
+            state = ck["training"]["state"]
+            print(f"warning: {path} is an unfinished pretrain.py run (stopped after step {state['step']:,}"
+                  f"{' of ' + format(ck['training']['total_steps'], ',') if 'total_steps' in ck['training'] else ''}); "
+                  "its weights are used as they are", file=sys.stderr)
         return cfg, ck["model"].items()
     if (path / "model.safetensors").exists():
         cfg = replace(config_from_hf(path / "config.json"), **config_changes)
@@ -911,20 +956,124 @@ def temporary_name(path):
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
+def make_folders(folder):
+    """Create `folder` and its missing parents; return the ones created, deepest first."""
+    made = []
+    folder = Path(folder)
+    while not folder.exists():
+        made.append(folder)
+        folder = folder.parent
+    for f in reversed(made):
+        f.mkdir()
+    return made
+
+
+def remove_empty(folders):
+    """Remove those of `folders` that are empty, in order (deepest first): what a failed write made."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or already gone
+            break
+
+
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    If the block fails, the temporary file and the folders made for it are removed, and `path`
+    is as it was. An OSError (a full disk, a read-only folder) becomes a DataError naming `path`.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    made = []
     tmp = temporary_name(path)
     try:
-        yield Path(tmp)
+        made = make_folders(path.parent)
+        yield tmp
         with open(tmp, "rb+") as f:  # on disk before the rename, so a power cut cannot leave it empty
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX and Windows when both are on one file system
+    except Exception as e:
+        raise write_error(path, e) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if not path.exists():
+            remove_empty(made)
+
+
+@contextlib.contextmanager
+def atomic_folder(path, replace_existing=True, exclusive=False):
+    """Yield a new, empty temporary folder beside `path` to write a folder of outputs into.
+
+    When the block succeeds, the folder becomes `path`, whole. A `path` that exists already is
+    replaced (replace_existing), or kept: then it holds the same content, written meanwhile by
+    another process, and ours is dropped. When the block fails (an error, Ctrl+C, a full disk),
+    the folder is removed and `path` stays as it was; an OSError becomes a DataError naming `path`.
+    exclusive: while the block runs, the folder is locked, and a second process that asks for
+    the same `path` is refused; folders left by killed processes are removed. (No locks on Windows.)
+    """
+    path = Path(path)
+    made = []
+    tmp = temporary_name(path)
+    lock = None
+    try:
+        made = make_folders(path.parent)
+        tmp.mkdir()
+        if exclusive and fcntl is not None:
+            lock = os.open(tmp, os.O_RDONLY)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            refuse_if_locked(path, tmp)
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb+") as f:  # on disk before the rename (see atomic_path)
+                    os.fsync(f.fileno())
+        if not path.exists():
+            os.replace(tmp, path)
+        elif replace_existing:
+            old = temporary_name(path)
+            os.replace(path, old)  # aside, then ours in its place: `path` is only ever whole
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+    except Exception as e:
+        raise write_error(path, e) from e
+    finally:
+        if lock is not None:
+            os.close(lock)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not path.exists():
+            remove_empty(made)
+
+
+# What only a write can fail with: a full disk or quota, a read-only file system, a file too big.
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
+def write_error(path, e):
+    """A DataError naming `path` and the reason if the exception e is a failed write, else e.
+    (torch.save raises a RuntimeError of its own while it handles the OSError of a write.)"""
+    cause = e.__context__ if type(e) is RuntimeError else e
+    if isinstance(cause, OSError) and cause.errno in WRITE_ERRORS:
+        return DataError(f"cannot write {path}: {cause.strerror}")
+    return e
+
+
+def refuse_if_locked(path, mine):
+    """A DataError if another process holds the lock of a temporary folder for `path`; remove the
+    ones nobody holds (a run that was killed left them)."""
+    for other in path.parent.glob(f".{path.name}.*.tmp"):
+        if other == mine or not other.is_dir():
+            continue
+        fd = os.open(other, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(f"another run is writing {path} now (its folder {other.name} is locked); "
+                            "wait for it to finish, or give another --out") from None
+        finally:
+            os.close(fd)
+        shutil.rmtree(other, ignore_errors=True)
 
 
 def read_utf8(path):
@@ -1044,6 +1193,8 @@ def download(url, dest, sha256, name):
         if e.code != 416:  # 416: nothing left after `have` bytes, so the .part is complete
             raise DataError(f"could not download {name} from {url}: HTTP {e.code} {e.reason}") from e
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        if isinstance(e, OSError) and e.errno in WRITE_ERRORS:  # our disk, not the network
+            raise DataError(f"cannot write {part}: {e.strerror} (what arrived is kept: run again to resume)") from e
         raise DataError(
             f"could not download {name} from {url} ({getattr(e, 'reason', e)}).\n"
             f"Offline? Put the file in a folder as '{name}' and set MINIGPT_MIRROR to that folder."
@@ -1059,6 +1210,15 @@ def download(url, dest, sha256, name):
 # 10. Command-line arguments that fail at once: every script checks its flags when it reads them,
 #     so a run either stops in its first second with one clear line, or is able to finish and save.
 # ----------------------------------------------------------------------------------------------
+
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default after its help, unless the help says it in words."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
 
 def number_type(kind, low, high=None, low_open=False):
     """An argparse type: a finite `kind` (int or float) with low <= x (low < x if low_open) and,
@@ -1089,19 +1249,38 @@ fraction = number_type(float, 0, 1)  # a probability such as dropout: 0 <= p < 1
 
 
 def output_folder(text):
-    """An argparse type: a folder we can write into, created now if missing. Checked before any
-    work, so that a run never trains for an hour and then fails to save."""
+    """An argparse type: a folder we can write into (it is made only when there is something to
+    write). Checked before any work, so that a run never trains for an hour and then fails to save."""
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{path} exists and is not a folder")
+    existing = path
+    while not existing.exists():  # the nearest folder that exists: where the first new one would go
+        existing = existing.parent
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        test = path / f".write-test-{os.getpid()}"  # really write (read-only disks, permissions); one
-        test.write_bytes(b"")                       # name per process, as torchrun starts several
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is not a folder")
+        test = existing / f".write-test-{os.getpid()}"  # really write (read-only disks, permissions); one
+        test.write_bytes(b"")                           # name per process, as torchrun starts several
         test.unlink()
     except OSError as e:
         raise argparse.ArgumentTypeError(f"cannot write into {path}: {e.strerror or e}")
     return path
+
+
+def run_script(main, interrupted):
+    """Run a script's main() as every script ends: its return value, if an int, is the exit status; a
+    DataError is one `error: ...` line (exit status 1); Ctrl+C or SIGTERM is one line that says
+    what was kept (`interrupted`; exit status 130). Never a traceback for any of them."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl+C
+    try:
+        status = main()
+        sys.exit(status if isinstance(status, int) else 0)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {interrupted}", file=sys.stderr)
+        sys.exit(130)
 
 
 def existing_file(text):
@@ -1146,7 +1325,7 @@ def compare_dtypes(model, prompt, new_tokens):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Generate text with a GPT (GPT-2 weights or a minigpt checkpoint).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=Help)
     p.add_argument("--model", default="gpt2-small",
                    help=f"{', '.join(GPT2_FILES)}, a converted or save_pretrained folder, a .pt checkpoint, "
                         "or random (random weights of --preset's shape: for timing)")
@@ -1190,7 +1369,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as e:  # a missing or broken file: say what to do, without a traceback
-        sys.exit(f"error: {e}")
+    run_script(main, "nothing was saved")

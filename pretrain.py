@@ -117,7 +117,10 @@ def resolve_settings(args, device):
     if args.setting is None and args.corpus in ("shakespeare", "books"):
         args.setting = "corpus"
     setting = SETTINGS[args.setting or "default"]
-    args.out = Path(args.out or setting["out"].format(corpus=args.corpus or setting["corpus"]))
+    try:  # the setting's --out is checked as a given one is
+        args.out = args.out or minigpt.output_folder(setting["out"].format(corpus=args.corpus or setting["corpus"]))
+    except argparse.ArgumentTypeError as e:
+        raise minigpt.DataError(f"--out: {e}") from None
     if args.text:
         args.text = [str(p.resolve()) for p in args.text]
     if args.dtype == "auto":  # what auto means here, so that a resumed run can compare it with its own
@@ -239,18 +242,11 @@ def token_files(docs, name, tokenizer):
         meta = json.loads((folder / "tokens.json").read_text())
         print(f"Reusing the token files in {folder} (delete the folder to tokenize again)")
         return folder, meta
-    tmp = minigpt.temporary_name(folder)  # written beside, then renamed into place: never half a folder
-    tmp.mkdir(parents=True)
-    try:
+    # Written beside, then renamed into place: never half a folder. If another process (on another
+    # machine, sharing the folder) finishes the same files first, theirs are kept: they are the same.
+    with minigpt.atomic_folder(folder, replace_existing=False) as tmp:
         meta = write_token_files(docs, tmp, tokenizer)
         (tmp / "tokens.json").write_text(json.dumps(meta, indent=1))
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process (on another machine) finished the same folder first
-            if not (folder / "tokens.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder, meta
 
 
@@ -577,7 +573,7 @@ def pretrain(args, device, rank, world, distributed):
         """model.pt: config, weights and the training record; until the run is finished also the
         optimizer and every generator, for --resume. Atomic: a crash leaves the previous file."""
         training = {"args": {key: getattr(args, key) for key in PLAN + KEPT}, "world_size": world, "state": state,
-                    "tokens": token_folder.name}
+                    "total_steps": total, "tokens": token_folder.name}
         extra = {} if finished else {"optimizer": optimizer.state_dict(), "rng": rng_states(distributed)}
         if rank == 0:
             minigpt.save_checkpoint(args.out / "model.pt", model, training=training, **extra)
@@ -659,7 +655,4 @@ def pretrain(args, device, rank, world, distributed):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except minigpt.DataError as e:  # a missing or broken file: say what to do, without a traceback
-        sys.exit(f"error: {e}")
+    minigpt.run_script(main, "files saved before now are kept, each whole (model.pt is never half-written)")

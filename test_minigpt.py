@@ -17,6 +17,7 @@ import http.server
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -26,6 +27,7 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 import weakref
+import zipfile
 from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -2009,3 +2011,218 @@ def test_scripts_print_one_error_line_not_a_traceback(tmp_path):
         run = subprocess.run([sys.executable, str(HERE / script), *args], capture_output=True, text=True, timeout=120)
         last = run.stderr.strip().splitlines()[-1]
         assert run.returncode == 1 and last.startswith("error: ") and "Traceback" not in run.stderr, run.stderr
+
+
+# ---------------------------------------------------------------- faults: they cost nothing
+
+def test_help_and_logs_never_show_the_token(quiet_classifier, monkeypatch, capfd):
+    monkeypatch.setenv("MINIGPT_TOKEN", "s3cr3t-from-env")
+    with pytest.raises(SystemExit):
+        classify.main(["--help"])
+    shown = capfd.readouterr().out
+    assert "MINIGPT_TOKEN" in shown and "s3cr3t" not in shown and "(default: None)" not in shown
+    with running(quiet_classifier, token="s3cr3t-right") as (url, server):
+        for given in ("s3cr3t-wrong", "s3cr3t-right"):
+            call(f"{url}/api/classify", {"text": "hi"}, headers={"Authorization": f"Bearer {given}"})
+        raw_request(url, b"GET /metrics?token=s3cr3t-query HTTP/1.0\r\nAuthorization: Bearer s3cr3t-x\r\n\r\n")
+    log = capfd.readouterr().err
+    assert "POST /api/classify 401" in log and "POST /api/classify 200" in log and "s3cr3t" not in log
+
+
+def finetune_command(data, out, *flags):
+    return [sys.executable, str(HERE / "finetune.py"), "--data", str(data), "--init", "random", "--preset", "tiny",
+            "--trainable", "head", "--unseen-ham", "0", "--out", str(out), *flags]
+
+
+def only_line(run):
+    """The one `error:` line a failed script prints last to stderr (no traceback)."""
+    lines = run.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert sum(line.startswith("error") for line in lines) == 1, run.stderr[-3000:]
+    return lines[-1]
+
+
+@contextlib.contextmanager
+def small_disk(folder, size):
+    """A tmpfs of `size` (e.g. "2m") mounted on `folder`, for the length of the block."""
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                                           capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)])
+
+
+def test_a_full_disk_is_one_error_line_and_leaves_nothing_half_written(tmp_path, small_corpus):
+    with small_disk(tmp_path / "disk", "2m") as disk:  # the tiny model's checkpoint is 6.5 MB
+        run = subprocess.run([sys.executable, str(HERE / "pretrain.py"), "--text", str(small_corpus / "long.txt"),
+                              "--preset", "tiny", "--context-length", "16", "--max-steps", "2",
+                              "--out", str(disk / "run")], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 1
+        assert only_line(run) == f"error: cannot write {disk / 'run' / 'model.pt'}: No space left on device"
+        assert list(disk.iterdir()) == []  # no model.pt, no temporary file, no folder
+    messages = [(label, f"{text} {i} " + "pad " * 40) for i, (label, text) in enumerate(synthetic_messages(150, 150))]
+    data = write_messages(tmp_path / "sms.txt", messages)
+    with small_disk(tmp_path / "small", "48k") as disk:  # room for the classifier and its metrics, not the splits
+        (disk / "out").mkdir()
+        (disk / "out" / "metrics.json").write_text('{"from": "an earlier run"}')
+        run = subprocess.run(finetune_command(data, disk / "out", "--epochs", "1"), capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 1 and re.fullmatch(r"error: cannot write .*: No space left on device",
+                                                    only_line(run))
+        assert [p.name for p in disk.iterdir()] == ["out"]  # the earlier run's folder, as it was
+        assert [p.name for p in (disk / "out").iterdir()] == ["metrics.json"]
+        assert json.loads((disk / "out" / "metrics.json").read_text()) == {"from": "an earlier run"}
+
+
+def test_a_failed_run_leaves_no_folders_behind(tmp_path, capsys):
+    (tmp_path / "header-only.csv").write_text("label,text\n")
+    out = tmp_path / "new" / "runs" / "out"
+    got, message = outcome(finetune.main, ["--data", str(tmp_path / "header-only.csv"), "--out", str(out)], capsys)
+    assert got == 1 and "has a header but no examples" in message
+    assert list(tmp_path.iterdir()) == [tmp_path / "header-only.csv"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("a user's file")  # a folder finetune.py did not write
+    got, message = outcome(finetune.main, ["--data", str(tmp_path / "header-only.csv"), "--out",
+                                           str(tmp_path / "mine")], capsys)
+    assert got == 1 and "holds files finetune.py did not write (notes.txt)" in message
+
+
+def flip_bytes_in_a_tensor(path, n=64):
+    """Flip n bytes in the middle of the largest tensor of a torch.save file (a zip archive whose
+    tensors are stored uncompressed, one member each)."""
+    with zipfile.ZipFile(path) as z:
+        member = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", data[member.header_offset + 26:member.header_offset + 30])
+    start = member.header_offset + 30 + name_length + extra_length + member.file_size // 2
+    data[start:start + n] = bytes(b ^ 0xFF for b in data[start:start + n])
+    path.write_bytes(data)
+
+
+def test_damaged_checkpoints_and_classifiers_are_refused(small_corpus, tiny_classifier, tmp_path, capsys):
+    out = tmp_path / "run"
+    pretrain.main(["--text", str(small_corpus / "long.txt"), "--preset", "tiny", "--context-length", "16",
+                   "--max-steps", "4", "--stop-at", "2", "--out", str(out)])
+    assert minigpt.load_checkpoint(out / "model.pt")  # whole: it loads
+    flip_bytes_in_a_tensor(out / "model.pt")
+    with pytest.raises(minigpt.DataError, match="model.pt is damaged: its contents do not match the sha256"):
+        pretrain.main(["--out", str(out), "--resume"])
+    copy = tmp_path / "classifier"
+    shutil.copytree(tiny_classifier, copy)
+    flip_bytes_in_a_tensor(copy / "classifier.pt")
+    with pytest.raises(minigpt.DataError, match="classifier.pt is damaged.*run finetune.py again"):
+        finetune.load_classifier(copy)
+
+
+def wait_for(process, words):
+    """Read the process's stdout until a line holds `words`."""
+    for line in process.stdout:
+        if words in line:
+            return
+    raise AssertionError(f"{words!r} never came: {process.wait()} {process.stderr.read()[-2000:]}")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_in_finetune_keeps_nothing_and_says_so(tmp_path, signum):
+    data = write_messages(tmp_path / "sms.txt", synthetic_messages(200, 100))
+    process = subprocess.Popen(finetune_command(data, tmp_path / "out", "--epochs", "500"), text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(process, "Before finetuning")
+        process.send_signal(signum)
+        stderr = process.communicate(timeout=60)[1]
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last == "interrupted: nothing was saved; --out is as it was" and "Traceback" not in stderr
+    assert list(tmp_path.iterdir()) == [data]  # no --out, no temporary folder
+
+
+@pytest.mark.parametrize("script", ["classify.py", "minigpt.py"])
+def test_ctrl_c_in_classify_and_minigpt_is_one_line(tiny_classifier, tmp_path, script):
+    (tmp_path / "texts.txt").write_text("see you at lunch\n" * 300_000)  # seconds of work for the tiny model
+    args = {"classify.py": ["--model", str(tiny_classifier), "--file", str(tmp_path / "texts.txt")],
+            "minigpt.py": ["--model", "random", "--preset", "tiny", "--max-new-tokens", "1000000"]}[script]
+    process = subprocess.Popen([sys.executable, str(HERE / script), *args, "--dtype", "float32"], text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for line in process.stderr:
+            if line.startswith("loaded"):
+                break
+        time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        stderr = process.communicate(timeout=60)[1]
+    finally:
+        process.kill()
+    assert process.returncode == 130 and stderr.strip() == "interrupted: nothing was saved", stderr
+
+
+def test_finetuning_an_unfinished_base_warns(small_corpus, tmp_path, capsys):
+    pretrain.main(["--text", str(small_corpus / "long.txt"), "--preset", "tiny", "--context-length", "16",
+                   "--max-steps", "6", "--stop-at", "2", "--out", str(tmp_path / "base")])
+    data = write_messages(tmp_path / "sms.txt", synthetic_messages(30, 30))
+    finetune.main(["--data", str(data), "--init", str(tmp_path / "base" / "model.pt"), "--trainable", "head",
+                   "--epochs", "1", "--unseen-ham", "0", "--out", str(tmp_path / "out")])
+    assert (f"warning: {tmp_path / 'base' / 'model.pt'} is an unfinished pretrain.py run (stopped after step 2 of 6)"
+            in capsys.readouterr().err)
+
+
+def test_a_second_finetune_on_the_same_out_is_refused(tmp_path, capsys):
+    data = write_messages(tmp_path / "sms.txt", synthetic_messages(200, 100))
+    first = subprocess.Popen(finetune_command(data, tmp_path / "out", "--epochs", "500"), text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(first, "Before finetuning")
+        got, message = outcome(finetune.main, ["--data", str(data), "--out", str(tmp_path / "out")], capsys)
+        assert got == 1 and f"another run is writing {tmp_path / 'out'} now" in message
+    finally:
+        first.kill()
+        first.wait()
+    finetune.main(["--data", str(data), "--init", "random", "--preset", "tiny", "--trainable", "head", "--epochs",
+                   "1", "--unseen-ham", "0", "--out", str(tmp_path / "out")])  # the killed run's folder is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "sms.txt"]
+
+
+def many_labels(path, n_labels, per_label=10):
+    """A label<TAB>text file with n_labels labels (long names) and per_label texts each."""
+    rng = np.random.default_rng(0)
+    words = "alpha beta gamma delta kappa omega sigma theta".split()
+    rows = [(f"label-number-{i:05d}", f"{' '.join(rng.choice(words, 5))} {i}") for i in range(n_labels)
+            for _ in range(per_label)]
+    return write_messages(path, rows)
+
+
+def test_a_thousand_classes_stay_one_screen_and_linear_in_memory(tmp_path, tokenizer):
+    data = many_labels(tmp_path / "labels.txt", finetune.MAX_CLASSES)
+    # The peak memory of the run itself (VmHWM: not counting the test process it was forked from).
+    peak = "import runpy, sys; sys.argv = sys.argv[1:]\ntry: runpy.run_path(sys.argv[0], run_name='__main__')\n" \
+           "finally: print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0], file=sys.stderr)"
+    run = subprocess.run([sys.executable, "-c", peak, *finetune_command(data, tmp_path / "out", "--epochs", "1",
+                                                                        "--max-steps", "5")[1:]],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    # Dense 3-gram centroids alone would take 1,000 x 2^18 x 8 bytes = 2.1 GB (twice, normalising).
+    assert int(run.stderr.split()[-1]) * 1024 < 1e9, f"{run.stderr.split()[-1]} kB peak"
+    stdout = run.stdout
+    assert len(stdout) < 12_000 and max(len(line) for line in stdout.splitlines()) < 200, stdout
+    assert "... and 980 less frequent classes" in stdout and "among the 10 most frequent classes" in stdout
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert len(metrics["per_class"]) == 1000 and "confusion" not in metrics
+    assert sum(n for _, _, n in metrics["confusion_cells"]) == 2000  # one cell per test example at most
+    assert (tmp_path / "out" / "metrics.json").stat().st_size < 300_000  # about 200 bytes a class
+    classifier = classify.Classifier(tmp_path / "out")
+    assert classifier.title == "Which of 1,000 classes is it?" and len(classifier.examples) <= 6
+    assert len(classify.render_page(classifier)) < 20_000 and len(classifier.description) < 300
+    answers = classifier(["alpha beta gamma delta kappa 7", "omega"])
+    assert all(len(a["probabilities"]) == finetune.SHOWN for a in answers) and len(json.dumps(answers)) < 3_000
+
+
+def test_more_labels_than_supported_are_refused_in_one_line(tmp_path, capsys):
+    data = many_labels(tmp_path / "labels.txt", finetune.MAX_CLASSES + 1, per_label=1)
+    got, message = outcome(finetune.main, ["--data", str(data), "--out", str(tmp_path / "out")], capsys)
+    assert got == 1 and "1,001 different labels; finetune.py supports at most 1,000 classes" in message
+    assert len(message) < 300 and not (tmp_path / "out").exists()

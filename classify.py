@@ -6,35 +6,19 @@
     python classify.py --serve --host 0.0.0.0 --token "$(openssl rand -hex 16)"   # on a network
     python classify.py --benchmark 200 --concurrency 8                 # HTTP load test: req/s, p50/p95/p99
 
+The first part of this file is the classifier and its command line; the second, the service.
 API: POST /api/classify {"text": "..."} -> {"label", "probabilities": {label: p, ...}, "tokens",
 "truncated"} (plus "spam_probability" for a ham/spam model); {"texts": [...]} (at most 64) ->
 {"results": [...]}. GET /healthz -> 200 and the model's description; GET /metrics -> Prometheus
 text. With a token (--token or MINIGPT_TOKEN), /api/* and /metrics need `Authorization: Bearer <token>`.
-
-The server: connection threads read and check requests and tokenize them; one worker thread owns
-the model and classifies everything that is waiting in one forward pass (dynamic batching), so
-concurrent clients share the matrix products instead of queueing for them one by one.
-Only the standard library on top of numpy, torch and tiktoken.
 """
 
 import argparse
-import hmac
-import html
-import http.client
-import http.server
-import io
-import ipaddress
 import json
 import os
-import re
-import signal
-import socket
-import statistics
 import sys
 import threading
 import time
-import urllib.parse
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -42,73 +26,189 @@ import torch
 import finetune
 import minigpt
 
-MAX_BODY = 64 * 1024  # bytes in a request body
-MAX_TEXTS = 64        # texts in one request
-
 
 class Classifier:
-    """The finetuned model, loaded once. Forward passes are serialised: on a CPU, one already uses
-    every core, so running two at once only makes both slower (the server batches them instead)."""
+    """A finetuned classifier, loaded once: texts in, each class's probability out.
+
+    Classifying is finetune.py's: the same tokens, cut to the same length, read at the same
+    position (finetune.fast_logits, the book's classifier computed for less work). Forward passes
+    are serialised: on a CPU one already uses every core, so two at once only make both slower.
+    """
 
     def __init__(self, model_dir, device="cpu", dtype=torch.float32):
-        self.model, self.meta = finetune.load_classifier(model_dir, device)
+        self.model, self.recipe = finetune.load_classifier(model_dir, device)
         for p in self.model.parameters():  # inference only: weights cast once (in bfloat16, faster than
             p.data = p.data.to(dtype)      # autocast); a QLoRA base's NF4 scales are buffers: they stay float32
         self.dtype = dtype
-        self.labels = self.meta["labels"]
-        self.tokenizer, self.device, self.lock = minigpt.get_tokenizer(), device, threading.Lock()
-        metrics = Path(model_dir) / "metrics.json"
-        accuracy = json.loads(metrics.read_text()).get("test_accuracy") if metrics.exists() else None
-        reads = {"last": "the last (padded) position", "last_real": "the last real token",
-                 "mean": "the mean over all tokens"}[self.meta["pool"]]
-        task = ("to tell spam from ham SMS" if self.labels == ["ham", "spam"] else
-                f"to tell {', '.join(self.labels[:-1])} and {self.labels[-1]} apart" if len(self.labels) <= 6 else
-                f"to tell {len(self.labels):,} classes apart")
-        self.description = (f"A GPT ({self.model.cfg.n_layers} blocks, from {Path(self.meta['init']).name}) "
-                            f"finetuned {task}. Trained: {self.meta['trainable']}; reads "
-                            f"{reads}; up to {self.meta['max_length']} tokens"
-                            + (f"; {accuracy:.1%} test accuracy." if accuracy is not None else "."))
-        # The page's question and examples, saved by finetune.py (older classifiers: the SMS ones).
-        self.title = self.meta.get("title", "Is this SMS spam?")
-        self.examples = self.meta.get("examples", [])
-
-    def encode(self, texts):
-        """(examples, token counts, truncated flags): texts as the model reads them (finetune.py's
-        tokenization and cutting). Cheap, so each request's own thread does it."""
-        return finetune.encode_texts(self.meta, self.tokenizer, texts)
-
-    def probabilities(self, examples, batch_size=None):
-        """Class probabilities of encoded examples: one forward pass for all of them, or passes
-        of batch_size examples of similar length."""
-        with self.lock, torch.inference_mode():
-            return finetune.probabilities_of(self.model, self.meta, examples, self.device,
-                                             batch_size or max(len(examples), 1))
+        self.labels = self.recipe["labels"]
+        self.tokenizer, self.lock = minigpt.get_tokenizer(), threading.Lock()
+        self.description = describe(model_dir, self.recipe, self.model.cfg)
+        # The page's question and sample texts, saved by finetune.py (older classifiers: the SMS ones).
+        self.title = self.recipe.get("title", "Is this SMS spam?")
+        self.sample_texts = self.recipe.get("sample_texts", self.recipe.get("examples", []))
 
     def __call__(self, texts):
-        """Classify texts directly (the command line): results as the API gives them."""
-        examples, tokens, truncated = self.encode(texts)
-        return self.results(self.probabilities(examples, batch_size=64), tokens, truncated)
+        """Classify texts: one result per text, as the API gives them (in batches of 64 texts of
+        similar length)."""
+        rows, lengths, counts = self.encode(texts)
+        return self.results(self.probabilities(rows, lengths, batch_size=64), counts)
 
-    def results(self, probs, tokens, truncated):
+    def encode(self, texts):
+        """(rows, lengths, token counts): the texts as the model reads them (finetune.py's
+        tokenization and cut), their real lengths, their token counts before the cut. Cheap, so
+        the service's connection threads do it."""
+        ids, counts = minigpt.encode(texts, self.tokenizer, self.recipe["max_length"])
+        rows = finetune.model_inputs(ids, self.recipe["pool"], self.recipe["max_length"])
+        return rows, [len(i) for i in ids], counts
+
+    def probabilities(self, rows, lengths, batch_size=None):
+        """Class probabilities of encoded texts, a list per text: one forward pass for all of
+        them, or passes of batch_size texts of similar length."""
+        batches = finetune.Batches(rows, lengths, batch_size or max(len(rows), 1))
+        with self.lock, torch.inference_mode():  # the weights are in self.dtype already: no autocast
+            return finetune.predict(self.model, batches, self.recipe["pool"], 0).tolist()
+
+    def results(self, probs, counts):
         """One result per text: the most likely label, the probabilities of the most likely labels
         (every label, up to finetune.SHOWN of them; in the model's order), the token count, and
         whether the text was cut to the model's max length."""
         results = []
-        for p, n, cut in zip(probs, tokens, truncated):
+        for p, n in zip(probs, counts):
             likely = sorted(range(len(p)), key=lambda i: -p[i])[:finetune.SHOWN]  # stable: the first of equals
             result = {"label": self.labels[likely[0]],
                       "probabilities": {self.labels[i]: round(p[i], 6) for i in sorted(likely)},
-                      "tokens": n, "truncated": cut}
+                      "tokens": n, "truncated": n > self.recipe["max_length"]}
             if self.labels == ["ham", "spam"]:  # what clients of the spam-only API read
                 result["spam_probability"] = result["probabilities"]["spam"]
             results.append(result)
         return results
 
 
+def describe(model_dir, recipe, cfg):
+    """One sentence about the classifier, for the page and /healthz."""
+    metrics = Path(model_dir) / "metrics.json"
+    accuracy = json.loads(metrics.read_text()).get("test_accuracy") if metrics.exists() else None
+    labels = recipe["labels"]
+    reads = {"last": "the last (padded) position", "last_real": "the last real token",
+             "mean": "the mean over all tokens"}[recipe["pool"]]
+    task = ("to tell spam from ham SMS" if labels == ["ham", "spam"] else
+            f"to tell {', '.join(labels[:-1])} and {labels[-1]} apart" if len(labels) <= 6 else
+            f"to tell {len(labels):,} classes apart")
+    return (f"A GPT ({cfg.n_layers} blocks, from {Path(recipe['init']).name}) finetuned {task}. Trained: "
+            f"{recipe['trainable']}; reads {reads}; up to {recipe['max_length']} tokens"
+            + (f"; {accuracy:.1%} test accuracy." if accuracy is not None else "."))
 
-# ----------------------------------------------------------------------------------------------
-# Dynamic batching: many requests, one model.
-# ----------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    texts = read_texts(args)
+    t0 = time.time()
+    device = minigpt.pick_device(args.device)
+    classifier = Classifier(args.model, device, minigpt.pick_dtype(args.dtype, device))
+    print(f"loaded {args.model} in {time.time() - t0:.1f} s: {classifier.description}", file=sys.stderr)
+    if texts:
+        t0 = time.time()
+        width = max(len(label) for label in classifier.labels)
+        for text, r in zip(texts, classifier(texts)):
+            print(json.dumps({"text": text, **r}) if args.json else
+                  f"{r['label']:{width}}  {r['probabilities'][r['label']]:.3f}  {text}")
+        seconds = time.time() - t0
+        print(f"{len(texts)} text{'s' if len(texts) > 1 else ''} in {seconds:.2f} s "
+              f"({len(texts) / seconds:.1f} texts/s, {minigpt.dtype_name(classifier.dtype)})", file=sys.stderr)
+    if args.benchmark:
+        benchmark(classifier, args.benchmark, args.concurrency)
+    if args.serve:
+        serve_from_command_line(classifier, args)
+
+
+def read_texts(args):
+    """The texts to classify, in the order given: each '-' stands for the lines of stdin, then
+    --file's lines; blank lines are no texts."""
+    texts = []
+    for t in args.texts:
+        texts += sys.stdin.read().splitlines() if t == "-" else [t]
+    if args.file:
+        texts += minigpt.read_utf8(args.file).splitlines()
+    return [t.removeprefix("\ufeff") for t in texts if t.strip()]  # a BOM piped in on stdin is not text
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=minigpt.Help)
+    p.add_argument("texts", nargs="*", help="texts to classify; '-' reads one per line from stdin")
+    p.add_argument("--file", type=minigpt.existing_file, help="read texts from this file, one per line")
+    p.add_argument("--json", action="store_true", help="print one JSON object per line")
+    p.add_argument("--model", type=Path, default=Path("runs/spam-classifier"), help="folder finetune.py wrote")
+    p.add_argument("--serve", action="store_true", help="serve the web page and the API")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every network)")
+    p.add_argument("--port", type=minigpt.number_type(int, 0, 65536), default=8000, help="0: any free port")
+    p.add_argument("--token", help="require `Authorization: Bearer TOKEN` for /api/* and /metrics "
+                                   "(default: the environment variable MINIGPT_TOKEN, if set)")
+    p.add_argument("--max-batch", type=minigpt.positive_int, default=64, help="texts per forward pass")
+    p.add_argument("--max-batch-tokens", type=minigpt.positive_int, default=16384,
+                   help="texts x longest text's tokens per forward pass")
+    p.add_argument("--max-queue", type=minigpt.positive_int, default=256,
+                   help="texts waiting for the model; beyond it, 503 at once")
+    p.add_argument("--max-connections", type=minigpt.positive_int, default=64, help="requests handled at once")
+    p.add_argument("--shutdown-timeout", type=minigpt.nonnegative_float, default=30,
+                   help="seconds to let requests in flight finish after SIGTERM or Ctrl+C")
+    p.add_argument("--benchmark", type=minigpt.number_type(int, 2), metavar="N",
+                   help="time N API requests over HTTP and print requests/s and p50/p95/p99")
+    p.add_argument("--concurrency", type=minigpt.positive_int, default=1, help="clients at once in --benchmark")
+    minigpt.add_device_flags(p)
+    args = p.parse_args(argv)
+    args.token = args.token or os.environ.get("MINIGPT_TOKEN")  # after parsing: --help never shows its value
+    if not (args.texts or args.file or args.serve or args.benchmark):
+        p.error("give texts, '-', --file, --serve or --benchmark")
+    return args
+
+
+# ==============================================================================================
+# The service: one model worker with dynamic batching, HTTP with limits, a token, metrics, the
+# page. Connection threads read and check requests and tokenize them; one worker thread owns
+# the model and classifies everything that is waiting in one forward pass, so concurrent
+# clients share the matrix products instead of queueing for them one by one. Only the standard
+# library on top of numpy, torch and tiktoken.
+# ==============================================================================================
+
+import hmac
+import html
+import http.client
+import http.server
+import io
+import ipaddress
+import re
+import signal
+import socket
+import statistics
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+
+MAX_BODY = 64 * 1024  # bytes in a request body
+MAX_TEXTS = 64        # texts in one request
+
+
+def serve_from_command_line(classifier, args):
+    try:
+        server = make_server(classifier, args.host, args.port, args.token, args.max_batch,
+                             args.max_batch_tokens, args.max_queue, args.max_connections)
+    except OSError as e:
+        raise minigpt.DataError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e
+    if not args.token and not is_loopback(args.host):
+        print(f"warning: {args.host} is reachable from other machines and there is no --token: anyone "
+              "who can reach it can use the API and read /metrics. Set --token (or MINIGPT_TOKEN), "
+              "and put TLS in front (docs/service.md)", file=sys.stderr)
+    print(f"serving on http://{args.host}:{server.server_port} (Ctrl+C stops)", file=sys.stderr)
+    serve(server, args.shutdown_timeout)
+
+
+def is_loopback(host):
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+    except (OSError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------- dynamic batching: many requests, one model
 
 class QueueFull(Exception):
     """As many texts as --max-queue are waiting already: the client should come back later (503)."""
@@ -117,8 +217,8 @@ class QueueFull(Exception):
 class Job:
     """One request's texts on their way through the batcher."""
 
-    def __init__(self, examples):
-        self.examples = examples         # encoded texts (Classifier.encode)
+    def __init__(self, rows, lengths):
+        self.rows, self.lengths = rows, lengths  # encoded texts and their lengths (Classifier.encode)
         self.done = threading.Event()    # set by the worker
         self.probs = None                # one list of class probabilities per text
         self.error = None
@@ -146,15 +246,15 @@ class Batcher:
         self.worker = threading.Thread(target=self.run, name="model", daemon=True)
         self.worker.start()
 
-    def classify(self, examples):
+    def submit(self, rows, lengths):
         """Class probabilities of encoded texts, once the worker has run them. QueueFull at once
         if they do not fit in the queue."""
-        job = Job(examples)
+        job = Job(rows, lengths)
         with self.changed:
-            if self.stopping or self.queued + len(examples) > self.max_queue:
+            if self.stopping or self.queued + len(rows) > self.max_queue:
                 raise QueueFull(f"the server is busy ({self.queued} texts waiting); try again shortly")
             self.waiting.append(job)
-            self.queued += len(examples)
+            self.queued += len(rows)
             self.changed.notify()
         job.done.wait()
         if job.error is not None:
@@ -166,8 +266,8 @@ class Batcher:
         jobs, texts, longest = [], 0, 0
         while self.waiting:
             job = self.waiting[0]
-            more = texts + len(job.examples)
-            longer = max(longest, *(len(e) for e in job.examples))
+            more = texts + len(job.rows)
+            longer = max(longest, *(len(row) for row in job.rows))
             if jobs and (more > self.max_batch or more * longer > self.max_tokens):
                 break
             jobs.append(self.waiting.pop(0))
@@ -183,19 +283,19 @@ class Batcher:
                 if not self.waiting:
                     return  # stopping, and nothing is left to do
                 jobs = self.take()
-            examples = [e for job in jobs for e in job.examples]
+            rows = [row for job in jobs for row in job.rows]
             try:
-                probs = self.classifier.probabilities(examples)
+                probs = self.classifier.probabilities(rows, [n for job in jobs for n in job.lengths])
             except Exception as e:  # a bug of ours: every waiting request gets a 500, the worker goes on
                 for job in jobs:
                     job.error = e
             else:
                 start = 0
                 for job in jobs:
-                    job.probs = probs[start:start + len(job.examples)]
-                    start += len(job.examples)
+                    job.probs = probs[start:start + len(job.rows)]
+                    start += len(job.rows)
                 if self.metrics is not None:
-                    self.metrics.observe_batch(len(examples))
+                    self.metrics.observe_batch(len(rows))
             for job in jobs:
                 job.done.set()
 
@@ -207,11 +307,10 @@ class Batcher:
         self.worker.join()
 
 
-# ----------------------------------------------------------------------------------------------
-# Metrics for /metrics, in Prometheus's text format (version 0.0.4), written by hand: after
-# `# HELP` and `# TYPE` lines, one `name{label="value"} number` line per series. A histogram is
-# cumulative buckets (`name_bucket{le="x"}`: observations <= x, the last le="+Inf"), `_sum`, `_count`.
-# ----------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------- metrics for /metrics, in Prometheus's text
+# format (version 0.0.4), written by hand: after `# HELP` and `# TYPE` lines, one
+# `name{label="value"} number` line per series. A histogram is cumulative buckets
+# (`name_bucket{le="x"}`: observations <= x, the last le="+Inf"), `_sum`, `_count`.
 
 class Histogram:
     def __init__(self, bounds):
@@ -281,10 +380,9 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-# ----------------------------------------------------------------------------------------------
-# The web page: one self-contained file (inline CSS and JS, nothing fetched from elsewhere).
-# Its question, the examples and the labels come from the classifier; every class gets a bar.
-# ----------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------- the web page: one self-contained file
+# (inline CSS and JS, nothing fetched from elsewhere). Its question, the sample texts and the
+# labels come from the classifier; every class gets a bar.
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -296,8 +394,8 @@ PAGE = """<!doctype html>
  #about { color: #666; font-size: .85rem; margin: 0 0 1rem; }
  textarea { width: 100%; box-sizing: border-box; min-height: 7rem; font: inherit; padding: .5rem; }
  button { font: inherit; padding: .45rem 1.1rem; margin: .5rem 0; cursor: pointer; }
- #verdict { margin: 1rem 0; padding: .8rem; border-radius: .4rem; display: none; background: #eef3fb; }
- #verdict.error { background: #eee; }
+ #answer { margin: 1rem 0; padding: .8rem; border-radius: .4rem; display: none; background: #eef3fb; }
+ #answer.error { background: #eee; }
  #auth { margin: .5rem 0; } #auth input { font: inherit; padding: .3rem; }
  #label { font-size: 1.3rem; font-weight: bold; overflow-wrap: anywhere; }
  .row { display: grid; grid-template-columns: minmax(4rem, 30%) 1fr 3.5rem; gap: .5rem; align-items: center;
@@ -305,7 +403,7 @@ PAGE = """<!doctype html>
  .row span { overflow-wrap: anywhere; } .row .p { text-align: right; }
  .bar { height: .7rem; background: #ddd; border-radius: .35rem; overflow: hidden; }
  .bar div { height: 100%; background: #7a8ba8; width: 0; } .row.top .bar div { background: #c0392b; }
- .examples button { display: block; width: 100%; text-align: left; font-size: .9rem; background: #f4f4f4;
+ .samples button { display: block; width: 100%; text-align: left; font-size: .9rem; background: #f4f4f4;
                     border: 1px solid #ddd; border-radius: .3rem; margin: .3rem 0; }
 </style></head>
 <body>
@@ -315,9 +413,9 @@ PAGE = """<!doctype html>
 <button id="go">Classify</button>
 <form id="auth" hidden><label>This server needs its access token:
  <input id="token" type="password" autocomplete="off"></label> <button>Use it</button></form>
-<div id="verdict"><div id="label"></div><div id="detail"></div><div id="bars"></div></div>
-<div class="examples"><p>Or try one:</p>
-{{examples}}</div>
+<div id="answer"><div id="label"></div><div id="detail"></div><div id="bars"></div></div>
+<div class="samples"><p>Or try one:</p>
+{{samples}}</div>
 <script>
 const $ = id => document.getElementById(id);
 let token = null;  // the server's access token, if it has one: asked once, kept in this page's memory only
@@ -333,7 +431,7 @@ async function post(text) {
   return fetch("/api/classify", {method: "POST", headers, body: JSON.stringify({text})});
 }
 async function classify() {
-  const text = $("text").value, box = $("verdict");
+  const text = $("text").value, box = $("answer");
   $("bars").replaceChildren();
   try {
     let r = await post(text);
@@ -364,7 +462,7 @@ async function classify() {
 }
 $("go").onclick = classify;
 $("text").addEventListener("keydown", e => { if (e.key === "Enter" && e.ctrlKey) classify(); });
-document.querySelectorAll(".examples button").forEach(b => b.onclick = () => {
+document.querySelectorAll(".samples button").forEach(b => b.onclick = () => {
   $("text").value = b.textContent; classify(); });
 </script>
 </body></html>
@@ -372,15 +470,14 @@ document.querySelectorAll(".examples button").forEach(b => b.onclick = () => {
 
 
 def render_page(classifier):
-    """The page with the classifier's question, description and examples, all HTML-escaped."""
+    """The page with the classifier's question, description and sample texts, all HTML-escaped."""
     values = {"title": html.escape(classifier.title), "about": html.escape(classifier.description),
-              "examples": "\n".join(f" <button>{html.escape(text)}</button>" for text in classifier.examples)}
+              "samples": "\n".join(f" <button>{html.escape(text)}</button>" for text in classifier.sample_texts)}
     return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], PAGE)  # one pass: inserted text is not re-read
 
 
-# ----------------------------------------------------------------------------------------------
-# HTTP: one request per connection (HTTP/1.0), read within a deadline, checked, answered in JSON.
-# ----------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------- HTTP: one request per connection (HTTP/1.0),
+# read within a deadline, checked, answered in JSON.
 
 class RequestError(Exception):
     """A request we answer with an error status and {"error": message}."""
@@ -562,15 +659,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self.reply(400, {"error": str(e)})
         self.texts = len(texts)
         classifier = self.batcher.classifier
-        examples, tokens, truncated = classifier.encode(texts)
+        rows, lengths, counts = classifier.encode(texts)
         try:
-            probs = self.batcher.classify(examples)
+            probs = self.batcher.submit(rows, lengths)
         except QueueFull as e:
             return self.reply(503, {"error": str(e)}, headers=[("Retry-After", "1")])
         except Exception as e:  # a bug of ours: say so, and keep serving
             self.log_error("classifying failed: %r", e)
             return self.reply(500, {"error": "internal error while classifying"})
-        results = classifier.results(probs, tokens, truncated)
+        results = classifier.results(probs, counts)
         self.reply(200, {"results": results} if batch else results[0])
 
     def read_body(self):
@@ -670,9 +767,8 @@ def serve(server, shutdown_timeout=30):
     print("stopped", file=sys.stderr)
 
 
-# ----------------------------------------------------------------------------------------------
-# A load test: N requests from C concurrent clients over HTTP on 127.0.0.1.
-# ----------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------- a load test: N requests from C concurrent
+# clients over HTTP on 127.0.0.1.
 
 def benchmark(classifier, n, concurrency=1, limit=300, text="Hey, are we still on for dinner tonight? I can "
               "pick you up at 7 if that works, or we meet at the place near the station"):
@@ -719,83 +815,6 @@ def benchmark(classifier, n, concurrency=1, limit=300, text="Hey, are we still o
     print(f"{len(done)} requests of one {tokens}-token message, {concurrency} concurrent clients: "
           f"{len(done) / seconds:.1f} requests/s = {len(times) / seconds:.1f} messages/s; latency p50 {q[49]:.1f} ms, "
           f"p95 {q[94]:.1f} ms, p99 {q[98]:.1f} ms; {errors} errors ({minigpt.dtype_name(classifier.dtype)})")
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line.
-# ----------------------------------------------------------------------------------------------
-
-def is_loopback(host):
-    try:
-        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
-    except (OSError, ValueError):
-        return False
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=minigpt.Help)
-    p.add_argument("texts", nargs="*", help="texts to classify; '-' reads one per line from stdin")
-    p.add_argument("--file", type=minigpt.existing_file, help="read texts from this file, one per line")
-    p.add_argument("--json", action="store_true", help="print one JSON object per line")
-    p.add_argument("--model", type=Path, default=Path("runs/spam-classifier"), help="folder finetune.py wrote")
-    p.add_argument("--serve", action="store_true", help="serve the web page and the API")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every network)")
-    p.add_argument("--port", type=minigpt.number_type(int, 0, 65536), default=8000, help="0: any free port")
-    p.add_argument("--token", help="require `Authorization: Bearer TOKEN` for /api/* and /metrics "
-                                   "(default: the environment variable MINIGPT_TOKEN, if set)")
-    p.add_argument("--max-batch", type=minigpt.positive_int, default=64, help="texts per forward pass")
-    p.add_argument("--max-batch-tokens", type=minigpt.positive_int, default=16384,
-                   help="texts x longest text's tokens per forward pass")
-    p.add_argument("--max-queue", type=minigpt.positive_int, default=256,
-                   help="texts waiting for the model; beyond it, 503 at once")
-    p.add_argument("--max-connections", type=minigpt.positive_int, default=64, help="requests handled at once")
-    p.add_argument("--shutdown-timeout", type=minigpt.nonnegative_float, default=30,
-                   help="seconds to let requests in flight finish after SIGTERM or Ctrl+C")
-    p.add_argument("--benchmark", type=minigpt.number_type(int, 2), metavar="N",
-                   help="time N API requests over HTTP and print requests/s and p50/p95/p99")
-    p.add_argument("--concurrency", type=minigpt.positive_int, default=1, help="clients at once in --benchmark")
-    p.add_argument("--device", help="cpu, cuda, mps (default: the fastest available)")
-    p.add_argument("--dtype", choices=minigpt.DTYPES, default="auto",
-                   help="auto: bfloat16 where the device multiplies it natively, else float32")
-    args = p.parse_args(argv)
-    args.token = args.token or os.environ.get("MINIGPT_TOKEN")  # after parsing: --help never shows its value
-    if not (args.texts or args.file or args.serve or args.benchmark):
-        p.error("give texts, '-', --file, --serve or --benchmark")
-
-    texts = []  # in the order given: each '-' stands for the lines of stdin, then --file's lines
-    for t in args.texts:
-        texts += sys.stdin.read().splitlines() if t == "-" else [t]
-    if args.file:
-        texts += minigpt.read_utf8(args.file).splitlines()
-    texts = [t.removeprefix("\ufeff") for t in texts if t.strip()]  # a BOM piped in on stdin is not text
-    t0 = time.time()
-    device = minigpt.pick_device(args.device)
-    classifier = Classifier(args.model, device, minigpt.pick_dtype(args.dtype, device))
-    print(f"loaded {args.model} in {time.time() - t0:.1f} s: {classifier.description}", file=sys.stderr)
-    if texts:
-        t0 = time.time()
-        width = max(len(label) for label in classifier.labels)
-        for text, r in zip(texts, classifier(texts)):
-            print(json.dumps({"text": text, **r}) if args.json else
-                  f"{r['label']:{width}}  {r['probabilities'][r['label']]:.3f}  {text}")
-        seconds = time.time() - t0
-        print(f"{len(texts)} texts in {seconds:.2f} s ({len(texts) / seconds:.1f} texts/s, "
-              f"{minigpt.dtype_name(classifier.dtype)})", file=sys.stderr)
-    if args.benchmark:
-        benchmark(classifier, args.benchmark, args.concurrency)
-    if args.serve:
-        try:
-            server = make_server(classifier, args.host, args.port, args.token, args.max_batch,
-                                 args.max_batch_tokens, args.max_queue, args.max_connections)
-        except OSError as e:
-            raise minigpt.DataError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e
-        if not args.token and not is_loopback(args.host):
-            print(f"warning: {args.host} is reachable from other machines and there is no --token: anyone "
-                  "who can reach it can use the API and read /metrics. Set --token (or MINIGPT_TOKEN), "
-                  "and put TLS in front (README, 'Running it as a service')", file=sys.stderr)
-        print(f"serving on http://{args.host}:{server.server_port} (Ctrl+C stops)", file=sys.stderr)
-        serve(server, args.shutdown_timeout)
 
 
 if __name__ == "__main__":

@@ -4,25 +4,23 @@ A pretrained GPT already turns text into useful features: the hidden state at a 
 everything up to it. To classify, we replace the 50,257-way next-token head with a small one
 (one output per class: ham and spam, or your labels), read it at one position, and train only a
 little of the model ("parameter-efficient"): by default the new head, the last transformer block
-and the final LayerNorm.
+and the final LayerNorm, as the book's chapter 6 does (the reference).
 
-Because everything below the trainable part is frozen, its output for a message never changes:
-we compute it once and reuse it in every epoch and every evaluation. The last block only has to
-produce the one position the head reads, so it projects keys and values at every position, but
-runs the attention, c_proj and MLP at that one position only (block_at). The maths is the same as
-the full forward pass (test_minigpt.py checks it to 1e-5); the work is a fraction.
+Read section 1 first: it is the book's classifier, model(x) read at the last token. Section 2
+computes the same numbers for a fraction of the work: the frozen blocks never change, so their
+output for a message is computed once and reused in every epoch, and the last block runs only at
+the position the head reads (test_minigpt.py checks both paths agree).
 
 --trainable lora trains low-rank adapters on every layer of every block instead, and qlora does
-the same on a base whose frozen layers are stored in 4 bits (NF4, from QLoRA): GPT-2 XL's 1.5
-billion parameters then take 1.2 GB of memory instead of 6.2 GB. Nothing is frozen below the
-adapters, so for these two every pass runs the whole model.
+the same on a base whose frozen layers are stored in 4 bits (NF4, from QLoRA, section 8): GPT-2
+XL's 1.5 billion parameters then take 1.2 GB of memory instead of 6.2 GB.
 
     python finetune.py                                   # GPT-2 124M, last block, 5 epochs, SMS spam
     python finetune.py --init random                     # same work, random weights (offline)
     python finetune.py --init runs/pretrain/model.pt --trainable all
     python finetune.py --data tickets.csv --text-column body --label-column team   # your labels
-    python finetune.py --data books --init random        # which of six books a passage is from
-    python finetune.py --init random --preset gpt2-xl --trainable qlora --max-steps 20 --unseen-ham 0
+    python finetune.py --data passages --init random     # which of six texts a passage is from
+    python finetune.py --init random --preset gpt2-xl --trainable qlora --max-steps 20 --unseen 0
 
 Data: UCI's SMS Spam Collection by default, balanced to 747 ham + 747 spam, split 70/10/20;
 or a CSV/TSV file with a header, or `label<TAB>text` lines, with any labels, split stratified.
@@ -31,8 +29,8 @@ Writes classifier.pt (only what finetuning changed), metrics.json, plots and the
 
 import argparse
 import csv
-import ctypes
 import io
+import itertools
 import json
 import math
 import re
@@ -50,24 +48,211 @@ import torch.utils.checkpoint
 
 import minigpt
 
+TRAINABLE = ("head", "last_block", "last_two_blocks", "all", "lora", "qlora")
+POOLS = ("last", "last_real", "mean")
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. The classifier, the book's way: GPT-2 with a new head, read at one position.
+# ----------------------------------------------------------------------------------------------
+
+def make_classifier(model, trainable, n_classes=2, lora_rank=16, lora_alpha=16):
+    """Turn a GPT into a classifier in place: a new head with one output per class (the book's
+    out_head = Linear(emb_dim, 2)), and only `trainable` parts train. For qlora, `model` comes
+    with NF4Dense layers (load_nf4); LoRA goes around them as for lora."""
+    model.lm_head = nn.Linear(model.cfg.emb_dim, n_classes).to(model.wte.weight.device)  # untied, new
+    model.requires_grad_(trainable == "all")
+    if trainable in ("lora", "qlora"):  # low-rank updates on every Dense (or NF4Dense) layer of every block
+        for block in model.h:
+            for parent, name in dense_layers(block):
+                setattr(parent, name, LoRA(getattr(parent, name), lora_rank, lora_alpha))
+    if trainable in ("last_block", "last_two_blocks"):
+        model.h[frozen_blocks(model, trainable):].requires_grad_(True)
+    if trainable != "head":
+        model.ln_f.requires_grad_(True)
+    model.lm_head.requires_grad_(True)
+    return model
+
+
+def frozen_blocks(model, trainable):
+    """How many blocks, from the bottom, stay frozen: h[:n] never change, so their output is cacheable."""
+    n = model.cfg.n_layers
+    return {"head": n, "last_block": n - 1, "last_two_blocks": n - 2}.get(trainable, 0)
+
+
+def dense_layers(block):
+    """(module, name) of each Dense layer of a block: the attention's two, the MLP's two."""
+    return (block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")
+
+
+class LoRA(nn.Module):
+    """A frozen Dense layer plus a trainable low-rank update (LoRA, Hu et al. 2021):
+
+        y = dense(x) + (alpha / rank) * (x @ A) @ B,   A: (in, rank) random,  B: (rank, out) zero
+
+    which is x @ (W + (alpha / rank) * A @ B) + bias. B starts at zero, so at first the layer is
+    exactly the old one. Only rank * (in + out) numbers train instead of in * out.
+    """
+
+    def __init__(self, dense, rank, alpha):
+        super().__init__()
+        self.dense = dense
+        n_in, n_out = dense.shape
+        self.A = nn.Parameter(torch.empty(n_in, rank).uniform_(-n_in ** -0.5, n_in ** -0.5))
+        self.B = nn.Parameter(torch.zeros(rank, n_out))
+        self.scale = alpha / rank
+
+    def forward(self, x):
+        return self.dense(x) + self.scale * ((x @ self.A) @ self.B)  # (..., in) -> (..., out)
+
+
+def class_logits(model, ids, lengths, pool="last_real"):
+    """The classifier: class logits (B, classes) of right-padded token ids (B, T).
+
+    As in the book, the model runs over the whole text and its new head gives class logits at
+    every position; the classifier reads one of them. In a causal model the position of a text's
+    last real token is the only one that has seen every token of it, and padding after it never
+    reaches it. pool: where to read: 'last' the last position of the padded row (the book's
+    model(x)[:, -1, :]), 'last_real' the last real token (lengths (B,) real tokens per row), 'mean'
+    the mean over the real positions.
+    """
+    logits = model(ids)                                  # (B, T, classes): the head at every position
+    return read_at(logits, lengths, pool)                # (B, classes)
+
+
+def read_at(x, lengths, pool):
+    """(B, ...) from (B, T, ...): the position(s) that `pool` reads (see class_logits)."""
+    if pool == "last":
+        return x[:, -1]
+    if pool == "last_real":
+        return x[torch.arange(len(x), device=x.device), lengths - 1]
+    real = torch.arange(x.shape[1], device=x.device) < lengths[:, None]   # (B, T): the real positions
+    return (x * real[..., None]).sum(1) / lengths[:, None]
+
+
+def model_inputs(ids, pool, max_length):
+    """One tensor of token ids per text, as the classifier reads it: its real tokens, or for
+    pool 'last' (which reads the last padded position) padded to max_length, as in the book."""
+    if pool == "last":
+        return list(minigpt.PaddedDataset(ids, [0] * len(ids), max_length).ids)
+    return [torch.tensor(i, dtype=torch.long) for i in ids]
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The same maths, faster. Three savings, each exact: the frozen blocks' output for a text is
+#    computed once (frozen_features), the last block runs only at the position the head reads
+#    (block_at), and batches hold texts of similar length, padded only to their own longest
+#    (Batches), so little work goes to padding. fast_logits gives class_logits's numbers.
+# ----------------------------------------------------------------------------------------------
+
+def fast_logits(model, x, lengths, pool, frozen=0):
+    """class_logits's answer (B, classes), for less work.
+
+    x: the output (B, T, C) of the frozen blocks h[:frozen] (frozen_features), or, when nothing
+    is frozen, the token ids (B, T). lengths: (B,) real tokens per row.
+    """
+    if frozen == 0:
+        x = model.embed(x)                                     # (B, T, C)
+    else:  # cached features may be stored in bfloat16; go on in the trainable part's own dtype
+        x = x.to(model.ln_f.weight.dtype)
+    blocks = model.h[frozen:]
+    if pool == "mean":  # every position is read
+        for block in blocks:
+            x = block(x)                                       # (B, T, C)
+        return model.lm_head(read_at(model.ln_f(x), lengths, pool))
+    positions = lengths - 1 if pool == "last_real" else torch.full_like(lengths, x.shape[1] - 1)  # (B,)
+    for block in blocks[:-1]:
+        x = block(x)                                           # (B, T, C)
+    if len(blocks):
+        x = block_at(blocks[-1], x, positions)                 # (B, C): just the position read
+    else:
+        x = x[torch.arange(x.shape[0], device=x.device), positions]  # (B, C)
+    return model.lm_head(model.ln_f(x))                        # (B, classes)
+
+
+def block_at(block, x, positions):
+    """What block(x) gives at one position per row, (B, C), for a fraction of the work.
+
+    The head reads one position, so the last block needs the keys and values of every position
+    up to it (attention looks back), but the query, the attention, c_proj and the MLP only at
+    that position: about a third of the block's work for a typical message. It runs the block's
+    own attention (heads, attend) with one query per row.
+    x: (B, T, C); positions: (B,) the position to compute in each row.
+    """
+    B, T, C = x.shape
+    rows = torch.arange(B, device=x.device)
+    q, k, v = block.attn.heads(block.ln_1(x))                  # (B, nh, T, hs) each
+    q = q[rows, :, positions].unsqueeze(2)                     # (B, nh, 1, hs): the one query per row
+    sees = torch.arange(T, device=x.device) <= positions[:, None]  # (B, T): keys up to the position
+    y = block.attn.attend(q, k, v, sees[:, None, None, :])     # (B, nh, 1, hs)
+    x = x[rows, positions] + block.drop(block.attn.c_proj(y.reshape(B, C)))  # (B, C)
+    return x + block.drop(block.mlp(block.ln_2(x)))            # (B, C)
+
+
+class Batches:
+    """Re-iterable batches (index, x, lengths) of rows: index (B,) says which rows, x is the rows
+    padded to the batch's longest ((B, T) token ids or (B, T, C) features), lengths (B,) their
+    real lengths. Rows of similar length go together; shuffled anew on every pass if `shuffle`."""
+
+    def __init__(self, rows, lengths, batch_size, shuffle=False, seed=0, drop_last=False):
+        self.rows, self.lengths = rows, torch.as_tensor(lengths)
+        self.sizes = np.array([len(r) for r in rows])  # what sorting by length sorts by
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self):
+        n = len(self.rows) / self.batch_size
+        return math.floor(n) if self.drop_last else math.ceil(n)
+
+    def __iter__(self):
+        b = self.batch_size
+        if self.shuffle:  # random order; then within each run of 16 batches, by length
+            order = self.rng.permutation(len(self.rows))
+            runs = [order[i:i + 16 * b] for i in range(0, len(order), 16 * b)]
+            order = np.concatenate([r[np.argsort(self.sizes[r], kind="stable")] for r in runs])
+        else:
+            order = np.argsort(self.sizes, kind="stable")
+        batches = [order[i:i + b] for i in range(0, len(order), b)]
+        if self.drop_last and len(batches[-1]) < b:
+            batches.pop()
+        if self.shuffle:
+            batches = [batches[i] for i in self.rng.permutation(len(batches))]
+        for index in batches:
+            x = nn.utils.rnn.pad_sequence([self.rows[i] for i in index], batch_first=True,
+                                          padding_value=minigpt.EOT if self.rows[0].dim() == 1 else 0)
+            yield torch.as_tensor(index), x, self.lengths[index]
+
+
+@torch.no_grad()
+def frozen_features(model, rows, frozen, device, batch_size=64):
+    """The output of blocks h[:frozen] for each row of token ids, (T_i, C) each, computed once."""
+    features = [None] * len(rows)
+    for index, x, _ in Batches(rows, [len(r) for r in rows], batch_size):
+        x = model.embed(x.to(device)).to(model.h[0].ln_1.weight.dtype)  # the frozen blocks' dtype
+        for block in model.h[:frozen]:
+            x = block(x)                                       # (B, T, C)
+        for i, row in zip(index.tolist(), x.cpu()):
+            features[i] = row[:len(rows[i])].clone()           # (T_i, C)
+    return features
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Data: read every example exactly, split (stratified, or balanced as for the SMS data).
+#    Examples are (label, text) pairs; the classes are the labels, sorted, and a class's index
+#    in that list is its id (for the SMS data: 0 ham, 1 spam).
+# ----------------------------------------------------------------------------------------------
+
 SMS = ("SMSSpamCollection", "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
        "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d")
 SMS_ZIP_SHA256 = "1587ea43e58e82b14ff1f5425c88e17f8496bfcdb67a583dbff9eefaf9963ce3"
 SPLITS = ("train", "validation", "test")
-OUTPUTS = ("classifier.pt", "metrics.json", "loss.svg", "accuracy.svg", *(f"{name}.csv" for name in SPLITS))
 MAX_CLASSES = 1000  # supported; beyond it, most classes would have too few examples to learn or to measure
 SHOWN = 20          # classes in a printed table, an API answer or the page: the most frequent or most likely
 # The second worked example: passages from six public-domain texts, labelled by source: the
 # corpora of pretrain.py (minigpt.CORPORA). (label, (file name, public URL, sha256)), by label.
-BOOKS = sorted((Path(file[0]).stem.removeprefix("tiny"), file)
-               for name in ("books", "shakespeare", "verdict") for file in minigpt.CORPORA[name])
+PASSAGE_SOURCES = sorted((Path(file[0]).stem.removeprefix("tiny"), file)
+                         for name in ("books", "shakespeare", "verdict") for file in minigpt.CORPORA[name])
 
-
-# ----------------------------------------------------------------------------------------------
-# 1. Data: read every example exactly, split (stratified, or balanced as for the SMS data).
-#    Examples are (label, text) pairs; the classes are the labels, sorted, and a class's index
-#    in that list is its id (for the SMS data: 0 ham, 1 spam).
-# ----------------------------------------------------------------------------------------------
 
 def read_examples(path, text_column="text", label_column="label"):
     """[(label, text)] from a data file, by its extension:
@@ -210,6 +395,214 @@ def balance_classes(examples, rng):
     return [kept[i] for i in rng.permutation(len(kept))], left_out
 
 
+def cut_70_10_20(items):
+    n_train = int(0.7 * len(items))
+    n_validation = int(0.1 * len(items))
+    return items[:n_train], items[n_train:n_train + n_validation], items[n_train + n_validation:]
+
+
+def passages(per_class=600, seed=123):
+    """The second worked example: [(source, passage)], passages of 2-3 sentences from six texts.
+
+    Sources: four Project Gutenberg novels, Shakespeare's plays (tinyshakespeare) and "The
+    Verdict", fetched as any data file (public URL + sha256, or MINIGPT_MIRROR). Gutenberg's
+    license header and footer are left out (minigpt.gutenberg_body). Each text is split into
+    paragraphs at blank lines; lines that only name a speaker ("ROMEO:") and line breaks
+    inside a paragraph are dropped; each paragraph is cut into sentences after . ! or ? followed by
+    a space and a capital letter or quote. Consecutive sentences of a paragraph make passages of
+    2 or 3 sentences (at random), kept when 80-400 characters long; then at most `per_class`
+    passages per source are drawn at random. "The Verdict" is short: its class is smaller.
+    """
+    rng = np.random.default_rng(seed)
+    examples = []
+    for name, file in PASSAGE_SOURCES:
+        path = minigpt.fetch(*file)
+        first, end = minigpt.gutenberg_body(path)
+        text = "".join(path.read_text(encoding="utf-8").splitlines(keepends=True)[first:end])
+        found = []
+        for paragraph in re.split(r"\n\s*\n", text):
+            lines = [line for line in paragraph.splitlines() if not re.fullmatch(r"[A-Z][A-Za-z ]*:\s*", line)]
+            sentences = re.split(r"(?<=[.!?])\s+(?=[A-Z\"'])", " ".join(" ".join(lines).split()))
+            i = 0
+            while i + 2 <= len(sentences):
+                n = int(rng.integers(2, 4))  # 2 or 3 sentences
+                passage = " ".join(sentences[i:i + n])
+                if 80 <= len(passage) <= 400:
+                    found.append(passage)
+                i += n
+        for i in sorted(rng.permutation(len(found))[:per_class]):
+            examples.append((name, found[i]))
+    return examples
+
+
+def read_data(args):
+    """The examples of --data: a named data set or a file."""
+    if args.data == "sms":
+        return read_examples(minigpt.fetch(*SMS, archive_sha256=SMS_ZIP_SHA256))
+    if args.data == "passages":
+        return passages(seed=args.seed)
+    return read_examples(args.data, args.text_column, args.label_column)
+
+
+def write_csv(path, examples):
+    with minigpt.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["label", "text"])
+        writer.writerows(examples)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Training and measuring. The loop is the book's train_classifier_simple.
+# ----------------------------------------------------------------------------------------------
+
+def train(model, batches, labels, frozen, args, dtype):
+    """AdamW on the trainable parameters (float32, the forward pass in dtype) over shuffled
+    batches for --epochs (or --max-steps); steps are counted from 1. The loss every --eval-every
+    steps, the accuracies after every epoch. Returns (loss history, accuracies, seconds, examples)."""
+    if len(batches["train_shuffled"]) == 0:
+        raise minigpt.DataError(f"{len(batches['train'].rows)} training texts make no batch of {args.batch_size}; "
+                                "give more data or a smaller --batch-size")
+    optimizer = minigpt.adamw(model, args.lr, args.weight_decay)
+    history = {"step": [], "seen": [], "train": [], "validation": []}
+    accuracies = {"epoch": [], "train": [], "validation": []}
+    total = min(args.epochs * len(batches["train_shuffled"]), args.max_steps or math.inf)
+    step = seen = 0
+    start = time.time()
+    model.train()
+    for epoch in range(1, args.epochs + 1):
+        for index, x, lengths in batches["train_shuffled"]:
+            optimizer.zero_grad(set_to_none=True)
+            logits = logits_of(model, x, lengths, args.pool, frozen, dtype)  # (B, classes)
+            F.cross_entropy(logits.float(), labels["train"][index].to(logits.device)).backward()
+            optimizer.step()
+            step += 1
+            seen += len(index)
+            if (step - 1) % args.eval_every == 0 or step == total:  # on at most 5 batches of each
+                losses = {"train": mean_loss(model, itertools.islice(batches["train_sample"], 5), labels["train"],
+                                             args.pool, frozen, dtype),
+                          "validation": mean_loss(model, itertools.islice(batches["validation"], 5),
+                                                  labels["validation"], args.pool, frozen, dtype)}
+                for key, value in {"step": step, "seen": seen, **losses}.items():
+                    history[key].append(value)
+                print(f"Ep {epoch} (Step {step:06d}): Train loss {losses['train']:.3f}, "
+                      f"Validation loss {losses['validation']:.3f}")
+            if step == total:
+                break
+        if step % len(batches["train_shuffled"]):  # --max-steps ended the run within an epoch
+            break
+        accuracies["epoch"].append(epoch)
+        for name in ("train", "validation"):
+            accuracies[name].append(accuracy(model, batches[name], labels[name], args.pool, frozen, dtype))
+        print(f"Training accuracy: {accuracies['train'][-1]:.2%} | "
+              f"Validation accuracy: {accuracies['validation'][-1]:.2%}")
+        if step == total:
+            break
+    seconds = time.time() - start
+    print(f"Trained in {seconds:.1f} s ({seen / seconds:,.1f} examples/s, {seen} examples seen, "
+          f"{minigpt.dtype_name(dtype)})")
+    return history, accuracies, seconds, seen
+
+
+def logits_of(model, x, lengths, pool, frozen, dtype):
+    """fast_logits on the model's device, the forward pass in dtype (see minigpt.autocast)."""
+    device = model.lm_head.weight.device
+    with minigpt.autocast(device, dtype):
+        return fast_logits(model, x.to(device), lengths.to(device), pool, frozen)
+
+
+@torch.no_grad()
+def mean_loss(model, batches, labels, pool, frozen, dtype):
+    """Mean cross-entropy per example over `batches`, in eval mode (no dropout)."""
+    total, examples = 0.0, 0
+    with minigpt.eval_mode(model):
+        for index, x, lengths in batches:
+            logits = logits_of(model, x, lengths, pool, frozen, dtype)
+            total += F.cross_entropy(logits.float(), labels[index].to(logits.device)).item() * len(index)
+            examples += len(index)
+    return total / max(examples, 1)
+
+
+@torch.no_grad()
+def predict(model, batches, pool, frozen, dtype=torch.float32):
+    """Class probabilities (N, classes) of every row of `batches`, in the rows' own order;
+    the softmax in float32."""
+    probs = None
+    with minigpt.eval_mode(model):
+        for index, x, lengths in batches:
+            p = torch.softmax(logits_of(model, x, lengths, pool, frozen, dtype).float(), dim=-1).cpu()
+            probs = torch.zeros(len(batches.rows), p.shape[1]) if probs is None else probs
+            probs[index] = p
+    return probs
+
+
+def accuracy(model, batches, labels, pool, frozen, dtype=torch.float32):
+    return (predict(model, batches, pool, frozen, dtype).argmax(dim=1) == labels).float().mean().item()
+
+
+def classification_metrics(labels, predicted, n_classes):
+    """Accuracy, the confusion matrix and per-class precision, recall and F1.
+
+    The confusion matrix counts, for true class i and predicted class j, the examples of i
+    predicted as j. It is kept as its non-zero cells, [i, j, count] ("confusion_cells": at most
+    one per example, however many classes), and as the whole matrix ("confusion", rows: true
+    class) for up to SHOWN classes. For class c: precision = right calls of c / all calls of c,
+    recall = right calls of c / all true c, F1 = their harmonic mean; 0 where nothing was there
+    to divide by. actual[c]: the examples of class c.
+    """
+    cells, counts = torch.unique(labels * n_classes + predicted, return_counts=True)  # (i, j) as i * n + j
+    cells = [[cell // n_classes, cell % n_classes, n] for cell, n in zip(cells.tolist(), counts.tolist())]
+    right = torch.bincount(labels[labels == predicted], minlength=n_classes)
+    called = torch.bincount(predicted, minlength=n_classes)  # how often each class was predicted
+    actual = torch.bincount(labels, minlength=n_classes)     # how often each class is the truth
+    precision = (right / called.clamp(min=1)).tolist()
+    recall = (right / actual.clamp(min=1)).tolist()
+    f1 = [2 * p * r / (p + r) if p + r else 0.0 for p, r in zip(precision, recall)]
+    metrics = {"accuracy": right.sum().item() / max(len(labels), 1), "confusion_cells": cells,
+               "actual": actual.tolist(), "precision": precision, "recall": recall, "f1": f1,
+               "macro_f1": sum(f1) / n_classes}
+    if n_classes <= SHOWN:
+        metrics["confusion"] = confusion_matrix(cells, range(n_classes))
+    return metrics
+
+
+def confusion_matrix(cells, classes):
+    """The rows and columns of `classes` (class ids) of the confusion matrix given by its cells."""
+    at = {c: k for k, c in enumerate(classes)}
+    matrix = [[0] * len(at) for _ in at]
+    for i, j, n in cells:
+        if i in at and j in at:
+            matrix[at[i]][at[j]] = n
+    return matrix
+
+
+def metrics_table(metrics, classes):
+    """Per-class precision, recall and F1, then the confusion matrix, as lines of text: every class
+    up to SHOWN classes; beyond, the SHOWN most frequent (and the confusion among the 10 most
+    frequent), so that the table fits on a screen whatever the number of classes."""
+    frequent = sorted(range(len(classes)), key=lambda i: -metrics["actual"][i])  # stable: ties in class order
+    shown = sorted(frequent[:SHOWN])
+    names = [classes[i][:40] for i in range(len(classes))]  # long names cut, to keep the lines short
+    width = max(8, *(len(names[i]) for i in shown))
+    lines = [f"  {'':{width}}  precision  recall      F1  examples"]
+    for i in shown:
+        lines.append(f"  {names[i]:{width}}  {metrics['precision'][i]:9.1%}  {metrics['recall'][i]:6.1%}  "
+                     f"{metrics['f1'][i]:6.1%}  {metrics['actual'][i]:8}")
+    if len(classes) > SHOWN:
+        lines.append(f"  ... and {len(classes) - SHOWN:,} less frequent classes (all of them: metrics.json)")
+    among = sorted(frequent[:10]) if len(classes) > SHOWN else shown
+    short = max(len(names[i]) for i in among) <= 8  # long names: number the columns instead
+    heads = [names[i] if short else f"({k + 1})" for k, i in enumerate(among)]
+    rows = [names[i] if short else f"({k + 1}) {names[i]}" for k, i in enumerate(among)]
+    which = "" if among == list(range(len(classes))) else f" among the {len(among)} most frequent classes"
+    lines.append(f"  confusion{which} (rows: true class, columns: predicted{'' if short else ', in the same order'}):")
+    cell = max(5, *(len(h) for h in heads))
+    width = max(len(r) for r in rows)
+    lines.append(f"  {'':{width}}  " + " ".join(f"{h:>{cell}}" for h in heads))
+    for name, row in zip(rows, confusion_matrix(metrics["confusion_cells"], among)):
+        lines.append(f"  {name:{width}}  " + " ".join(f"{n:>{cell}}" for n in row))
+    return lines
+
+
 def counts_text(counts, order):
     """'70 ham, 70 spam': the count of each class in `order`, on part of one line."""
     return fit([f"{counts[c]:,} {c}" for c in order])
@@ -224,98 +617,407 @@ def fit(items, width=80):
     return ", ".join(items[:shown]) + (f", ... ({len(items):,} classes)" if shown < len(items) else "")
 
 
-def cut_70_10_20(items):
-    n_train = int(0.7 * len(items))
-    n_validation = int(0.1 * len(items))
-    return items[:n_train], items[n_train:n_train + n_validation], items[n_train + n_validation:]
+def baselines(train, test, classes):
+    """Test accuracy of two classical methods, so the GPT has something to beat.
 
-
-def write_csv(path, examples):
-    with minigpt.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["label", "text"])
-        writer.writerows(examples)
-
-
-def book_passages(per_class=600, seed=123):
-    """The second worked example: [(source, passage)], passages of 2-3 sentences from six texts.
-
-    Sources: four Project Gutenberg novels, Shakespeare's plays (tinyshakespeare) and "The
-    Verdict", fetched as any data file (public URL + sha256, or MINIGPT_MIRROR). Gutenberg's
-    license header and footer are cut at their `*** START OF` / `*** END OF` lines. Each text is
-    split into paragraphs at blank lines; lines that only name a speaker ("ROMEO:") and line breaks
-    inside a paragraph are dropped; each paragraph is cut into sentences after . ! or ? followed by
-    a space and a capital letter or quote. Consecutive sentences of a paragraph make passages of
-    2 or 3 sentences (at random), kept when 80-400 characters long; then at most `per_class`
-    passages per source are drawn at random. "The Verdict" is short: its class is smaller.
+    majority: always answer the class most common in training.
+    character 3-grams: each text becomes the counts of its byte triples (b"the", b"he ", ...),
+    scaled to length 1; each class's centroid is the mean of its training texts' vectors; a test
+    text gets the class whose centroid points most nearly its way (largest dot product). Triples
+    are hashed into 2^18 buckets, so nothing is stored per distinct triple. The centroids are
+    sparse, (bucket, class, weight) entries sorted by bucket: their memory grows with the
+    training text, not with classes x buckets (1,000 dense centroids would take 2 GB).
     """
-    rng = np.random.default_rng(seed)
-    examples = []
-    for name, file in BOOKS:
-        text = minigpt.fetch(*file).read_text(encoding="utf-8")
-        start = re.search(r"^\*\*\* ?START OF.*$", text, re.MULTILINE)
-        end = re.search(r"^\*\*\* ?END OF", text, re.MULTILINE)
-        text = text[start.end() if start else 0:end.start() if end else len(text)]
-        passages = []
-        for paragraph in re.split(r"\n\s*\n", text):
-            lines = [line for line in paragraph.splitlines() if not re.fullmatch(r"[A-Z][A-Za-z ]*:\s*", line)]
-            sentences = re.split(r"(?<=[.!?])\s+(?=[A-Z\"'])", " ".join(" ".join(lines).split()))
-            i = 0
-            while i + 2 <= len(sentences):
-                n = int(rng.integers(2, 4))  # 2 or 3 sentences
-                passage = " ".join(sentences[i:i + n])
-                if 80 <= len(passage) <= 400:
-                    passages.append(passage)
-                i += n
-        for i in sorted(rng.permutation(len(passages))[:per_class]):
-            examples.append((name, passages[i]))
-    return examples
+    majority = Counter(label for label, _ in train).most_common(1)[0][0]
+    buckets = 1 << 18
+    n = len(classes)
+    index = {c: i for i, c in enumerate(classes)}
+
+    def triples(text):  # (bucket ids, counts / norm) of one text
+        b = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+        ids, counts = np.unique((b[:-2] << 16 | b[1:-1] << 8 | b[2:]) % buckets, return_counts=True)
+        return ids, counts / max(np.linalg.norm(counts), 1e-12)
+
+    pieces = [(ids, np.full(len(ids), index[label]), w) for label, text in train for ids, w in [triples(text)]]
+    bucket, cls, weight = (np.concatenate(p) for p in zip(*pieces))
+    keys, inverse = np.unique(bucket * n + cls, return_inverse=True)  # one entry per (bucket, class), by bucket
+    weight = np.bincount(inverse, weights=weight)                     # the sums of the class's texts
+    bucket, cls = keys // n, keys % n
+    weight /= np.maximum(np.sqrt(np.bincount(cls, weights=weight ** 2, minlength=n)), 1e-12)[cls]  # length 1
+    first = np.searchsorted(bucket, np.arange(buckets + 1))           # bucket b's entries: first[b]:first[b + 1]
+    right = 0
+    for label, text in test:
+        ids, w = triples(text)
+        count = first[ids + 1] - first[ids]                           # entries of each of the text's buckets
+        at = np.repeat(first[ids] - np.cumsum(count) + count, count) + np.arange(count.sum())  # their positions
+        scores = np.bincount(cls[at], weights=weight[at] * np.repeat(w, count), minlength=n)  # (classes,)
+        right += classes[int(np.argmax(scores))] == label
+    return {"majority": sum(label == majority for label, _ in test) / len(test),
+            "char_3gram_centroid": right / len(test)}
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. The classifier: GPT-2 with a 2-way head, and which of its parameters train.
+# 5. Saving and loading: only what finetuning changed, plus the recipe that rebuilds the rest.
 # ----------------------------------------------------------------------------------------------
 
-TRAINABLE = ("head", "last_block", "last_two_blocks", "all", "lora", "qlora")
-POOLS = ("last", "last_real", "mean")
+def save_classifier(out, model, recipe):
+    """classifier.pt: the recipe + the trainable parameters (megabytes, not the whole model)."""
+    state = {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
+    minigpt.save_pt(Path(out) / "classifier.pt", {"recipe": recipe, "state": state})
 
 
-class LoRA(nn.Module):
-    """A frozen Dense layer plus a trainable low-rank update (LoRA, Hu et al. 2021):
+def load_classifier(out, device="cpu"):
+    """(model, recipe) from a folder written by save_classifier."""
+    path = Path(out) / "classifier.pt"
+    if not path.exists():
+        raise minigpt.DataError(f"no classifier at {path}: run finetune.py first (--out {out})")
+    saved = minigpt.load_pt(path, device, "a classifier saved by finetune.py", "run finetune.py again")
+    try:
+        recipe, state = saved.get("recipe") or saved["meta"], saved["state"]  # "meta" in older files
+    except (KeyError, TypeError, AttributeError) as e:
+        raise minigpt.DataError(f"{path} is not a classifier saved by finetune.py (no {e}); "
+                                "run finetune.py again") from e
+    model = make_classifier(base_model(recipe, device), recipe["trainable"], len(recipe["labels"]),
+                            recipe["lora_rank"], recipe["lora_alpha"])
+    try:
+        unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+    except RuntimeError as e:  # a shape differs
+        raise minigpt.DataError(f"{path} does not fit its base model ({str(e).splitlines()[1].strip()}); "
+                                "run finetune.py again") from e
+    if unexpected:
+        raise minigpt.DataError(f"{path} holds parameters this model lacks: {unexpected[:3]}")
+    return model.eval(), recipe
 
-        y = dense(x) + (alpha / rank) * (x @ A) @ B,   A: (in, rank) random,  B: (rank, out) zero
 
-    which is x @ (W + (alpha / rank) * A @ B) + bias. B starts at zero, so at first the layer is
-    exactly the old one. Only rank * (in + out) numbers train instead of in * out.
-    """
+def base_model(recipe, device):
+    """The model finetuning started from, before its head was replaced. For qlora, its blocks'
+    Dense layers are NF4, quantized as the weights stream in (see load_nf4)."""
+    qlora = recipe["trainable"] == "qlora"
+    if recipe["init"] == "random":  # no file: rebuild the same random weights from the seed
+        torch.manual_seed(recipe["seed"])
+        cfg = minigpt.GPTConfig(**recipe["config"])
+        return load_nf4(cfg, random_tensors(cfg), device) if qlora else minigpt.GPT(cfg).to(device)
+    if recipe.get("init_sha256") and not Path(recipe["init"]).is_file():
+        raise minigpt.DataError(f"this classifier's base model {recipe['init']} is missing; put it back, "
+                                "or run finetune.py again")
+    if recipe.get("init_sha256") and minigpt.sha256_of(recipe["init"]) != recipe["init_sha256"]:
+        raise minigpt.DataError(f"{recipe['init']} changed since this classifier was trained on it; "
+                                "run finetune.py again")
+    if qlora:
+        return load_nf4(*minigpt.model_tensors(recipe["init"], device, dropout=0.0), device)
+    return minigpt.load_model(recipe["init"], device, dropout=0.0)
 
-    def __init__(self, dense, rank, alpha):
-        super().__init__()
-        self.dense = dense
-        n_in, n_out = dense.shape if isinstance(dense, NF4Dense) else dense.weight.shape
-        self.A = nn.Parameter(torch.empty(n_in, rank).uniform_(-n_in ** -0.5, n_in ** -0.5))
-        self.B = nn.Parameter(torch.zeros(rank, n_out))
-        self.scale = alpha / rank
 
-    def forward(self, x):
-        return self.dense(x) + self.scale * ((x @ self.A) @ self.B)  # (..., in) -> (..., out)
+# ----------------------------------------------------------------------------------------------
+# 6. The run, step by step: data, model, batches, training, measuring, saving.
+# ----------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    """The run. Returns the finetuned model and its recipe (as load_classifier would)."""
+    args = parse_args(argv)
+    started = time.time()
+    check_output(args.out)
+    if args.trainable == "qlora":
+        minigpt.set_malloc(keep_freed=False)  # a 4-bit base is there to save memory: the allocator should too
+    torch.manual_seed(args.seed)
+    device = minigpt.pick_device(args.device)
+    dtype = minigpt.pick_dtype(args.dtype, device)
+    tokenizer = minigpt.get_tokenizer()
+    # The outputs go to a folder beside --out that becomes --out once all of them are written: a
+    # run that fails or is stopped leaves --out as it was. A second run on the same --out meanwhile
+    # is refused.
+    with minigpt.atomic_folder(args.out, exclusive=True) as out:
+        splits, classes = load_splits(args)                                                  # 1. data
+        model, recipe = build_model(args, device, classes)                                   # 2. model
+        recipe["title"], recipe["sample_texts"] = page_text(args, splits, classes)
+        batches, labels, frozen = make_batches(model, recipe, splits, tokenizer, args, device, dtype)  # 3.
+        print(f"Before finetuning: " + ", ".join(
+            f"{name} {accuracy(model, batches[name], labels[name], args.pool, frozen, dtype):.2%}"
+            for name in SPLITS))
+        history, accuracies, seconds, seen = train(model, batches, labels, frozen, args, dtype)  # 4. train
+        metrics = evaluate(model, splits, batches, labels, frozen, accuracies, args, dtype)   # 5. measure
+        metrics.update(train_seconds=seconds, wall_seconds=time.time() - started,
+                       examples_per_second=seen / seconds, epochs=args.epochs, max_steps=args.max_steps,
+                       init=args.init, trainable=args.trainable, pool=args.pool, dtype=minigpt.dtype_name(dtype))
+        save_outputs(out, model, recipe, splits, metrics, history, accuracies)               # 6. save
+    print(f"Saved {args.out}/classifier.pt, metrics.json, loss.svg, accuracy.svg and the splits "
+          f"(train.csv, validation.csv, test.csv); wall time {time.time() - started:.1f} s")
+    return model.eval(), recipe
 
 
-# QLoRA (Dettmers et al. 2023): LoRA on a base whose frozen Dense weights are stored in 4 bits.
-# A weight matrix is cut into blocks of 64 weights; each block is divided by its largest |weight|
-# (its absmax, "scale"), and each weight, now in [-1, 1], is replaced by the index of the nearest of
-# 16 code values, 4 bits. The code values are NF4, "4-bit NormalFloat": quantiles of N(0, 1) scaled
-# to [-1, 1], so that each is about equally used by normally distributed weights; 0 is exact.
-# The scales (one float32 per 64 weights, 0.5 bit a weight) are quantized again ("double
-# quantization"): minus their mean, in groups of 256, to 8 bits each against the group's largest
-# |scale - mean|, stored as one float32. Bits per weight: 4 + 8/64 + 32/(64 * 256) = 4.127.
+def load_splits(args):
+    """Step 1, data: read the examples, check them, split them. Nothing is written yet (see
+    save_outputs): bad data costs nothing."""
+    examples = read_data(args)
+    counts = Counter(label for label, _ in examples)
+    if len(counts) > MAX_CLASSES:
+        raise minigpt.DataError(f"{args.data}: {len(counts):,} different labels; finetune.py supports at most "
+                                f"{MAX_CLASSES:,} classes (merge rare labels, into 'other' say)")
+    print(f"{len(examples):,} examples: {counts_text(counts, sorted(counts))}")
+    if args.validation_data:  # the user's own splits: --data is all training data
+        splits = own_splits(args, examples, counts)
+    else:
+        splits = split_examples(examples, args.seed, args.balance, args.dedupe)
+    classes = sorted({label for label, _ in splits["train"]})
+    print(f"classes (in this order): {fit(classes)}; {'balanced, then split' if args.balance else 'stratified split'}")
+    train_texts = {text for _, text in splits["train"]}
+    for name in SPLITS:
+        part = Counter(label for label, _ in splits[name])
+        overlap = "" if name == "train" else \
+            f", {sum(text in train_texts for _, text in splits[name])} texts also in train"
+        print(f"  {name}: {len(splits[name])} ({counts_text(part, classes)}){overlap}")
+    if args.unseen != "all":
+        rng = np.random.default_rng(args.seed)
+        pick = rng.permutation(len(splits["unseen"]))[:args.unseen]
+        splits["unseen"] = [splits["unseen"][i] for i in sorted(pick)]
+    if splits["unseen"]:
+        part = Counter(label for label, _ in splits["unseen"])
+        print(f"  unseen: {len(splits['unseen'])} of the examples balancing left out ({counts_text(part, sorted(part))})")
+    return splits, classes
+
+
+def own_splits(args, examples, counts):
+    """--validation-data and --test-data: the user's own splits; --data is all training data."""
+    if args.dedupe:
+        examples = list(dict.fromkeys(examples))
+    splits = {"train": examples, "unseen": []}
+    if args.balance:
+        kept, unseen = balance_classes(examples, np.random.default_rng(args.seed))
+        splits = {"train": kept, "unseen": unseen}
+    for name, path in (("validation", args.validation_data), ("test", args.test_data)):
+        splits[name] = read_examples(path, args.text_column, args.label_column)
+        if unknown := sorted({label for label, _ in splits[name]} - counts.keys()):
+            raise minigpt.DataError(f"{path}: label {unknown[0]!r} never occurs in the training data {args.data}")
+    return splits
+
+
+def page_text(args, splits, classes):
+    """The web page's question and sample texts (saved with the classifier, for classify.py):
+    short texts from the training data, each class in turn, two each for up to three classes."""
+    title = args.title or {"sms": "Is this SMS spam?", "passages": "Which book is this passage from?"}.get(args.data)
+    if title is None and classes == ["ham", "spam"]:
+        title = "Is this spam?"
+    elif title is None and len(classes) == 2:
+        title = f"{' or '.join(classes)}?"
+    elif title is None:
+        title = f"Which is it: {', '.join(classes)}?" if len(classes) <= 6 else f"Which of {len(classes):,} classes is it?"
+    shown = classes[:6]  # at most six sample texts
+    short = {c: [text for label, text in splits["train"] if label == c and len(text) <= 160][:2] for c in shown}
+    per_class = 2 if len(classes) <= 3 else 1
+    return title[:200], [short[c][i] for i in range(per_class) for c in shown if i < len(short[c])]
+
+
+def build_model(args, device, classes):
+    """Step 2, model: the base GPT (random, GPT-2 or a checkpoint) with its new head, and its
+    recipe, everything needed to rebuild it later (see load_classifier)."""
+    if args.init == "random":
+        recipe = dict(init="random", config=asdict(replace(minigpt.PRESETS[args.preset], dropout=0.0)))
+    else:
+        recipe = dict(init=args.init if args.init in minigpt.GPT2_FILES else str(Path(args.init).resolve()))
+    recipe.update(seed=args.seed, trainable=args.trainable, pool=args.pool, labels=classes,
+                  lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
+    t0 = time.time()
+    model = base_model(recipe, device)
+    recipe["config"] = asdict(model.cfg)
+    if Path(recipe["init"]).is_file():  # a checkpoint may be overwritten later: remember which one this was
+        recipe["init_sha256"] = minigpt.sha256_of(recipe["init"])
+    make_classifier(model, args.trainable, len(classes), args.lora_rank, args.lora_alpha)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_nf4 = sum(math.prod(m.shape) for m in model.modules() if isinstance(m, NF4Dense))
+    n_all = n_nf4 + sum(p.numel() for p in model.parameters())
+    print(f"model: {args.init}, {n_all:,} parameters, {n_train:,} trainable ({args.trainable}); "
+          f"loaded in {time.time() - t0:.1f} s")
+    nf4_bytes, other_bytes = model_bytes(model)
+    in_nf4 = f"{nf4_bytes / 1e6:,.1f} MB of it NF4 ({n_nf4:,} weights, {8 * nf4_bytes / n_nf4:.3f} bits each), " \
+        if n_nf4 else ""
+    print(f"in memory: {(nf4_bytes + other_bytes) / 1e6:,.1f} MB of weights; {in_nf4}"
+          f"{other_bytes / 1e6:,.1f} MB not quantized")
+    return model, recipe
+
+
+def make_batches(model, recipe, splits, tokenizer, args, device, dtype):
+    """Step 3, batches: token ids, cut to the longest training text (or --max-length) and the
+    context; then, once, the frozen blocks' output for every text (in bfloat16, their weights are
+    cast once, inference being fastest that way, and the output stored in bfloat16: half the
+    memory). Returns the batches of every split, their labels, and the number of frozen blocks."""
+    index = {c: i for i, c in enumerate(recipe["labels"])}
+    longest = max(len(tokenizer.encode(text, disallowed_special=())) for _, text in splits["train"])
+    recipe["max_length"] = min(args.max_length or longest, model.cfg.context_length)
+    ids = {name: minigpt.encode([t for _, t in part], tokenizer, recipe["max_length"])[0]
+           for name, part in splits.items()}
+    labels = {name: torch.tensor([index[label] for label, _ in part], dtype=torch.long) for name, part in splits.items()}
+    lengths = {name: [len(i) for i in part] for name, part in ids.items()}
+    print(f"max length {recipe['max_length']} tokens; {sum(map(sum, lengths.values())):,} tokens in all, "
+          f"pooling '{args.pool}'")
+    frozen = frozen_blocks(model, args.trainable)  # all, lora, qlora: nothing is frozen, 0
+    rows = {name: model_inputs(part, args.pool, recipe["max_length"]) for name, part in ids.items()}
+    if frozen > 0:
+        t0 = time.time()
+        model.h[:frozen].to(dtype)
+        rows = {name: frozen_features(model, part, frozen, device) for name, part in rows.items()}
+        print(f"cached the output of the {frozen} frozen blocks in {time.time() - t0:.1f} s "
+              f"({minigpt.dtype_name(dtype)})")
+    # Evaluating needs no backward pass, so its batches can be 8 times bigger (faster); not for
+    # qlora, whose point is memory: on GPT-2 XL a no-grad pass over 56 texts took more memory
+    # beyond the model than a training step over 8 (docs/finetuning.md).
+    eval_batch_size = args.batch_size if args.trainable == "qlora" else args.batch_size * 8
+    batches = {name: Batches(rows[name], lengths[name], eval_batch_size) for name in rows}
+    batches["train_shuffled"] = Batches(rows["train"], lengths["train"], args.batch_size, shuffle=True,
+                                        seed=args.seed, drop_last=True)
+    # Random training batches for the periodic loss, with their own random order, so that
+    # measuring never changes the order the model trains in.
+    batches["train_sample"] = Batches(rows["train"], lengths["train"], args.batch_size, shuffle=True,
+                                      seed=args.seed + 1)
+    return batches, labels, frozen
+
+
+def evaluate(model, splits, batches, labels, frozen, accuracies, args, dtype):
+    """Step 5, measure: accuracy on each split (train and validation: as after the last epoch);
+    per-class precision, recall, F1 and the confusion matrix on test, beside two classical
+    baselines; accuracy on the examples balancing left out (for SMS: the false-positive rate)."""
+    classes = sorted({label for label, _ in splits["train"]})
+    acc = lambda name: accuracy(model, batches[name], labels[name], args.pool, frozen, dtype)
+    final = {name: (accuracies[name] or [acc(name)])[-1] for name in ("train", "validation")}
+    probs = predict(model, batches["test"], args.pool, frozen, dtype)
+    test = classification_metrics(labels["test"], probs.argmax(dim=1), len(classes))
+    classical = baselines(splits["train"], splits["test"], classes)
+    print(f"Training accuracy: {final['train']:.2%}\nValidation accuracy: {final['validation']:.2%}\n"
+          f"Test accuracy: {test['accuracy']:.2%} (macro F1 {test['macro_f1']:.2%})")
+    print("\n".join(metrics_table(test, classes)))
+    print(f"Classical baselines on test: majority class {classical['majority']:.2%}, "
+          f"character 3-gram nearest centroid {classical['char_3gram_centroid']:.2%}")
+    metrics = {"classes": classes, "train_accuracy": final["train"], "validation_accuracy": final["validation"],
+               "val_accuracy": final["validation"], "test_accuracy": test["accuracy"], "macro_f1": test["macro_f1"],
+               "per_class": {c: {"precision": test["precision"][i], "recall": test["recall"][i],
+                                 "f1": test["f1"][i], "examples": test["actual"][i]}
+                             for i, c in enumerate(classes)},
+               "confusion_cells": test["confusion_cells"], "baselines": classical}
+    if "confusion" in test:  # up to SHOWN classes
+        metrics["confusion"] = test["confusion"]
+    if classes == ["ham", "spam"]:  # the SMS figures, as the reference reports them
+        metrics.update(spam_figures(test))
+    if splits["unseen"]:
+        unseen = acc("unseen")
+        metrics.update(unseen_accuracy=unseen, unseen_count=len(splits["unseen"]))
+        if {label for label, _ in splits["unseen"]} == {"ham"} and classes == ["ham", "spam"]:
+            metrics.update(unseen_ham_false_positive_rate=1 - unseen, unseen_ham_count=len(splits["unseen"]))
+            print(f"False positives on {len(splits['unseen'])} unseen ham: {1 - unseen:.2%}")
+        else:
+            print(f"Accuracy on {len(splits['unseen'])} unseen examples (left out by balancing): {unseen:.2%}")
+    return metrics
+
+
+def spam_figures(test):
+    """Precision, recall and F1 of the spam class and its confusion matrix by name, printed."""
+    (tn, fp), (fn, tp) = test["confusion"]                 # rows: true ham, true spam
+    figures = dict(precision=test["precision"][1], recall=test["recall"][1], f1=test["f1"][1],
+                   confusion_matrix={"true_ham": {"ham": tn, "spam": fp}, "true_spam": {"ham": fn, "spam": tp}})
+    print(f"Test spam: precision {figures['precision']:.2%}, recall {figures['recall']:.2%}, "
+          f"F1 {figures['f1']:.2%}; confusion [[ham->ham {tn}, ham->spam {fp}], [spam->ham {fn}, spam->spam {tp}]]")
+    return figures
+
+
+def save_outputs(out, model, recipe, splits, metrics, history, accuracies):
+    """Step 6, save: the classifier, its metrics, the plots and the splits it was trained on."""
+    save_classifier(out, model, recipe)
+    minigpt.write_text(out / "metrics.json", json.dumps(metrics, indent=1))
+    minigpt.svg_plot(out / "loss.svg", {"train": (history["seen"], history["train"]),
+                                        "validation": (history["seen"], history["validation"])},
+                     "examples seen", "cross-entropy loss", "Finetuning: loss")
+    minigpt.svg_plot(out / "accuracy.svg", {name: (accuracies["epoch"], [100 * a for a in accuracies[name]])
+                                            for name in ("train", "validation")},
+                     "epoch", "accuracy (%)", "Finetuning: accuracy", integer_x=True)
+    for name in SPLITS:
+        write_csv(out / f"{name}.csv", splits[name])
+
+
+OUTPUTS = ("classifier.pt", "metrics.json", "loss.svg", "accuracy.svg", *(f"{name}.csv" for name in SPLITS))
+
+
+def check_output(out):
+    """--out must be new, empty, or what an earlier run wrote: it is replaced whole at the end."""
+    if out.exists() and (foreign := sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS)):
+        raise minigpt.DataError(f"--out {out} holds files finetune.py did not write ({', '.join(foreign[:3])}"
+                                f"{', ...' if len(foreign) > 3 else ''}), and a run replaces the whole folder; "
+                                "give a new or empty folder")
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. The command line.
+# ----------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=minigpt.Help)
+    p.add_argument("--init", default="gpt2-small",
+                   help="gpt2-small, gpt2-medium, gpt2-large, gpt2-xl (OpenAI's weights), random "
+                        "(random weights of --preset's shape), or a pretrain.py checkpoint / model folder")
+    p.add_argument("--preset", default="gpt2-small", type=minigpt.preset_name,
+                   help=f"shape for --init random: {', '.join(minigpt.PRESETS)}")
+    p.add_argument("--trainable", default="last_block", choices=TRAINABLE,
+                   help="what trains besides the new head (last_block: last block + final LayerNorm)")
+    p.add_argument("--pool", default="last_real", choices=POOLS,
+                   help="last: final padded position (as the reference); last_real: last real token; "
+                        "mean: average over real tokens")
+    p.add_argument("--lora-rank", type=minigpt.positive_int, default=16, help="rank of each LoRA update")
+    p.add_argument("--lora-alpha", type=minigpt.positive_float, default=16, help="LoRA's scale is alpha / rank")
+    p.add_argument("--epochs", type=minigpt.positive_int, default=5, help="passes over the training split")
+    p.add_argument("--max-steps", type=minigpt.positive_int,
+                   help="stop after this many optimizer steps (quick trials on big models) (default: no limit)")
+    p.add_argument("--batch-size", type=minigpt.positive_int, default=8, help="texts per training step")
+    p.add_argument("--lr", type=minigpt.positive_float, default=5e-5, help="AdamW's learning rate")
+    p.add_argument("--weight-decay", type=minigpt.nonnegative_float, default=0.1, help="AdamW's, on weight matrices")
+    p.add_argument("--max-length", type=minigpt.positive_int,
+                   help="tokens per text (default: the longest training text, at most the context)")
+    p.add_argument("--eval-every", type=minigpt.positive_int, default=50, help="steps between loss evaluations")
+    p.add_argument("--data", default="sms", type=lambda s: "passages" if s == "books" else s,
+                   help="sms (UCI's SMS Spam Collection), passages (passages of six texts), or a file: "
+                        ".csv/.tsv with a header row, else label<TAB>text lines (UTF-8)")
+    p.add_argument("--text-column", default="text", help="the text's column in a .csv/.tsv file")
+    p.add_argument("--label-column", default="label", help="the label's column in a .csv/.tsv file")
+    p.add_argument("--validation-data", type=minigpt.existing_file,
+                   help="your own validation split (same format as --data; give --test-data too)")
+    p.add_argument("--test-data", type=minigpt.existing_file, help="your own test split")
+    p.add_argument("--balance", action=argparse.BooleanOptionalAction,
+                   help="down-sample every class to the smallest, then split (default: on for sms; "
+                        "otherwise off: a stratified split)")
+    p.add_argument("--dedupe", action="store_true", help="drop exact duplicate examples before splitting")
+    how_many = lambda v: v if v == "all" else minigpt.nonnegative_int(v)
+    p.add_argument("--unseen", default=1000, type=how_many,
+                   help="how many of the examples that --balance left out (for sms: ham) to measure on "
+                        "(a false-positive rate for sms), or 'all'; 0 skips it")
+    p.add_argument("--unseen-ham", dest="unseen", type=how_many, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--title", help="the web page's question (default: from the data, e.g. 'Is this SMS spam?')")
+    p.add_argument("--seed", type=int, default=123, help="initial head, the split and the order of the batches")
+    minigpt.add_device_flags(p)
+    p.add_argument("--out", type=minigpt.output_folder, default="runs/spam-classifier",
+                   help="folder for classifier.pt, metrics.json, plots and the splits")
+    args = p.parse_args(argv)
+    if (args.validation_data is None) != (args.test_data is None):
+        p.error("give --validation-data and --test-data together (or neither: then --data is split 70/10/20)")
+    if args.balance is None:
+        args.balance = args.data == "sms"
+    return args
+
+
+# ==============================================================================================
+# 8. QLoRA (Dettmers et al. 2023): LoRA on a base whose frozen Dense weights are stored in 4 bits.
+#    A weight matrix is cut into blocks of 64 weights; each block is divided by its largest
+#    |weight| (its absmax, "scale"), and each weight, now in [-1, 1], is replaced by the index of
+#    the nearest of 16 code values, 4 bits. The code values are NF4, "4-bit NormalFloat":
+#    quantiles of N(0, 1) scaled to [-1, 1], so that each is about equally used by normally
+#    distributed weights; 0 is exact. The scales (one float32 per 64 weights, 0.5 bit a weight)
+#    are quantized again ("double quantization"): minus their mean, in groups of 256, to 8 bits
+#    each against the group's largest |scale - mean|, stored as one float32. Bits per weight:
+#    4 + 8/64 + 32/(64 * 256) = 4.127. And in training each block keeps only its input for the
+#    backward pass, which runs the block again for the rest (CheckpointedBlock).
+# ==============================================================================================
 
 NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
                     -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
                     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
                     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0])  # (16,), ascending
 # A byte holds two codes, the first in its high 4 bits: row b of NF4_PAIRS is the two values byte b
-# stands for, so one lookup per byte unpacks and decodes (3x faster than unpacking, then looking up).
+# stands for, so one lookup per byte unpacks and decodes (faster than unpacking, then looking up).
 NF4_PAIRS = torch.stack((NF4.repeat_interleave(16), NF4.repeat(16)), dim=1)  # (256, 2)
 BLOCK = 64         # weights per absmax scale
 SCALE_BLOCK = 256  # scales per float32 in the double quantization
@@ -404,303 +1106,40 @@ class NF4Dense(nn.Module):
         return NF4Matmul.apply(x, self) + self.bias                  # (..., in) -> (..., out)
 
 
-def dense_layers(block):
-    """(module, name) of each Dense layer of a block: the attention's two, the MLP's two."""
-    return (block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")
+class CheckpointedBlock(minigpt.Block):
+    """A Block that, when a backward pass will follow, keeps only its input and runs again in the
+    backward pass for the rest (activation checkpointing). Keeping it all costs about 16 C floats
+    per token per block, 4.9 MB a token for GPT-2 XL's 48 blocks: more than its 4-bit weights for a
+    batch of 8 SMS; recomputing costs one more forward pass."""
+
+    def forward(self, x, cache=None):
+        if torch.is_grad_enabled() and cache is None:
+            return torch.utils.checkpoint.checkpoint(super().forward, x, use_reentrant=False)
+        return super().forward(x, cache)
 
 
-def frozen_blocks(model, trainable):
-    """How many blocks, from the bottom, stay frozen: h[:n] never change, so their output is cacheable."""
-    n = model.cfg.n_layers
-    return {"head": n, "last_block": n - 1, "last_two_blocks": n - 2}.get(trainable, 0)
-
-
-def make_classifier(model, trainable, n_classes=2, lora_rank=16, lora_alpha=16):
-    """Turn a GPT into a classifier in place: a new head with one output per class, and only
-    `trainable` parts train. For qlora, `model` comes with NF4Dense layers (load_nf4); LoRA goes
-    around them as for lora."""
-    model.lm_head = nn.Linear(model.cfg.emb_dim, n_classes).to(model.wte.weight.device)  # untied, new
-    model.requires_grad_(trainable == "all")
-    if trainable in ("lora", "qlora"):  # low-rank updates on every Dense (or NF4Dense) layer of every block
+def load_nf4(cfg, tensors, device):
+    """A GPT(cfg) whose blocks are CheckpointedBlocks with NF4Dense layers, from (name, array)
+    pairs: each Dense weight is quantized as it arrives and dropped: besides the embeddings and
+    the 4-bit rest, only the float32 matrix being quantized is in memory (GPT-2 XL: 41 MB at
+    most, not 5.9 GB)."""
+    with torch.device("meta"):                                        # shapes only, no memory
+        model = minigpt.GPT(cfg)
+        model.h = nn.ModuleList(CheckpointedBlock(cfg, i) for i in range(cfg.n_layers))
         for block in model.h:
             for parent, name in dense_layers(block):
-                setattr(parent, name, LoRA(getattr(parent, name), lora_rank, lora_alpha))
-    if trainable in ("last_block", "last_two_blocks"):
-        model.h[frozen_blocks(model, trainable):].requires_grad_(True)
-    if trainable != "head":
-        model.ln_f.requires_grad_(True)
-    # QLoRA saves memory twice: 4-bit weights, and in training each block keeps only its input for
-    # the backward pass, which runs the block again for the rest (see forward_block).
-    model.recompute_blocks = trainable == "qlora"
-    model.lm_head.requires_grad_(True)
-    return model
+                setattr(parent, name, NF4Dense(*getattr(parent, name).weight.shape))
+    quantized = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, NF4Dense)}
 
+    def quantize(tensors):
+        for name, a in tensors:
+            if name in quantized:                                     # (in, out) float -> NF4 parts
+                for part, t in nf4_quantize(torch.as_tensor(a, device=device)).items():
+                    yield name.removesuffix("weight") + part, t
+            else:
+                yield name, a
 
-def block_at(block, x, positions):
-    """What block(x) gives at one position per row, (B, C), for a fraction of the work.
-
-    The head reads one position, so the last block needs the keys and values of every position
-    up to it (attention looks back), but the query, the attention, c_proj and the MLP only at
-    that position: about a third of the block's work for a typical message. Same maths as
-    block(x)[rows, positions]; test_minigpt.py checks it to 1e-6.
-    x: (B, T, C); positions: (B,) the position to compute in each row.
-    """
-    B, T, C = x.shape
-    nh = block.attn.n_heads
-    hs = C // nh
-    rows = torch.arange(B, device=x.device)
-    q, k, v = block.attn.c_attn(block.ln_1(x)).split(C, dim=2)  # (B, T, C) each
-    q = q[rows, positions].view(B, nh, 1, hs)                   # (B, nh, 1, hs): the one query per row
-    k = k.view(B, T, nh, hs).transpose(1, 2)                    # (B, nh, T, hs)
-    v = v.view(B, T, nh, hs).transpose(1, 2)                    # (B, nh, T, hs)
-    sees = torch.arange(T, device=x.device) <= positions[:, None]  # (B, T): keys up to the position
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=sees[:, None, None, :])  # (B, nh, 1, hs)
-    x = x[rows, positions] + block.drop(block.attn.c_proj(y.reshape(B, C)))      # (B, C)
-    return x + block.drop(block.mlp(block.ln_2(x)))                               # (B, C)
-
-
-def forward_block(model, block, x):
-    """block(x), (B, T, C). With model.recompute_blocks, when a backward pass will follow, through
-    activation checkpointing: the block keeps only x, and the backward pass runs it again to get
-    what it needs. Keeping it all costs about 16 C floats per token per block (measured), 4.9 MB
-    a token for GPT-2 XL's 48 blocks: 1.5 GB for a batch of 8 SMS of 40 tokens, more than its
-    4-bit weights; recomputing costs one more forward pass."""
-    if model.recompute_blocks and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-    return block(x)
-
-
-def classify(model, x, lengths, pool, frozen=0):
-    """Class logits (B, classes).
-
-    x: token ids (B, T) when frozen == 0, else the output (B, T, C) of the frozen blocks h[:frozen].
-    lengths: (B,) positions to read: "last"/"last_real" read position lengths - 1 (the caller
-    passes the padded length for "last"), "mean" averages positions 0..lengths - 1.
-    Rows are right-padded; a causal model's real positions never see the padding.
-    """
-    if frozen == 0:
-        x = model.embed(x)                                     # (B, T, C)
-    else:  # cached features may be stored in bfloat16; go on in the trainable part's own dtype
-        x = x.to(model.ln_f.weight.dtype)
-    blocks = model.h[frozen:]
-    if pool == "mean":
-        for block in blocks:
-            x = forward_block(model, block, x)                 # (B, T, C)
-        real = torch.arange(x.shape[1], device=x.device) < lengths[:, None]  # (B, T)
-        x = (model.ln_f(x) * real[..., None]).sum(1) / lengths[:, None]      # (B, C)
-        return model.lm_head(x)
-    for block in blocks[:-1]:
-        x = forward_block(model, block, x)                     # (B, T, C)
-    if len(blocks):
-        x = block_at(blocks[-1], x, lengths - 1)               # (B, C): just the position read
-    else:
-        x = x[torch.arange(x.shape[0], device=x.device), lengths - 1]  # (B, C)
-    return model.lm_head(model.ln_f(x))                        # (B, classes)
-
-
-# ----------------------------------------------------------------------------------------------
-# 3. Batches. Each example is a tensor of its own length: token ids, or the frozen blocks' output.
-#    Batches are padded only to their own longest example, and built from examples of similar
-#    length, so little work goes to padding. Results do not depend on it (see classify()).
-# ----------------------------------------------------------------------------------------------
-
-class Batches:
-    """Re-iterable batches of (x, labels, lengths); shuffled anew on every pass if `shuffle`."""
-
-    def __init__(self, examples, labels, batch_size, shuffle=False, seed=0, drop_last=False):
-        self.examples, self.labels = examples, torch.as_tensor(labels)
-        self.lengths = torch.tensor([len(e) for e in examples])
-        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
-        self.rng = np.random.default_rng(seed)
-
-    def __len__(self):
-        n = len(self.examples) / self.batch_size
-        return math.floor(n) if self.drop_last else math.ceil(n)
-
-    def __iter__(self):
-        b = self.batch_size
-        if self.shuffle:  # random order; then within each run of 16 batches, by length
-            order = self.rng.permutation(len(self.examples))
-            runs = [order[i:i + 16 * b] for i in range(0, len(order), 16 * b)]
-            order = np.concatenate([r[np.argsort(self.lengths[r].numpy(), kind="stable")] for r in runs])
-        else:
-            order = np.argsort(self.lengths.numpy(), kind="stable")
-        batches = [order[i:i + b] for i in range(0, len(order), b)]
-        if self.drop_last and len(batches[-1]) < b:
-            batches.pop()
-        if self.shuffle:
-            batches = [batches[i] for i in self.rng.permutation(len(batches))]
-        for idx in batches:
-            x = nn.utils.rnn.pad_sequence([self.examples[i] for i in idx], batch_first=True,
-                                          padding_value=minigpt.EOT if self.examples[0].dim() == 1 else 0)
-            yield x, self.labels[idx], self.lengths[idx]
-
-
-def examples_of(dataset, pool):
-    """Token ids per example: its real tokens, or all max_length positions for pool "last"."""
-    if pool == "last":
-        return list(dataset.ids)
-    return [ids[:n] for ids, n in zip(dataset.ids, dataset.lengths)]
-
-
-@torch.no_grad()
-def frozen_features(model, examples, frozen, device, batch_size=64):
-    """The output of blocks h[:frozen] for each example, (T_i, C) each, computed once."""
-    features = [None] * len(examples)
-    for x, index, lengths in Batches(examples, torch.arange(len(examples)), batch_size):  # "labels": indices
-        x = model.embed(x.to(device)).to(model.h[0].ln_1.weight.dtype)  # the frozen blocks' dtype
-        for block in model.h[:frozen]:
-            x = block(x)                                       # (B, T, C)
-        for i, row, n in zip(index, x.cpu(), lengths):
-            features[i] = row[:n].clone()                      # (T_i, C)
-    return features
-
-
-@torch.no_grad()
-def predict(model, batches, pool, frozen, device, dtype=torch.float32):
-    """(labels (N,), class probabilities (N, classes)) of every example in `batches`, in the order
-    yielded. dtype: the forward pass's autocast (see minigpt.autocast); softmax in float32."""
-    was_training = model.training
-    model.eval()
-    labels, probs = [], []
-    for x, y, lengths in batches:
-        with minigpt.autocast(device, dtype):
-            logits = classify(model, x.to(device), lengths.to(device), pool, frozen)
-        probs.append(torch.softmax(logits.float(), dim=-1).cpu())
-        labels.append(y)
-    model.train(was_training)
-    return torch.cat(labels), torch.cat(probs)
-
-
-def accuracy(model, batches, pool, frozen, device, dtype=torch.float32):
-    labels, probs = predict(model, batches, pool, frozen, device, dtype)
-    return (probs.argmax(dim=1) == labels).float().mean().item()
-
-
-def classification_metrics(labels, predicted, n_classes):
-    """Accuracy, the confusion matrix and per-class precision, recall and F1.
-
-    The confusion matrix counts, for true class i and predicted class j, the examples of i
-    predicted as j. It is kept as its non-zero cells, [i, j, count] ("confusion_cells": at most
-    one per example, however many classes), and as the whole matrix ("confusion", rows: true
-    class) for up to SHOWN classes. For class c: precision = right calls of c / all calls of c,
-    recall = right calls of c / all true c, F1 = their harmonic mean; 0 where nothing was there
-    to divide by. actual[c]: the examples of class c.
-    """
-    cells, counts = torch.unique(labels * n_classes + predicted, return_counts=True)  # (i, j) as i * n + j
-    cells = [[cell // n_classes, cell % n_classes, n] for cell, n in zip(cells.tolist(), counts.tolist())]
-    right = torch.bincount(labels[labels == predicted], minlength=n_classes)
-    called = torch.bincount(predicted, minlength=n_classes)  # how often each class was predicted
-    actual = torch.bincount(labels, minlength=n_classes)     # how often each class is the truth
-    precision = (right / called.clamp(min=1)).tolist()
-    recall = (right / actual.clamp(min=1)).tolist()
-    f1 = [2 * p * r / (p + r) if p + r else 0.0 for p, r in zip(precision, recall)]
-    metrics = {"accuracy": right.sum().item() / max(len(labels), 1), "confusion_cells": cells,
-               "actual": actual.tolist(), "precision": precision, "recall": recall, "f1": f1,
-               "macro_f1": sum(f1) / n_classes}
-    if n_classes <= SHOWN:
-        metrics["confusion"] = confusion_matrix(cells, range(n_classes))
-    return metrics
-
-
-def confusion_matrix(cells, classes):
-    """The rows and columns of `classes` (class ids) of the confusion matrix given by its cells."""
-    at = {c: k for k, c in enumerate(classes)}
-    matrix = [[0] * len(at) for _ in at]
-    for i, j, n in cells:
-        if i in at and j in at:
-            matrix[at[i]][at[j]] = n
-    return matrix
-
-
-def metrics_table(metrics, classes):
-    """Per-class precision, recall and F1, then the confusion matrix, as lines of text: every class
-    up to SHOWN classes; beyond, the SHOWN most frequent (and the confusion among the 10 most
-    frequent), so that the table fits on a screen whatever the number of classes."""
-    frequent = sorted(range(len(classes)), key=lambda i: -metrics["actual"][i])  # stable: ties in class order
-    shown = sorted(frequent[:SHOWN])
-    names = [classes[i][:40] for i in range(len(classes))]  # long names cut, to keep the lines short
-    width = max(8, *(len(names[i]) for i in shown))
-    lines = [f"  {'':{width}}  precision  recall      F1  examples"]
-    for i in shown:
-        lines.append(f"  {names[i]:{width}}  {metrics['precision'][i]:9.1%}  {metrics['recall'][i]:6.1%}  "
-                     f"{metrics['f1'][i]:6.1%}  {metrics['actual'][i]:8}")
-    if len(classes) > SHOWN:
-        lines.append(f"  ... and {len(classes) - SHOWN:,} less frequent classes (all of them: metrics.json)")
-    among = sorted(frequent[:10]) if len(classes) > SHOWN else shown
-    short = max(len(names[i]) for i in among) <= 8  # long names: number the columns instead
-    heads = [names[i] if short else f"({k + 1})" for k, i in enumerate(among)]
-    rows = [names[i] if short else f"({k + 1}) {names[i]}" for k, i in enumerate(among)]
-    which = "" if among == list(range(len(classes))) else f" among the {len(among)} most frequent classes"
-    lines.append(f"  confusion{which} (rows: true class, columns: predicted{'' if short else ', in the same order'}):")
-    cell = max(5, *(len(h) for h in heads))
-    width = max(len(r) for r in rows)
-    lines.append(f"  {'':{width}}  " + " ".join(f"{h:>{cell}}" for h in heads))
-    for name, row in zip(rows, confusion_matrix(metrics["confusion_cells"], among)):
-        lines.append(f"  {name:{width}}  " + " ".join(f"{n:>{cell}}" for n in row))
-    return lines
-
-
-def baselines(train, test, classes):
-    """Test accuracy of two classical methods, so the GPT has something to beat.
-
-    majority: always answer the class most common in training.
-    character 3-grams: each text becomes the counts of its byte triples (b"the", b"he ", ...),
-    scaled to length 1; each class's centroid is the mean of its training texts' vectors; a test
-    text gets the class whose centroid points most nearly its way (largest dot product). Triples
-    are hashed into 2^18 buckets, so nothing is stored per distinct triple. The centroids are
-    sparse, (bucket, class, weight) entries sorted by bucket: their memory grows with the
-    training text, not with classes x buckets (1,000 dense centroids would take 2 GB).
-    """
-    majority = Counter(label for label, _ in train).most_common(1)[0][0]
-    buckets = 1 << 18
-    n = len(classes)
-    index = {c: i for i, c in enumerate(classes)}
-
-    def triples(text):  # (bucket ids, counts / norm) of one text
-        b = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
-        ids, counts = np.unique((b[:-2] << 16 | b[1:-1] << 8 | b[2:]) % buckets, return_counts=True)
-        return ids, counts / max(np.linalg.norm(counts), 1e-12)
-
-    pieces = [(ids, np.full(len(ids), index[label]), w) for label, text in train for ids, w in [triples(text)]]
-    bucket, cls, weight = (np.concatenate(p) for p in zip(*pieces))
-    keys, inverse = np.unique(bucket * n + cls, return_inverse=True)  # one entry per (bucket, class), by bucket
-    weight = np.bincount(inverse, weights=weight)                     # the sums of the class's texts
-    bucket, cls = keys // n, keys % n
-    weight /= np.maximum(np.sqrt(np.bincount(cls, weights=weight ** 2, minlength=n)), 1e-12)[cls]  # length 1
-    first = np.searchsorted(bucket, np.arange(buckets + 1))           # bucket b's entries: first[b]:first[b + 1]
-    right = 0
-    for label, text in test:
-        ids, w = triples(text)
-        count = first[ids + 1] - first[ids]                           # entries of each of the text's buckets
-        at = np.repeat(first[ids] - np.cumsum(count) + count, count) + np.arange(count.sum())  # their positions
-        scores = np.bincount(cls[at], weights=weight[at] * np.repeat(w, count), minlength=n)  # (classes,)
-        right += classes[int(np.argmax(scores))] == label
-    return {"majority": sum(label == majority for label, _ in test) / len(test),
-            "char_3gram_centroid": right / len(test)}
-
-
-# ----------------------------------------------------------------------------------------------
-# 4. Saving and loading: only what finetuning changed, plus what rebuilds the rest.
-# ----------------------------------------------------------------------------------------------
-
-def base_model(meta, device):
-    """The model finetuning started from, before its head was replaced. For qlora, its blocks'
-    Dense layers are NF4, quantized as the weights stream in (see load_nf4)."""
-    qlora = meta["trainable"] == "qlora"
-    if meta["init"] == "random":  # no file: rebuild the same random weights from the seed
-        torch.manual_seed(meta["seed"])
-        cfg = minigpt.GPTConfig(**meta["config"])
-        return load_nf4(cfg, random_tensors(cfg), device) if qlora else minigpt.GPT(cfg).to(device)
-    if meta.get("init_sha256") and not Path(meta["init"]).is_file():
-        raise minigpt.DataError(f"this classifier's base model {meta['init']} is missing; put it back, "
-                                "or run finetune.py again")
-    if meta.get("init_sha256") and minigpt.sha256_of(meta["init"]) != meta["init_sha256"]:
-        raise minigpt.DataError(f"{meta['init']} changed since this classifier was trained on it; "
-                                "run finetune.py again")
-    if qlora:
-        return load_nf4(*minigpt.model_tensors(meta["init"], device, dropout=0.0), device)
-    return minigpt.load_model(meta["init"], device, dropout=0.0)
+    return minigpt.load_weights(cfg, quantize(tensors), device, model)
 
 
 def random_tensors(cfg):
@@ -719,420 +1158,12 @@ def random_tensors(cfg):
     yield from outside.named_parameters()
 
 
-def return_freed_memory_at_once():
-    """Ask the C library's allocator to give freed blocks of 1 MB or more back to the system at once.
-
-    glibc's malloc (Linux) serves blocks of up to 32 MB from a heap that it keeps for reuse and
-    can only shrink from the top. A training step frees and allocates thousands of such blocks
-    (activations, dequantized weights) around others that stay, and the heap fills with holes:
-    with GPT-2 XL in 4 bits it held 1 GB of freed memory after one forward pass. With a fixed
-    threshold of 1 MB, bigger blocks are mapped on their own and unmapped when freed: less peak
-    memory, for some time spent mapping fresh pages (see README). Elsewhere this does nothing.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3: M_MMAP_THRESHOLD in glibc's malloc.h
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-def load_nf4(cfg, tensors, device):
-    """A GPT(cfg) whose blocks' Dense layers are NF4Dense, from (name, array) pairs: each Dense
-    weight is quantized as it arrives and dropped: besides the embeddings and the 4-bit rest,
-    only the float32 matrix being quantized is in memory (GPT-2 XL: 41 MB at most, not 5.9 GB)."""
-    return_freed_memory_at_once()  # a 4-bit model is loaded to save memory: the allocator should too
-    with torch.device("meta"):                                        # shapes only, no memory
-        model = minigpt.GPT(cfg)
-        for block in model.h:
-            for parent, name in dense_layers(block):
-                setattr(parent, name, NF4Dense(*getattr(parent, name).weight.shape))
-    quantized = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, NF4Dense)}
-
-    def quantize(tensors):
-        for name, a in tensors:
-            if name in quantized:                                     # (in, out) float -> NF4 parts
-                for part, t in nf4_quantize(torch.as_tensor(a, device=device)).items():
-                    yield name.removesuffix("weight") + part, t
-            else:
-                yield name, a
-
-    return minigpt.load_weights(cfg, quantize(tensors), device, model)
-
-
 def model_bytes(model):
     """(bytes in NF4 layers, bytes of everything else) of a model's parameters and buffers."""
     nf4 = {id(t) for m in model.modules() if isinstance(m, NF4Dense) for t in m.buffers()}
     tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}.values()  # a tied tensor once
     count = lambda ts: sum(t.numel() * t.element_size() for t in ts)
     return count(t for t in tensors if id(t) in nf4), count(t for t in tensors if id(t) not in nf4)
-
-
-def save_classifier(out, model, meta):
-    """classifier.pt: meta + the trainable parameters (megabytes, not the whole model)."""
-    state = {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
-    minigpt.save_pt(Path(out) / "classifier.pt", {"meta": meta, "state": state})
-
-
-def load_classifier(out, device="cpu"):
-    """(model, meta) from a folder written by save_classifier."""
-    path = Path(out) / "classifier.pt"
-    if not path.exists():
-        raise minigpt.DataError(f"no classifier at {path}: run finetune.py first (--out {out})")
-    saved = minigpt.load_pt(path, device, "a classifier saved by finetune.py", "run finetune.py again")
-    try:
-        meta, state = saved["meta"], saved["state"]
-    except (KeyError, TypeError) as e:
-        raise minigpt.DataError(f"{path} is not a classifier saved by finetune.py (no {e}); "
-                                "run finetune.py again") from e
-    model = make_classifier(base_model(meta, device), meta["trainable"], len(meta["labels"]),
-                            meta["lora_rank"], meta["lora_alpha"])
-    try:
-        unexpected = model.load_state_dict(state, strict=False).unexpected_keys
-    except RuntimeError as e:  # a shape differs
-        raise minigpt.DataError(f"{path} does not fit its base model ({str(e).splitlines()[1].strip()}); "
-                                "run finetune.py again") from e
-    if unexpected:
-        raise minigpt.DataError(f"{path} holds parameters this model lacks: {unexpected[:3]}")
-    return model.eval(), meta
-
-
-def encode_texts(meta, tokenizer, texts):
-    """What the classifier reads of each text, as in finetuning: (examples, one 1-D tensor of
-    token ids each (cut to meta["max_length"]; all max_length positions for pool "last"),
-    token counts before cutting, truncated flags)."""
-    data = minigpt.PaddedDataset(texts, [0] * len(texts), tokenizer, meta["max_length"])
-    return examples_of(data, meta["pool"]), data.token_counts, data.truncated.tolist()
-
-
-def probabilities_of(model, meta, examples, device="cpu", batch_size=64):
-    """Class probabilities of encoded examples, one list per example (in the order of
-    meta["labels"]), in the order given. Batches of similar length, as in finetuning."""
-    batches = Batches(examples, torch.arange(len(examples)), batch_size)  # "labels": the indices
-    order, probs = predict(model, batches, meta["pool"], 0, device)
-    out = torch.empty_like(probs)
-    out[order] = probs                                         # back to the order given
-    return out.tolist()
-
-
-def class_probabilities(model, meta, tokenizer, texts, device="cpu"):
-    """What a user of the classifier gets: (class probabilities, one list per text; token counts;
-    truncated flags)."""
-    examples, counts, truncated = encode_texts(meta, tokenizer, texts)
-    return probabilities_of(model, meta, examples, device), counts, truncated
-
-
-# ----------------------------------------------------------------------------------------------
-# 5. The run.
-# ----------------------------------------------------------------------------------------------
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=minigpt.Help)
-    p.add_argument("--init", default="gpt2-small",
-                   help="gpt2-small, gpt2-medium, gpt2-large, gpt2-xl (OpenAI's weights), random "
-                        "(random weights of --preset's shape), or a pretrain.py checkpoint / model folder")
-    p.add_argument("--preset", default="gpt2-small", choices=minigpt.PRESETS, help="shape for --init random")
-    p.add_argument("--trainable", default="last_block", choices=TRAINABLE,
-                   help="what trains besides the new head (last_block: last block + final LayerNorm)")
-    p.add_argument("--pool", default="last_real", choices=POOLS,
-                   help="last: final padded position (as the reference); last_real: last real token; "
-                        "mean: average over real tokens")
-    p.add_argument("--lora-rank", type=minigpt.positive_int, default=16)
-    p.add_argument("--lora-alpha", type=minigpt.positive_float, default=16)
-    p.add_argument("--epochs", type=minigpt.positive_int, default=5)
-    p.add_argument("--max-steps", type=minigpt.positive_int,
-                   help="stop after this many optimizer steps (quick trials on big models)")
-    p.add_argument("--batch-size", type=minigpt.positive_int, default=8)
-    p.add_argument("--lr", type=minigpt.positive_float, default=5e-5)
-    p.add_argument("--weight-decay", type=minigpt.nonnegative_float, default=0.1)
-    p.add_argument("--max-length", type=minigpt.positive_int,
-                   help="tokens per text (default: the longest training text, at most the context)")
-    p.add_argument("--eval-every", type=minigpt.positive_int, default=50, help="steps between loss evaluations")
-    p.add_argument("--data", default="sms",
-                   help="sms (UCI's SMS Spam Collection), books (passages of six books), or a file: "
-                        ".csv/.tsv with a header row, else label<TAB>text lines (UTF-8)")
-    p.add_argument("--text-column", default="text", help="the text's column in a .csv/.tsv file")
-    p.add_argument("--label-column", default="label", help="the label's column in a .csv/.tsv file")
-    p.add_argument("--validation-data", type=minigpt.existing_file,
-                   help="your own validation split (same format as --data; give --test-data too)")
-    p.add_argument("--test-data", type=minigpt.existing_file, help="your own test split")
-    p.add_argument("--balance", action=argparse.BooleanOptionalAction,
-                   help="down-sample every class to the smallest, then split (default: on for sms; "
-                        "otherwise off: a stratified split)")
-    p.add_argument("--dedupe", action="store_true", help="drop exact duplicate examples before splitting")
-    p.add_argument("--unseen-ham", default=1000, type=lambda v: v if v == "all" else minigpt.nonnegative_int(v),
-                   help="how many of the examples that --balance left out (for sms: ham) to measure on "
-                        "(a false-positive rate for sms), or 'all'; 0 skips it")
-    p.add_argument("--title", help="the web page's question (default: from the data, e.g. 'Is this SMS spam?')")
-    p.add_argument("--seed", type=int, default=123)
-    p.add_argument("--device", help="cpu, cuda, mps (default: the fastest available)")
-    p.add_argument("--dtype", choices=minigpt.DTYPES, default="auto",
-                   help="auto: bfloat16 where the device multiplies it natively, else float32")
-    p.add_argument("--out", type=minigpt.output_folder, default="runs/spam-classifier",
-                   help="folder for classifier.pt, metrics.json, plots and the splits")
-    args = p.parse_args(argv)
-    if (args.validation_data is None) != (args.test_data is None):
-        p.error("give --validation-data and --test-data together (or neither: then --data is split 70/10/20)")
-    if args.balance is None:
-        args.balance = args.data == "sms"
-    return args
-
-
-def read_data(args):
-    """The examples of --data: a named data set or a file."""
-    if args.data == "sms":
-        return read_examples(minigpt.fetch(*SMS, archive_sha256=SMS_ZIP_SHA256))
-    if args.data == "books":
-        return book_passages(seed=args.seed)
-    return read_examples(args.data, args.text_column, args.label_column)
-
-
-def load_splits(args):
-    """Step 1, data: read the examples, check them, split them. Nothing is written yet (see
-    save_outputs): bad data costs nothing."""
-    examples = read_data(args)
-    counts = Counter(label for label, _ in examples)
-    if len(counts) > MAX_CLASSES:
-        raise minigpt.DataError(f"{args.data}: {len(counts):,} different labels; finetune.py supports at most "
-                                f"{MAX_CLASSES:,} classes (merge rare labels, into 'other' say)")
-    print(f"{len(examples):,} examples: {counts_text(counts, sorted(counts))}")
-    if args.validation_data:  # the user's own splits: --data is all training data
-        if args.dedupe:
-            examples = list(dict.fromkeys(examples))
-        splits = {"train": examples, "unseen": []}
-        if args.balance:
-            kept, unseen = balance_classes(examples, np.random.default_rng(args.seed))
-            splits = {"train": kept, "unseen": unseen}
-        for name, path in (("validation", args.validation_data), ("test", args.test_data)):
-            splits[name] = read_examples(path, args.text_column, args.label_column)
-            if unknown := sorted({label for label, _ in splits[name]} - counts.keys()):
-                raise minigpt.DataError(f"{path}: label {unknown[0]!r} never occurs in the training data {args.data}")
-    else:
-        splits = split_examples(examples, args.seed, args.balance, args.dedupe)
-    classes = sorted({label for label, _ in splits["train"]})
-    print(f"classes (in this order): {fit(classes)}; {'balanced, then split' if args.balance else 'stratified split'}")
-    train_texts = {text for _, text in splits["train"]}
-    for name in SPLITS:
-        part = Counter(label for label, _ in splits[name])
-        overlap = "" if name == "train" else \
-            f", {sum(text in train_texts for _, text in splits[name])} texts also in train"
-        print(f"  {name}: {len(splits[name])} ({counts_text(part, classes)}){overlap}")
-    if args.unseen_ham != "all":
-        rng = np.random.default_rng(args.seed)
-        pick = rng.permutation(len(splits["unseen"]))[:args.unseen_ham]
-        splits["unseen"] = [splits["unseen"][i] for i in sorted(pick)]
-    if splits["unseen"]:
-        part = Counter(label for label, _ in splits["unseen"])
-        print(f"  unseen: {len(splits['unseen'])} of the examples balancing left out ({counts_text(part, sorted(part))})")
-    return splits, classes
-
-
-def page_text(args, splits, classes):
-    """The web page's question and example texts (saved with the classifier, for classify.py):
-    short texts from the training data, each class in turn, two each for up to three classes."""
-    title = args.title or {"sms": "Is this SMS spam?", "books": "Which book is this passage from?"}.get(args.data)
-    if title is None and classes == ["ham", "spam"]:
-        title = "Is this spam?"
-    elif title is None and len(classes) == 2:
-        title = f"{' or '.join(classes)}?"
-    elif title is None:
-        title = f"Which is it: {', '.join(classes)}?" if len(classes) <= 6 else f"Which of {len(classes):,} classes is it?"
-    shown = classes[:6]  # at most six examples
-    short = {c: [text for label, text in splits["train"] if label == c and len(text) <= 160][:2] for c in shown}
-    per_class = 2 if len(classes) <= 3 else 1
-    return title[:200], [short[c][i] for i in range(per_class) for c in shown if i < len(short[c])]
-
-
-def build_model(args, device, classes):
-    """Step 2, model: the base GPT (random, GPT-2 or a checkpoint) with its new head, and `meta`,
-    everything needed to rebuild it later (see load_classifier)."""
-    if args.init == "random":
-        cfg = minigpt.PRESETS[args.preset]
-        meta = dict(init="random", config=asdict(replace(cfg, dropout=0.0)))
-    else:
-        meta = dict(init=args.init if args.init in minigpt.GPT2_FILES else str(Path(args.init).resolve()))
-    meta.update(seed=args.seed, trainable=args.trainable, pool=args.pool, labels=classes,
-                lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
-    t0 = time.time()
-    model = base_model(meta, device)
-    meta["config"] = asdict(model.cfg)
-    if Path(meta["init"]).is_file():  # a checkpoint may be overwritten later: remember which one this was
-        meta["init_sha256"] = minigpt.sha256_of(meta["init"])
-    make_classifier(model, args.trainable, len(classes), args.lora_rank, args.lora_alpha)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_nf4 = sum(math.prod(m.shape) for m in model.modules() if isinstance(m, NF4Dense))
-    n_all = n_nf4 + sum(p.numel() for p in model.parameters())
-    print(f"model: {args.init}, {n_all:,} parameters, {n_train:,} trainable ({args.trainable}); "
-          f"loaded in {time.time() - t0:.1f} s")
-    nf4_bytes, other_bytes = model_bytes(model)
-    in_nf4 = f"{nf4_bytes / 1e6:,.1f} MB of it NF4 ({n_nf4:,} weights, {8 * nf4_bytes / n_nf4:.3f} bits each), " \
-        if n_nf4 else ""
-    print(f"in memory: {(nf4_bytes + other_bytes) / 1e6:,.1f} MB of weights; {in_nf4}"
-          f"{other_bytes / 1e6:,.1f} MB not quantized")
-    return model, meta
-
-
-def make_batches(model, meta, splits, tokenizer, args, device, dtype):
-    """Step 3, cached features and batches: token ids, truncated to the longest training text
-    (or --max-length) and the context; then, once, the frozen blocks' output for every text.
-    The frozen blocks never train, so in bfloat16 their weights are cast once (inference is
-    fastest that way) and their output is stored in bfloat16: half the memory.
-    Returns the batches of every split and the number of frozen blocks."""
-    classes = meta["labels"]
-    longest = max(len(tokenizer.encode(text, disallowed_special=())) for _, text in splits["train"])
-    meta["max_length"] = min(args.max_length or longest, model.cfg.context_length)
-    index = {c: i for i, c in enumerate(classes)}
-    datasets = {name: minigpt.PaddedDataset([t for _, t in part], [index[label] for label, _ in part],
-                                            tokenizer, meta["max_length"]) for name, part in splits.items()}
-    print(f"max length {meta['max_length']} tokens; {sum(int(d.lengths.sum()) for d in datasets.values()):,} "
-          f"tokens in all, pooling '{args.pool}'")
-    frozen = frozen_blocks(model, args.trainable)  # all, lora, qlora: nothing is frozen, 0
-    t0 = time.time()
-    examples = {name: examples_of(d, args.pool) for name, d in datasets.items()}
-    if frozen > 0:
-        model.h[:frozen].to(dtype)
-        examples = {name: frozen_features(model, ex, frozen, device) for name, ex in examples.items()}
-        print(f"cached the output of the {frozen} frozen blocks in {time.time() - t0:.1f} s "
-              f"({minigpt.dtype_name(dtype)})")
-    # Evaluating needs no backward pass, so its batches can be 8 times bigger (faster); not for
-    # qlora, whose point is memory: on GPT-2 XL a no-grad pass over 56 texts of 169 tokens took
-    # 0.89 GB beyond the model (the MLP's 4C-wide activations, three at once with LoRA), a training
-    # step over 8 texts 0.69 GB, and a no-grad pass over 8 texts 0.13 GB (measured).
-    eval_batch_size = args.batch_size if args.trainable == "qlora" else args.batch_size * 8
-    batches = {name: Batches(examples[name], datasets[name].labels, eval_batch_size) for name in examples}
-    batches["train_shuffled"] = Batches(examples["train"], datasets["train"].labels, args.batch_size,
-                                        shuffle=True, seed=args.seed, drop_last=True)
-    # Random training batches for the periodic loss, with their own random order, so that
-    # measuring never changes the order the model trains in.
-    batches["train_sample"] = Batches(examples["train"], datasets["train"].labels, args.batch_size,
-                                      shuffle=True, seed=args.seed + 1)
-    return batches, frozen
-
-
-def train_classifier(model, batches, frozen, args, device, dtype):
-    """Step 4, train: AdamW on the trainable parameters (float32, with the forward pass in dtype),
-    the loss every --eval-every steps, the accuracies after every epoch.
-    Returns (loss history, accuracies per epoch, seconds, examples trained on)."""
-    acc = lambda name: accuracy(model, batches[name], args.pool, frozen, device, dtype)
-    print(f"Before finetuning: train {acc('train'):.2%}, validation {acc('validation'):.2%}, "
-          f"test {acc('test'):.2%}")
-
-    def loss_fn(batch):
-        x, y, lengths = (t.to(device) for t in batch)
-        with minigpt.autocast(device, dtype):
-            logits = classify(model, x, lengths, args.pool, frozen)  # (B, classes)
-        return F.cross_entropy(logits.float(), y)
-
-    accuracies = {"epoch": [], "train": [], "validation": []}
-
-    def on_epoch_end(epoch):
-        accuracies["epoch"].append(epoch)
-        for name in ("train", "validation"):
-            accuracies[name].append(acc(name))
-        print(f"Training accuracy: {accuracies['train'][-1]:.2%} | "
-              f"Validation accuracy: {accuracies['validation'][-1]:.2%}")
-
-    optimizer = minigpt.adamw(model, args.lr, args.weight_decay, device)
-    t0 = time.time()
-    state = {}  # the loop counts the examples it trains on: state["seen"]
-    history = minigpt.train(model, optimizer, loss_fn, batches["train_shuffled"], args.epochs, args.eval_every,
-                            {"train": batches["train_sample"], "validation": batches["validation"]},
-                            count=lambda batch: len(batch[1]), eval_batches=5, on_epoch_end=on_epoch_end,
-                            max_steps=args.max_steps, state=state)
-    seconds = time.time() - t0
-    print(f"Trained in {seconds:.1f} s ({state['seen'] / seconds:,.1f} examples/s, {state['seen']} examples seen, "
-          f"{minigpt.dtype_name(dtype)})")
-    return history, accuracies, seconds, state["seen"]
-
-
-def evaluate_classifier(model, meta, splits, batches, frozen, accuracies, args, device, dtype):
-    """Step 5, evaluate: accuracy on each split (train and validation: as after the last epoch);
-    per-class precision, recall, F1 and the confusion matrix on test, beside two classical
-    baselines; accuracy on the examples balancing left out (for SMS: the false-positive rate)."""
-    classes = meta["labels"]
-    acc = lambda name: accuracy(model, batches[name], args.pool, frozen, device, dtype)
-    final = {name: (accuracies[name] or [acc(name)])[-1] for name in ("train", "validation")}
-    labels, probs = predict(model, batches["test"], args.pool, frozen, device, dtype)
-    test = classification_metrics(labels, probs.argmax(dim=1), len(classes))
-    classical = baselines(splits["train"], splits["test"], classes)
-    print(f"Training accuracy: {final['train']:.2%}\nValidation accuracy: {final['validation']:.2%}\n"
-          f"Test accuracy: {test['accuracy']:.2%} (macro F1 {test['macro_f1']:.2%})")
-    print("\n".join(metrics_table(test, classes)))
-    print(f"Classical baselines on test: majority class {classical['majority']:.2%}, "
-          f"character 3-gram nearest centroid {classical['char_3gram_centroid']:.2%}")
-    metrics = {"classes": classes, "train_accuracy": final["train"], "validation_accuracy": final["validation"],
-               "test_accuracy": test["accuracy"], "macro_f1": test["macro_f1"],
-               "per_class": {c: {"precision": test["precision"][i], "recall": test["recall"][i],
-                                 "f1": test["f1"][i], "examples": test["actual"][i]}
-                             for i, c in enumerate(classes)},
-               "confusion_cells": test["confusion_cells"], "baselines": classical}
-    if "confusion" in test:  # up to SHOWN classes
-        metrics["confusion"] = test["confusion"]
-    if classes == ["ham", "spam"]:  # the SMS figures, as the reference reports them
-        (tn, fp), (fn, tp) = test["confusion"]                 # rows: true ham, true spam
-        metrics.update(precision=test["precision"][1], recall=test["recall"][1], f1=test["f1"][1],
-                       confusion_matrix={"true_ham": {"ham": tn, "spam": fp}, "true_spam": {"ham": fn, "spam": tp}})
-        print(f"Test spam: precision {metrics['precision']:.2%}, recall {metrics['recall']:.2%}, "
-              f"F1 {metrics['f1']:.2%}; confusion [[ham->ham {tn}, ham->spam {fp}], [spam->ham {fn}, spam->spam {tp}]]")
-    if splits["unseen"]:
-        unseen = acc("unseen")
-        metrics.update(unseen_accuracy=unseen, unseen_count=len(splits["unseen"]))
-        if {label for label, _ in splits["unseen"]} == {"ham"} and classes == ["ham", "spam"]:
-            metrics.update(unseen_ham_false_positive_rate=1 - unseen, unseen_ham_count=len(splits["unseen"]))
-            print(f"False positives on {len(splits['unseen'])} unseen ham: {1 - unseen:.2%}")
-        else:
-            print(f"Accuracy on {len(splits['unseen'])} unseen examples (left out by balancing): {unseen:.2%}")
-    return metrics
-
-
-def save_outputs(out, model, meta, splits, metrics, history, accuracies):
-    """Step 6, save: the classifier, its metrics, the plots and the splits it was trained on."""
-    save_classifier(out, model, meta)
-    minigpt.write_text(out / "metrics.json", json.dumps(metrics, indent=1))
-    minigpt.svg_plot(out / "loss.svg", {"train": (history["seen"], history["train"]),
-                                        "validation": (history["seen"], history["validation"])},
-                     "examples seen", "cross-entropy loss", "Finetuning: loss")
-    minigpt.svg_plot(out / "accuracy.svg", {name: (accuracies["epoch"], accuracies[name])
-                                            for name in ("train", "validation")},
-                     "epoch", "accuracy", "Finetuning: accuracy")
-    for name in SPLITS:
-        write_csv(out / f"{name}.csv", splits[name])
-
-
-def check_output(out):
-    """--out must be new, empty, or what an earlier run wrote: it is replaced whole at the end."""
-    if out.exists() and (foreign := sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS)):
-        raise minigpt.DataError(f"--out {out} holds files finetune.py did not write ({', '.join(foreign[:3])}"
-                                f"{', ...' if len(foreign) > 3 else ''}), and a run replaces the whole folder; "
-                                "give a new or empty folder")
-
-
-def main(argv=None):
-    """The run, step by step. Returns the finetuned model and its meta (as load_classifier would)."""
-    args = parse_args(argv)
-    started = time.time()
-    check_output(args.out)
-    torch.manual_seed(args.seed)
-    device = minigpt.pick_device(args.device)
-    dtype = minigpt.pick_dtype(args.dtype, device)
-    tokenizer = minigpt.get_tokenizer()
-    # The outputs go to a folder beside --out that becomes --out once all of them are written: a
-    # run that fails or is stopped leaves --out as it was. A second run on the same --out meanwhile
-    # is refused.
-    with minigpt.atomic_folder(args.out, exclusive=True) as out:
-        splits, classes = load_splits(args)                                                 # 1. data, splits
-        model, meta = build_model(args, device, classes)                                    # 2. model
-        meta["title"], meta["examples"] = page_text(args, splits, classes)
-        batches, frozen = make_batches(model, meta, splits, tokenizer, args, device, dtype)  # 3. features, batches
-        history, accuracies, seconds, seen = train_classifier(model, batches, frozen, args, device, dtype)  # 4.
-        metrics = evaluate_classifier(model, meta, splits, batches, frozen, accuracies, args, device, dtype)  # 5.
-        metrics.update(train_seconds=seconds, wall_seconds=time.time() - started,
-                       examples_per_second=seen / seconds, epochs=args.epochs,
-                       max_steps=args.max_steps, init=args.init,
-                       trainable=args.trainable, pool=args.pool, dtype=minigpt.dtype_name(dtype))
-        save_outputs(out, model, meta, splits, metrics, history, accuracies)             # 6. save
-    print(f"Saved {args.out}/classifier.pt, metrics.json, loss.svg, accuracy.svg and the splits "
-          f"(train.csv, validation.csv, test.csv); wall time {time.time() - started:.1f} s")
-    return model.eval(), meta
 
 
 if __name__ == "__main__":

@@ -9,11 +9,11 @@ makes the effect visible in minutes on a laptop CPU. Four novels (1.7 million to
 for a small model to learn what English looks like: there the validation loss keeps falling.
 
     python pretrain.py                     # small model on the story, about 2 minutes on a 2-core CPU
-    python pretrain.py --setting book      # the reference book's run: 124M shape, ~6 minutes
-    python pretrain.py --corpus books      # four novels: a model that generalises, ~10 minutes
+    python pretrain.py --setting ch5       # the book's chapter 5 run: 124M shape, about 6 minutes
+    python pretrain.py --corpus books      # four novels: a model that generalises, about 10 minutes
     python pretrain.py --text my.txt docs/ # your own UTF-8 files (folders: every *.txt inside)
     python pretrain.py --corpus books --resume                   # continue a stopped run
-    torchrun --nproc_per_node=4 pretrain.py --corpus books       # 4 processes, DistributedDataParallel
+    torchrun --nproc-per-node=4 pretrain.py --corpus books       # 4 processes, DistributedDataParallel
 
 The text is tokenized once into token files (data/tokens/), which every later run reuses.
 Writes model.pt (for finetune.py and `python minigpt.py --model ...`; while a run is unfinished
@@ -21,13 +21,13 @@ it also holds everything --resume needs), loss.svg and history.json to --out.
 """
 
 import argparse
-import ctypes
 import hashlib
 import json
 import os
 import shutil
 import signal
 import sys
+import textwrap
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -39,120 +39,37 @@ from torch.nn.parallel import DistributedDataParallel
 
 import minigpt
 
-# The corpora (--corpus) are minigpt.CORPORA: each a list of files, each with its public URL and sha256.
-
-# Named settings; any flag given on the command line overrides its value.
+# Named settings: each gives several flags their defaults (a flag on the command line wins).
 SETTINGS = {
     # About 100 s of training on a 2-core CPU, and it memorises the story (train loss < 1.5).
     # Small batches give more steps per epoch; dropout 0 because here we want memorising. Warmup +
-    # cosine decay, betas (0.9, 0.95) and gradient clipping made the loss fall much faster and more
-    # alike across the two seeds we compared (train loss 1.5 and 1.8 after 400 steps, not 4.2 and 5.4).
-    "default": dict(corpus="verdict", preset="verdict", context_length=128, epochs=40, max_steps=None,
+    # cosine decay, betas (0.9, 0.95) and gradient clipping make the loss fall much faster and more
+    # alike across seeds (docs/pretraining.md).
+    "default": dict(corpus="verdict", preset="mini", context_length=128, epochs=40, max_steps=None,
                     batch_size=2, grad_accum=1, lr=2e-3, weight_decay=0.1, dropout=0.0, warmup=20, clip=1.0,
                     windows="sliding", eval_every=50, eval_windows=10, out="runs/pretrain", model={}),
-    # The reference book's run (Raschka, ch. 5): GPT-2 124M shape, 256 positions, 10 epochs. Its
-    # model differs from GPT-2 in two ways that matter here: a separate output layer, and token and
+    # The book's run (Raschka, ch. 5): GPT-2 124M shape, 256 positions, 10 epochs. Its model
+    # differs from GPT-2 in two ways that matter here: a separate output layer, and token and
     # position embeddings drawn from N(0, 1) (PyTorch's default), not N(0, 0.02). With GPT-2's
-    # tied, small embeddings the same run stays at a train loss near 6 (measured here); with the
-    # book's, the token's own identity dominates the residual stream and the story is learnt fast.
-    "book": dict(corpus="verdict", preset="gpt2-small", context_length=256, epochs=10, max_steps=None,
-                 batch_size=2, grad_accum=1, lr=4e-4, weight_decay=0.1, dropout=0.1, warmup=0, clip=0,
-                 windows="sliding", eval_every=5, eval_windows=10, out="runs/pretrain-book",
-                 model=dict(tied_head=False, embedding_std=1.0)),
+    # tied, small embeddings the same run stays at a train loss near 6; with the book's, the
+    # token's own identity dominates the residual stream and the story is learnt fast.
+    "ch5": dict(corpus="verdict", preset="gpt2-small", context_length=256, epochs=10, max_steps=None,
+                batch_size=2, grad_accum=1, lr=4e-4, weight_decay=0.1, dropout=0.1, warmup=0, clip=0.0,
+                windows="sliding", eval_every=5, eval_windows=10, out="runs/pretrain-ch5",
+                model=dict(tied_head=False, embedding_std=1.0)),
     # A corpus of novels (--corpus books or shakespeare picks this setting): the same small model,
-    # random windows, a budget in steps that takes about 10 minutes on a 2-core CPU. See the README.
-    "corpus": dict(corpus="books", preset="verdict", context_length=128, epochs=None, max_steps=1200,
+    # random windows, a budget in steps that takes about 10 minutes on a 2-core CPU.
+    "corpus": dict(corpus="books", preset="mini", context_length=128, epochs=None, max_steps=1200,
                    batch_size=8, grad_accum=1, lr=2e-3, weight_decay=0.1, dropout=0.0, warmup=50, clip=1.0,
                    windows="random", eval_every=100, eval_windows=40, out="runs/pretrain-{corpus}", model={}),
 }
-# The settings that decide what training computes: a resumed run must keep them (--resume takes
-# them from the checkpoint, and refuses a different value on the command line).
+OLD_SETTING_NAMES = {"book": "ch5"}
+# The flags that decide what training computes: a resumed run keeps them (--resume takes them
+# from the checkpoint, and refuses a different value on the command line).
 PLAN = ("setting", "corpus", "text", "preset", "context_length", "epochs", "max_steps", "batch_size", "grad_accum",
         "lr", "weight_decay", "dropout", "warmup", "clip", "windows", "seed", "dtype")
 KEPT = ("eval_every", "eval_windows", "save_every", "prompt")  # also from the checkpoint, unless given again
 FINAL_WINDOWS = 200  # the final losses: over this many windows of each split (all of them, for the story)
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--setting", choices=SETTINGS,
-                   help="named defaults (see SETTINGS); default: 'corpus' for --corpus books or shakespeare, else 'default'")
-    what = p.add_mutually_exclusive_group()
-    what.add_argument("--corpus", choices=minigpt.CORPORA, help="public text to train on (default: verdict)")
-    what.add_argument("--text", nargs="+", type=Path, metavar="FILE_OR_FOLDER",
-                      help="train on these UTF-8 files instead (folders: every *.txt inside, sorted)")
-    p.add_argument("--preset", choices=minigpt.PRESETS, help="model shape")
-    p.add_argument("--context-length", type=minigpt.positive_int, help="positions per training window")
-    p.add_argument("--epochs", type=minigpt.positive_int, help="passes over the training tokens")
-    p.add_argument("--max-steps", type=minigpt.positive_int, help="optimizer steps; with --epochs, whichever ends first")
-    p.add_argument("--batch-size", type=minigpt.positive_int, help="windows per micro-batch, per process")
-    p.add_argument("--grad-accum", type=minigpt.positive_int, help="micro-batches whose gradients are summed into one step")
-    p.add_argument("--lr", type=minigpt.positive_float, help="peak learning rate of AdamW")
-    p.add_argument("--weight-decay", type=minigpt.nonnegative_float)
-    p.add_argument("--dropout", type=minigpt.fraction)
-    p.add_argument("--warmup", type=minigpt.nonnegative_int, help="steps of linear warmup, then cosine decay; 0: constant lr")
-    p.add_argument("--clip", type=minigpt.nonnegative_float, help="clip the gradient norm to this; 0: off")
-    p.add_argument("--windows", choices=("sliding", "random"),
-                   help="sliding: the text cut into side-by-side windows, shuffled every epoch; "
-                        "random: windows at random offsets, drawn afresh every step")
-    p.add_argument("--eval-every", type=minigpt.positive_int, help="steps between loss evaluations")
-    p.add_argument("--eval-windows", type=minigpt.positive_int, help="windows of each split in the fixed evaluation sample")
-    p.add_argument("--save-every", type=minigpt.positive_int, help="also save model.pt every this many steps")
-    p.add_argument("--stop-at", type=minigpt.positive_int, help="end this session after this many steps, saving (then --resume)")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out/model.pt")
-    p.add_argument("--prepare-only", action="store_true", help="write the token files and stop")
-    p.add_argument("--prompt", help="start of the samples (default: 'Every effort moves you')")
-    p.add_argument("--seed", type=int, help="default 123")
-    p.add_argument("--device", help="cpu, cuda, mps (default: the fastest available)")
-    p.add_argument("--dtype", choices=minigpt.DTYPES,
-                   help="auto (the default): bfloat16 matmuls where the device has them natively, else float32")
-    p.add_argument("--out", type=minigpt.output_folder, help="folder for model.pt, loss.svg, history.json")
-    return p.parse_args(argv)
-
-
-def resolve_settings(args, device):
-    """Fill in what the command line left open: from the checkpoint when resuming, then from the
-    named setting. Returns the checkpoint being resumed (model, dict), or None."""
-    if args.setting is None and args.corpus in ("shakespeare", "books"):
-        args.setting = "corpus"
-    setting = SETTINGS[args.setting or "default"]
-    try:  # the setting's --out is checked as a given one is
-        args.out = args.out or minigpt.output_folder(setting["out"].format(corpus=args.corpus or setting["corpus"]))
-    except argparse.ArgumentTypeError as e:
-        raise minigpt.DataError(f"--out: {e}") from None
-    if args.text:
-        args.text = [str(p.resolve()) for p in args.text]
-    if args.dtype == "auto":  # what auto means here, so that a resumed run can compare it with its own
-        args.dtype = minigpt.dtype_name(minigpt.pick_dtype("auto", device))
-    resumed = None
-    if args.resume:
-        path = args.out / "model.pt"
-        if not path.exists():
-            raise minigpt.DataError(f"nothing to resume: {path} does not exist")
-        resumed = minigpt.load_checkpoint(path, device)
-        if "training" not in resumed[1]:
-            raise minigpt.DataError(f"{path} holds no training state to resume")
-        for key, value in resumed[1]["training"]["args"].items():
-            given = getattr(args, key)
-            if given is not None and given != value and key in PLAN:
-                flag = "--" + key.replace("_", "-")
-                raise minigpt.DataError(f"{path} was trained with {flag} {value}, not {given}: a resumed run "
-                                        f"keeps its plan (leave out {flag}, or start afresh in another --out)")
-            if given is None:
-                setattr(args, key, value)
-        setting = SETTINGS[args.setting]
-    args.setting = args.setting or "default"
-    args.dtype = args.dtype or minigpt.dtype_name(minigpt.pick_dtype("auto", device))
-    args.seed = 123 if args.seed is None else args.seed
-    args.save_every = args.save_every or 0
-    args.prompt = args.prompt or "Every effort moves you"
-    for key, value in setting.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.text:
-        args.corpus = None
-    return resumed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,33 +95,18 @@ def documents(args):
     return [{"name": str(p), "path": p, "sha256": minigpt.sha256_of(p)} for p in paths]
 
 
-def gutenberg_body(path):
-    """(first, end): the line numbers of the book between Project Gutenberg's "*** START OF ..." and
-    "*** END OF ..." lines, so that its license header and footer are not trained on.
-    Where a line is missing: from the start, or to the end (end None)."""
-    first, end = 0, None
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f):
-            if line.startswith("*** START OF") and not first:
-                first = number + 1
-            elif line.startswith("*** END OF"):
-                end = number
-                break
-    return first, end
-
-
 def text_pieces(path, size=1 << 20):
     """The text of `path` (its Gutenberg body, where it has one) in pieces of about `size`
     characters, so that no corpus is ever in memory whole.
 
     Tokenizing the pieces one by one must give exactly the tokens of the whole text, so a piece
     ends only where GPT-2's tokenizer splits anyway: just before the newline that precedes a line
-    starting with a visible character ("...said." | "\nThen..."). Before a word, a run of
+    starting with a visible character ("...said." | "\\nThen..."). Before a word, a run of
     whitespace is split into all but its last character, and that character; at the very end
-    of a text it would stay one token ("\n\nThen" is 198 198 ...; "\n\n" alone is 628).
+    of a text it would stay one token ("\\n\\nThen" is 198 198 ...; "\\n\\n" alone is 628).
     (A single line is never cut: text with no line breaks is read whole.)
     """
-    first, end = gutenberg_body(path)
+    first, end = minigpt.gutenberg_body(path)
     piece = []
     length = 0
     with open(path, encoding="utf-8") as f:  # text mode: CRLF and CR read as \n
@@ -239,15 +141,14 @@ def token_files(docs, name, tokenizer):
     digest = hashlib.sha256(json.dumps([TOKEN_FORMAT, [d["sha256"] for d in docs]]).encode()).hexdigest()
     folder = minigpt.DATA_DIR / "tokens" / f"{name}-{digest[:10]}"
     if (folder / "tokens.json").exists():
-        meta = json.loads((folder / "tokens.json").read_text())
         print(f"Reusing the token files in {folder} (delete the folder to tokenize again)")
-        return folder, meta
+        return folder, json.loads((folder / "tokens.json").read_text())
     # Written beside, then renamed into place: never half a folder. If another process (on another
     # machine, sharing the folder) finishes the same files first, theirs are kept: they are the same.
     with minigpt.atomic_folder(folder, replace_existing=False) as tmp:
-        meta = write_token_files(docs, tmp, tokenizer)
-        (tmp / "tokens.json").write_text(json.dumps(meta, indent=1))
-    return folder, meta
+        contents = write_token_files(docs, tmp, tokenizer)
+        (tmp / "tokens.json").write_text(json.dumps(contents, indent=1))
+    return folder, contents
 
 
 def write_token_files(docs, folder, tokenizer):
@@ -259,10 +160,9 @@ def write_token_files(docs, folder, tokenizer):
     back). Memory stays at one piece of text and its ids, whatever the corpus's size.
     """
     eot = np.array([minigpt.EOT], dtype="<u2").tobytes()
-    start = time.time()
-    shown = 0.0  # when the progress line was last printed
-    done = 0     # bytes of text read
-    meta = {"format": TOKEN_FORMAT, "tokenizer": "gpt2", "documents": []}
+    progress = minigpt.Progress()
+    done = 0  # bytes of text read
+    contents = {"format": TOKEN_FORMAT, "tokenizer": "gpt2", "documents": []}
     with open(folder / "train.bin", "w+b") as train, open(folder / "validation.bin", "wb") as validation:
         for i, doc in enumerate(docs):
             if i:  # <|endoftext|> between documents, in both files
@@ -274,11 +174,9 @@ def write_token_files(docs, folder, tokenizer):
                     ids = tokenizer.encode_to_numpy(piece, allowed_special={"<|endoftext|>"})  # uint32
                     train.write(ids.astype("<u2").tobytes())
                     done += len(piece.encode("utf-8"))
-                    if time.time() - shown > 0.5:
-                        shown = time.time()
-                        tokens = (train.tell() + validation.tell()) // 2
-                        print(f"\rtokenizing: {done / 1e6:.1f} MB, {tokens:,} tokens, "
-                              f"{tokens / (shown - start):,.0f} tokens/s ", end="", file=sys.stderr, flush=True)
+                    tokens = (train.tell() + validation.tell()) // 2
+                    progress.show(f"tokenizing: {done / 1e6:.1f} MB, {tokens:,} tokens, "
+                                  f"{tokens / max(time.time() - progress.start, 1e-9):,.0f} tokens/s")
             except UnicodeDecodeError as e:
                 raise minigpt.DataError(f"{doc['path']} is not UTF-8 text ({e})") from e
             n = (train.tell() - begin) // 2
@@ -287,38 +185,38 @@ def write_token_files(docs, folder, tokenizer):
             shutil.copyfileobj(train, validation)  # the document's last 10 %
             train.seek(begin + 2 * keep)
             train.truncate()
-            meta["documents"].append({"name": doc["name"], "url": doc.get("url"), "sha256": doc["sha256"],
-                                      "gutenberg_body_lines": gutenberg_body(doc["path"]), "tokens": n,
+            contents["documents"].append({"name": doc["name"], "url": doc.get("url"), "sha256": doc["sha256"],
+                                      "gutenberg_body_lines": minigpt.gutenberg_body(doc["path"]), "tokens": n,
                                       "train_tokens": keep, "validation_tokens": n - keep})
-        meta["train_tokens"] = train.tell() // 2
-        meta["validation_tokens"] = validation.tell() // 2
-    meta["seconds"] = time.time() - start
-    tokens = meta["train_tokens"] + meta["validation_tokens"]
-    print(f"\rtokenized {len(docs)} document(s), {done / 1e6:.1f} MB: {tokens:,} tokens in {meta['seconds']:.1f} s "
-          f"({tokens / max(meta['seconds'], 1e-9):,.0f} tokens/s)", file=sys.stderr)
-    return meta
+        contents["train_tokens"] = train.tell() // 2
+        contents["validation_tokens"] = validation.tell() // 2
+    contents["seconds"] = time.time() - progress.start
+    tokens = contents["train_tokens"] + contents["validation_tokens"]
+    progress.done(f"tokenized {len(docs)} document(s), {done / 1e6:.1f} MB: {tokens:,} tokens in "
+                  f"{contents['seconds']:.1f} s ({tokens / max(contents['seconds'], 1e-9):,.0f} tokens/s)")
+    return contents
 
 
-def load_tokens(args, tokenizer, distributed):
+def load_tokens(args, tokenizer):
     """(train, validation) token ids as read-only np.memmap arrays, and the folder they live in.
     Under torchrun, one process per machine writes the files while the others wait."""
     name = args.corpus or (Path(args.text[0]).stem if len(args.text) == 1 else "text")
-    first = not distributed or int(os.environ["LOCAL_RANK"]) == 0
-    if distributed and not first:
+    first = not dist.is_initialized() or int(os.environ["LOCAL_RANK"]) == 0
+    if not first:
         dist.barrier()  # wait for the first to write the files; then token_files finds them
-    folder, meta = token_files(documents(args), name, tokenizer)
-    if distributed and first:
+    folder, contents = token_files(documents(args), name, tokenizer)
+    if first and dist.is_initialized():
         dist.barrier()
     splits = []
     for split in ("train", "validation"):
-        if meta[f"{split}_tokens"] <= args.context_length:
-            raise minigpt.DataError(f"{meta['train_tokens'] + meta['validation_tokens']:,} tokens is too little text "
+        if contents[f"{split}_tokens"] <= args.context_length:
+            raise minigpt.DataError(f"{contents['train_tokens'] + contents['validation_tokens']:,} tokens is too little text "
                                     f"for windows of {args.context_length} + 1 tokens in both splits; give more "
                                     "text or a smaller --context-length")
         ids = np.memmap(folder / f"{split}.bin", dtype="<u2", mode="r")
-        if len(ids) != meta[f"{split}_tokens"]:
+        if len(ids) != contents[f"{split}_tokens"]:
             raise minigpt.DataError(f"{folder / split}.bin holds {len(ids):,} tokens, not "
-                                    f"{meta[f'{split}_tokens']:,}: damaged; delete the folder")
+                                    f"{contents[f'{split}_tokens']:,}: damaged; delete the folder")
         splits.append(ids)
     return splits[0], splits[1], folder
 
@@ -348,7 +246,7 @@ def sample_batches(ids, T, count, batch_size):
 
 
 class Windows:
-    """This process's training micro-batches, step after step.
+    """This process's training micro-batches, step by step.
 
     Every optimizer step takes a global batch of batch_size x grad_accum x world windows; process
     `rank` of `world` uses its own share, as grad_accum micro-batches of batch_size windows. Two
@@ -370,77 +268,226 @@ class Windows:
         self.global_batch = batch_size * grad_accum * world
         self.starts = side_by_side(ids, T)
         self.steps_per_epoch = len(self.starts) // self.global_batch  # the last, partial batch is left out
-        self.step = 0  # the next step to hand out; set it to continue a run
         self.order = (None, None)  # (epoch, its order of the side-by-side windows): shuffled once an epoch
 
-    def __len__(self):
-        """Micro-batches per epoch, for this process."""
-        return self.steps_per_epoch * self.grad_accum
-
     def step_starts(self, step):
-        """Start offsets of step's global batch of windows (every process computes the same)."""
-        epoch, i = divmod(step, self.steps_per_epoch)
+        """Start offsets of the global batch of step `step` (from 1); every process computes the same."""
+        epoch, i = divmod(step - 1, self.steps_per_epoch)
         if self.how == "sliding":
             if self.order[0] != epoch:
                 self.order = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.starts))
             return self.starts[self.order[1][i * self.global_batch:(i + 1) * self.global_batch]]
-        return np.random.default_rng([self.seed, step]).integers(0, len(self.ids) - self.T, self.global_batch)
+        return np.random.default_rng([self.seed, step - 1]).integers(0, len(self.ids) - self.T, self.global_batch)
 
-    def __iter__(self):
-        """From self.step to the end of its epoch."""
-        epoch = self.step // self.steps_per_epoch
-        while self.step // self.steps_per_epoch == epoch:
-            starts = self.step_starts(self.step)
-            self.step += 1  # already, so that once this step's batches are used, the position is the next step
-            share = self.batch_size * self.grad_accum
-            mine = starts[self.rank * share:(self.rank + 1) * share]  # (batch_size * grad_accum,)
-            for i in range(self.grad_accum):
-                yield window_batch(self.ids, mine[i * self.batch_size:(i + 1) * self.batch_size], self.T)
+    def micro_batches(self, step):
+        """This process's share of step `step`: grad_accum (inputs, targets) pairs of batch_size windows."""
+        share = self.batch_size * self.grad_accum
+        mine = self.step_starts(step)[self.rank * share:(self.rank + 1) * share]  # (batch_size * grad_accum,)
+        return [window_batch(self.ids, mine[i * self.batch_size:(i + 1) * self.batch_size], self.T)
+                for i in range(self.grad_accum)]
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Several processes: torchrun starts one copy of this script per process (per GPU, or a few
-#    per CPU machine), with RANK, LOCAL_RANK, WORLD_SIZE and a meeting point in the environment.
-#    Each copy holds the whole model; DistributedDataParallel averages the gradients of all of
-#    them after every backward pass, so every copy takes the same optimizer step.
+# 4. The run: data, model, the training loop, the final losses.
 # ----------------------------------------------------------------------------------------------
 
-def join_processes(device):
-    """Join torchrun's process group: NCCL between GPUs, gloo between CPUs (also across machines).
-    Returns (rank, world size, this process's device)."""
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per process
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = dist.get_rank()
-    if rank:  # only process 0 prints (errors still go to stderr)
-        sys.stdout = open(os.devnull, "w")
-    return rank, dist.get_world_size(), device
+def main(argv=None):
+    """The run. Returns 130 when Ctrl+C or SIGTERM stopped it (after saving), None otherwise."""
+    args = parse_args(argv)
+    minigpt.set_malloc(keep_freed=True)  # the same big tensors every step: faster kept
+    device = minigpt.pick_device(args.device)
+    if "RANK" not in os.environ:  # set by torchrun; a plain `python pretrain.py` runs none of this
+        return pretrain(args, device)
+    device = join_processes(device)
+    try:
+        status = pretrain(args, device)
+    except BaseException:
+        dist.destroy_process_group()  # a failed process leaves at once; torchrun stops the others
+        raise
+    leave_processes()
+    return status
 
 
-def leave_processes():
-    """Leave the process group together, once every process is done.
+def pretrain(args, device):
+    checkpoint = resume(args, device)
+    dtype = minigpt.pick_dtype(args.dtype, device)  # weights and AdamW stay float32; see minigpt.autocast
+    tokenizer = minigpt.get_tokenizer()
+    train_ids, validation_ids, token_folder = load_tokens(args, tokenizer)
+    if args.prepare_only:
+        print(f"Token files: {token_folder}")
+        return None
+    rank, world = ranks()
+    windows = Windows(train_ids, args.context_length, args.batch_size, args.grad_accum, rank, world, args.seed,
+                      args.windows)
+    total = planned_steps(args, windows)
+    print(f"{len(train_ids):,} training and {len(validation_ids):,} validation tokens in {token_folder}")
+    print(f"global batch: {args.batch_size} windows x {args.grad_accum} micro-batches x {world} process(es) = "
+          f"{windows.global_batch} windows of {args.context_length} = {windows.global_batch * args.context_length:,} "
+          f"tokens per step; {total:,} steps ({total / windows.steps_per_epoch:.2f} epochs, {args.windows} windows)")
+    model, optimizer, progress = start(args, device, checkpoint, total)
+    if progress is None:  # the checkpoint's run is already finished
+        return None
+    args.token_folder = token_folder
+    eval_sets = {} if rank else {name: sample_batches(ids, args.context_length, args.eval_windows, args.batch_size)
+                                 for name, ids in (("train", train_ids), ("validation", validation_ids))}
+    stopped = train(args, model, optimizer, windows, progress, total, eval_sets, tokenizer, dtype)
+    finished = progress["step"] >= total
+    save(args, model, optimizer, progress, total, finished)
+    if rank:
+        return None
+    plot(args, progress["history"], model, len(train_ids) + len(validation_ids))
+    if not finished:
+        minigpt.write_text(args.out / "history.json", json.dumps(history_record(args, progress), indent=1))
+        print(f"Stopped after step {progress['step']:,} of {total:,}; saved {args.out / 'model.pt'}. To continue: "
+              f"the same command with --resume")
+        return 130 if stopped else None
+    report(args, model, progress, windows, train_ids, validation_ids, tokenizer, dtype)
+    return None
 
-    Without the barrier, process 1 exits while process 0 still evaluates and saves, and it can
-    abort on its way out ("terminate called without an active exception"): gloo's worker thread
-    releases the last collective's tensors, which needs Python's lock, just as the interpreter
-    shuts down. Waiting in a barrier releases that lock, so the thread finishes first; the
-    barrier's own work holds no Python tensors.
-    """
-    dist.barrier()
-    dist.destroy_process_group()
+
+def train(args, model, optimizer, windows, progress, total, eval_sets, tokenizer, dtype):
+    """The training loop, one optimizer step per turn; after each, in order, what is due: the
+    losses and the speed, a sample at the end of an epoch, a checkpoint, a stop. Steps are
+    counted from 1. Returns True if Ctrl+C or SIGTERM stopped it (after the step under way)."""
+    # Under torchrun the wrapper shares gradients; the model itself is what is evaluated, sampled
+    # and saved. The GPT has no buffers, so the wrapper's forward pass needs no talk between
+    # processes (it would broadcast buffers) and process 0 can evaluate alone.
+    trained = DistributedDataParallel(model) if dist.is_initialized() else model
+    flops = flops_per_token(model)[0]
+    reported = progress["seen"], progress["seconds"]  # at the last speed report
+    model.train()
+    with StopRequests() as stop:
+        while progress["step"] < total:
+            step = progress["step"] + 1
+            lr = minigpt.cosine_lr(step, total, args.lr, args.warmup) if args.warmup else args.lr
+            minigpt.set_lr(optimizer, lr)
+            start = time.perf_counter()
+            minigpt.optimizer_step(trained, optimizer, windows.micro_batches(step), dtype, args.clip)
+            progress.update(step=step, seen=progress["seen"] + windows.global_batch * args.context_length,
+                            seconds=progress["seconds"] + time.perf_counter() - start)
+            if eval_sets and ((step - 1) % args.eval_every == 0 or step == total):
+                losses = evaluate(model, eval_sets, progress, dtype)
+                speed = (progress["seen"] - reported[0]) / max(progress["seconds"] - reported[1], 1e-9)
+                reported = progress["seen"], progress["seconds"]
+                print(f"Ep {(step - 1) // windows.steps_per_epoch + 1} (Step {step:06d}): "
+                      + ", ".join(f"{name.capitalize()} loss {loss:.3f}" for name, loss in losses.items()))
+                print(f"    {speed:,.0f} tokens/s, {speed * flops / 1e9:.1f} GFLOP/s, lr {lr:.2e}, "
+                      f"{progress['seen']:,} tokens seen")
+            if eval_sets and step % windows.steps_per_epoch == 0:  # greedy: runs can be compared
+                with minigpt.autocast(model.wte.weight.device, dtype):
+                    text = minigpt.complete(model, tokenizer, args.prompt, 50, eos_id=minigpt.EOT)
+                print(f"Sample after epoch {step // windows.steps_per_epoch}: {text!r}")
+            if agree(stop.requested or step == args.stop_at):  # every process stops after the same step
+                return stop.requested
+            if args.save_every and step % args.save_every == 0 and step < total:
+                save(args, model, optimizer, progress, total, finished=False)
+                print(f"Saved step {step:,} to {args.out / 'model.pt'}")
+    return False
 
 
-def rng_states(distributed):
-    """Every random generator's state, of every process (a list, one per rank): dropout draws from
-    these. (The windows need none: they follow from the seed and the step.)"""
-    mine = {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    if not distributed:
-        return [mine]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, mine)
-    return states
+def evaluate(model, eval_sets, progress, dtype):
+    """The mean loss on each fixed sample of windows, also added to the run's history."""
+    losses = {name: minigpt.lm_evaluate(model, batches, dtype) for name, batches in eval_sets.items()}
+    for key, value in {"step": progress["step"], "seen": progress["seen"], **losses}.items():
+        progress["history"].setdefault(key, []).append(value)
+    return losses
+
+
+def planned_steps(args, windows):
+    """The run's length in optimizer steps: --epochs or --max-steps, whichever ends first."""
+    if windows.steps_per_epoch == 0:
+        raise minigpt.DataError(f"{len(windows.starts)} training windows make no global batch of "
+                                f"{windows.global_batch}; give more text or smaller batches")
+    total = min(args.epochs * windows.steps_per_epoch if args.epochs else float("inf"),
+                args.max_steps or float("inf"))
+    if total == float("inf"):
+        raise minigpt.DataError("give --epochs or --max-steps")
+    return total
+
+
+def start(args, device, checkpoint, total):
+    """(model, optimizer, progress): new, or as the checkpoint left them; progress None if the
+    checkpoint's run is already finished."""
+    rank, world = ranks()
+    if checkpoint is None:
+        torch.manual_seed(args.seed)  # the same initial weights in every process
+        cfg = replace(minigpt.PRESETS[args.preset], context_length=args.context_length, dropout=args.dropout,
+                      **args.model)
+        model = minigpt.GPT(cfg).to(device)
+    else:
+        model = minigpt.load_weights(minigpt.GPTConfig(**checkpoint["config"]), checkpoint["model"].items(), device)
+    flops, n_multiplying = flops_per_token(model)
+    print(f"model: {args.preset} shape, {sum(p.numel() for p in model.parameters()):,} parameters "
+          f"({n_multiplying:,} that multiply: N in 6N + 12LTC = {flops / 1e6:.1f} MFLOP per token), "
+          f"{args.context_length} positions, on {device}")
+    # betas (0.9, 0.95): GPT-3's; a shorter memory of squared gradients reacts faster to spikes.
+    optimizer = minigpt.adamw(model, args.lr, args.weight_decay, betas=(0.9, 0.95))
+    if checkpoint is None:
+        if rank:
+            torch.manual_seed(args.seed + rank)  # other processes: their own dropout masks
+        return model, optimizer, {"step": 0, "seen": 0, "seconds": 0.0, "history": {}}
+    training = checkpoint["training"]
+    progress = training.get("progress") or training["state"]  # "state" in older checkpoints
+    if "optimizer" not in checkpoint:
+        print(f"{args.out / 'model.pt'} has finished all its {progress['step']:,} steps")
+        return model, optimizer, None
+    if training["world_size"] != world:
+        raise minigpt.DataError(f"this run was started with {training['world_size']} process(es); "
+                                f"resume it with as many (here: {world})")
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    rng = checkpoint["rng"][rank]
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    print(f"Resuming {args.out / 'model.pt'} after step {progress['step']:,} of {total:,} ({args.dtype})")
+    return model, optimizer, progress
+
+
+def save(args, model, optimizer, progress, total, finished):
+    """model.pt: config, weights and the training record; until the run is finished also the
+    optimizer and every generator, for --resume. Atomic: a crash leaves the previous file.
+    Every process calls it (the generators' states are gathered); process 0 writes."""
+    training = {"args": {key: getattr(args, key) for key in PLAN + KEPT}, "world_size": ranks()[1],
+                "progress": progress, "total_steps": total, "tokens": args.token_folder.name}
+    extra = {} if finished else {"optimizer": optimizer.state_dict(), "rng": rng_states()}
+    if ranks()[0] == 0:
+        minigpt.save_checkpoint(args.out / "model.pt", model, training=training, **extra)
+
+
+def plot(args, history, model, tokens):
+    minigpt.svg_plot(args.out / "loss.svg", {"train": (history["seen"], history["train"]),
+                                             "validation": (history["seen"], history["validation"])},
+                     "tokens seen", "cross-entropy loss",
+                     f"Pretraining a {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-parameter GPT on "
+                     f"{args.token_folder.name.rsplit('-', 1)[0]}: {tokens:,} tokens")
+
+
+def report(args, model, progress, windows, train_ids, validation_ids, tokenizer, dtype):
+    """After the last step: speed, the final losses over more windows, a sampled continuation."""
+    steps, tokens, seconds = progress["step"], progress["seen"], progress["seconds"]
+    flops = flops_per_token(model)[0]
+    print(f"Trained {steps:,} steps ({steps / windows.steps_per_epoch:.2f} epochs) in {seconds:.1f} s: "
+          f"{tokens:,} tokens, {tokens / seconds:,.0f} tokens/s, {tokens / seconds * flops / 1e9:.1f} GFLOP/s "
+          f"({args.dtype})")
+    final_sets = {name: sample_batches(ids, args.context_length, FINAL_WINDOWS, args.batch_size)
+                  for name, ids in (("train", train_ids), ("validation", validation_ids))}
+    final = {name: minigpt.lm_evaluate(model, batches, dtype) for name, batches in final_sets.items()}
+    counts = {name: sum(len(x) for x, _ in batches) for name, batches in final_sets.items()}
+    print(f"Final loss over {counts['train']} training and {counts['validation']} validation windows: "
+          f"train {final['train']:.3f}, validation {final['validation']:.3f}")
+    gen = torch.Generator(model.wte.weight.device).manual_seed(args.seed)
+    with minigpt.autocast(model.wte.weight.device, dtype):
+        text = minigpt.complete(model, tokenizer, args.prompt, 50, temperature=1.0, top_k=25, generator=gen)
+    print(f"Sampled with temperature 1.0, top-k 25: {text!r}")
+    history = {**history_record(args, progress), "final_loss": final}
+    minigpt.write_text(args.out / "history.json", json.dumps(history, indent=1))
+    print(f"Saved {args.out / 'model.pt'}, {args.out / 'loss.svg'} and {args.out / 'history.json'}")
+
+
+def history_record(args, progress):
+    """history.json: the losses at every evaluation (keys step, seen, train, validation), and the totals."""
+    return {**progress["history"], "steps": progress["step"], "seconds": progress["seconds"],
+            "tokens": progress["seen"], "token_files": str(args.token_folder)}
 
 
 def flops_per_token(model):
@@ -459,199 +506,189 @@ def flops_per_token(model):
     return 6 * n + 12 * cfg.n_layers * cfg.context_length * cfg.emb_dim, n
 
 
-# ----------------------------------------------------------------------------------------------
-# 5. The run.
-# ----------------------------------------------------------------------------------------------
+class StopRequests:
+    """Ctrl+C (SIGINT) or SIGTERM while training: the step under way finishes, the run is saved,
+    the script stops. Under torchrun every process gets the signal; agree() makes them stop after
+    the same step."""
 
-def keep_freed_memory():
-    """Make glibc (Linux) keep freed memory for the next step instead of returning it to the OS.
+    def __init__(self):
+        self.requested = False
 
-    By default glibc serves every allocation over 32 MB with a mapping of its own, and unmaps it
-    when it is freed. A training step allocates the same big tensors again and again (the logits
-    of 8 windows x 128 positions x 50,257 tokens are 206 MB, and their softmax and gradients as
-    much again), and each time the kernel must hand over fresh zeroed pages: measured here, 200,000
-    page faults and 0.7 s of kernel time per step, training 1.7x slower than with the memory kept.
-    The price: the process holds on to its peak memory until it exits. Elsewhere this does nothing.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return
-    libc.mallopt(-4, 0)          # M_MMAP_MAX: no allocation gets a mapping of its own...
-    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: ...and the heap is not given back as it shrinks
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.request) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
 
-
-def main(argv=None):
-    """Returns 130 when Ctrl+C ended the run (after saving it), None otherwise."""
-    args = parse_args(argv)
-    keep_freed_memory()
-    device = minigpt.pick_device(args.device)
-    rank, world = 0, 1
-    distributed = "RANK" in os.environ  # set by torchrun; a plain `python pretrain.py` runs none of this
-    if not distributed:
-        return pretrain(args, device, rank, world, distributed)
-    rank, world, device = join_processes(device)
-    try:
-        result = pretrain(args, device, rank, world, distributed)
-    except BaseException:
-        dist.destroy_process_group()  # a failed process leaves at once; torchrun stops the others
-        raise
-    leave_processes()
-    return result
-
-
-def pretrain(args, device, rank, world, distributed):
-    resumed = resolve_settings(args, device)
-    dtype = minigpt.pick_dtype(args.dtype, device)  # weights and AdamW stay float32; see minigpt.autocast
-    tokenizer = minigpt.get_tokenizer()
-    T = args.context_length
-
-    # Data: token files, then windows of T + 1 tokens read from them.
-    train_ids, validation_ids, token_folder = load_tokens(args, tokenizer, distributed)
-    if args.prepare_only:
-        return None
-    windows = Windows(train_ids, T, args.batch_size, args.grad_accum, rank, world, args.seed, args.windows)
-    if windows.steps_per_epoch == 0:
-        raise minigpt.DataError(f"{len(windows.starts)} training windows make no global batch of "
-                                f"{windows.global_batch}; give more text or smaller batches")
-    total = min(args.epochs * windows.steps_per_epoch if args.epochs else float("inf"), args.max_steps or float("inf"))
-    if total == float("inf"):
-        raise minigpt.DataError("give --epochs or --max-steps")
-    print(f"{len(train_ids):,} training and {len(validation_ids):,} validation tokens in {token_folder}")
-    print(f"global batch: {args.batch_size} windows x {args.grad_accum} micro-batches x {world} process(es) = "
-          f"{windows.global_batch} windows of {T} = {windows.global_batch * T:,} tokens per step; "
-          f"{total:,} steps ({total / windows.steps_per_epoch:.2f} epochs, {args.windows} windows)")
-
-    # The model and its optimizer: new, or as the checkpoint left them.
-    if resumed:
-        model, checkpoint = resumed
-    else:
-        torch.manual_seed(args.seed)  # the same initial weights in every process
-        cfg = replace(minigpt.PRESETS[args.preset], context_length=T, dropout=args.dropout, **args.model)
-        model = minigpt.GPT(cfg).to(device)
-    flops, n_multiplying = flops_per_token(model)
-    print(f"model: {args.preset} shape, {sum(p.numel() for p in model.parameters()):,} parameters "
-          f"({n_multiplying:,} that multiply: N in 6N + 12LTC = {flops / 1e6:.1f} MFLOP per token), "
-          f"{T} positions, on {device}")
-    # betas (0.9, 0.95): GPT-3's; a shorter memory of squared gradients reacts faster to spikes.
-    optimizer = minigpt.adamw(model, args.lr, args.weight_decay, device, betas=(0.9, 0.95))
-    lr_at = (lambda step: minigpt.cosine_lr(step, total, args.lr, args.warmup)) if args.warmup else None
-    state = {}
-    if resumed:
-        if "optimizer" not in checkpoint:
-            print(f"{args.out / 'model.pt'} has finished all its {checkpoint['training']['state']['step']:,} steps")
-            return None
-        if checkpoint["training"]["world_size"] != world:
-            raise minigpt.DataError(f"this run was started with {checkpoint['training']['world_size']} process(es); "
-                                    f"resume it with as many (here: {world})")
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        state = checkpoint["training"]["state"]
-        rng = checkpoint["rng"][rank]
-        torch.set_rng_state(rng["cpu"])
-        if rng["cuda"]:
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        windows.step = state["step"]
-        print(f"Resuming {args.out / 'model.pt'} after step {state['step']:,} of {total:,} ({args.dtype})")
-    elif rank:
-        torch.manual_seed(args.seed + rank)  # other processes: their own dropout masks
-
-    # Under torchrun the wrapper shares gradients; the model itself is what is saved and sampled.
-    # The GPT has no buffers, so the wrapper's forward pass needs no talk between processes (it
-    # would broadcast buffers) and process 0 can evaluate alone.
-    trained = DistributedDataParallel(model) if distributed else model
-    loss = lambda batch: minigpt.lm_loss(trained, batch, device, dtype)
-    eval_sets = {} if rank else {name: sample_batches(ids, T, args.eval_windows, args.batch_size)
-                                 for name, ids in (("train", train_ids), ("validation", validation_ids))}
-
-    def sample(epoch):  # greedy: the single most likely continuation, so runs can be compared
-        if rank == 0:
-            with minigpt.autocast(device, dtype):
-                text = minigpt.complete(model, tokenizer, args.prompt, 50, eos_id=minigpt.EOT)
-            print(f"Sample after epoch {epoch}: {text!r}")
-
-    def save(state, finished):
-        """model.pt: config, weights and the training record; until the run is finished also the
-        optimizer and every generator, for --resume. Atomic: a crash leaves the previous file."""
-        training = {"args": {key: getattr(args, key) for key in PLAN + KEPT}, "world_size": world, "state": state,
-                    "total_steps": total, "tokens": token_folder.name}
-        extra = {} if finished else {"optimizer": optimizer.state_dict(), "rng": rng_states(distributed)}
-        if rank == 0:
-            minigpt.save_checkpoint(args.out / "model.pt", model, training=training, **extra)
-
-    # Ctrl+C (SIGINT) or SIGTERM: finish the step under way, save, stop. Under torchrun every
-    # process gets the signal; they agree on the step to stop after (below).
-    stop_signal = []
-
-    def request_stop(signum, frame):
-        if not stop_signal:
-            print("\nStopping after this step, to save the run (Ctrl+\\ quits at once)", file=sys.stderr)
-        stop_signal.append(signum)
-
-    last = {"seen": state.get("seen", 0), "seconds": state.get("seconds", 0.0)}  # at the last speed report
-
-    def after_step(state):
-        """Speed after each evaluation; a checkpoint every --save-every steps; True to stop."""
-        step = state["step"]
-        stop = bool(stop_signal) or step == args.stop_at
-        if distributed:  # every process must stop after the same step, or the others wait for it forever
-            flag = torch.tensor(float(stop), device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = flag.item() > 0
-        if (step - 1) % args.eval_every == 0 or step == total:  # after each evaluation
-            tokens_per_s = (state["seen"] - last["seen"]) / max(state["seconds"] - last["seconds"], 1e-9)
-            last.update(seen=state["seen"], seconds=state["seconds"])
-            lr = optimizer.param_groups[0]["lr"]
-            print(f"    {tokens_per_s:,.0f} tokens/s, {tokens_per_s * flops / 1e9:.1f} GFLOP/s, lr {lr:.2e}, "
-                  f"{state['seen']:,} tokens seen")
-        if args.save_every and step % args.save_every == 0 and not stop and step < total:
-            save(state, finished=False)
-            print(f"Saved step {step:,} to {args.out / 'model.pt'}")
-        return stop
-
-    handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        minigpt.train(model, optimizer, loss, windows, args.epochs, args.eval_every, eval_sets,
-                      count=lambda batch: batch[0].numel() * world, lr_at=lr_at, clip=args.clip,
-                      on_epoch_end=sample, max_steps=args.max_steps, grad_accum=args.grad_accum,
-                      no_sync=trained.no_sync if distributed else None, state=state, on_step_end=after_step)
-    finally:
-        for s, handler in handlers.items():
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
             signal.signal(s, handler)
 
-    # Save; then, once the plan is done, the final losses and a sample.
-    finished = state["step"] >= total
-    save(state, finished)
-    if rank:
+    def request(self, signum, frame):
+        if not self.requested:
+            print("\nStopping after this step, to save the run (Ctrl+\\ quits at once)", file=sys.stderr)
+        self.requested = True
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Several processes: torchrun starts one copy of this script per process (per GPU, or a few
+#    per CPU machine), with RANK, LOCAL_RANK, WORLD_SIZE and a meeting point in the environment.
+#    Each copy holds the whole model; DistributedDataParallel averages the gradients of all of
+#    them after every backward pass, so every copy takes the same optimizer step.
+# ----------------------------------------------------------------------------------------------
+
+def join_processes(device):
+    """Join torchrun's process group: NCCL between GPUs, gloo between CPUs (also across machines).
+    Returns this process's device."""
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per process
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.get_rank():  # only process 0 prints (errors still go to stderr)
+        sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def leave_processes():
+    """Leave the process group together, once every process is done.
+
+    Without the barrier, process 1 exits while process 0 still evaluates and saves, and it can
+    abort on its way out ("terminate called without an active exception"): gloo's worker thread
+    releases the last collective's tensors, which needs Python's lock, just as the interpreter
+    shuts down. Waiting in the barrier (for the other processes, at least a network round trip)
+    releases that lock, so the thread finishes first; the barrier's own work holds no Python tensors.
+    """
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def ranks():
+    """(this process's rank, the number of processes): (0, 1) without torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def agree(stop):
+    """True if any process wants to stop after this step (else the others would wait for it forever)."""
+    if not dist.is_initialized():
+        return stop
+    flag = torch.tensor(float(stop))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+def rng_states():
+    """Every random generator's state, of every process (a list, one per rank): dropout draws from
+    these. (The windows need none: they follow from the seed and the step.)"""
+    mine = {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    if not dist.is_initialized():
+        return [mine]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    return states
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. The command line. The defaults --help shows are the 'default' setting's; --setting (or
+#    --corpus books) gives several flags other defaults; a flag given on the command line wins.
+# ----------------------------------------------------------------------------------------------
+
+def parser(defaults=True):
+    """The flags; with defaults=False none has a default, so that parsing tells which were given."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=minigpt.Help,
+                                argument_default=None if defaults else argparse.SUPPRESS, epilog=settings_help())
+    p.add_argument("--setting", type=lambda s: OLD_SETTING_NAMES.get(s, s), choices=SETTINGS,
+                   help="named defaults, listed below (default: 'corpus' for --corpus books or shakespeare, "
+                        "else 'default')")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--corpus", choices=minigpt.CORPORA, help="public text to train on")
+    what.add_argument("--text", nargs="+", type=Path, metavar="FILE_OR_FOLDER",
+                      help="train on these UTF-8 files instead (folders: every *.txt inside, sorted)")
+    p.add_argument("--preset", type=minigpt.preset_name, help=f"model shape: {', '.join(minigpt.PRESETS)}")
+    p.add_argument("--context-length", type=minigpt.positive_int, help="positions per training window")
+    p.add_argument("--epochs", type=minigpt.positive_int, help="passes over the training tokens")
+    p.add_argument("--max-steps", type=minigpt.positive_int, help="optimizer steps; with --epochs, whichever ends first")
+    p.add_argument("--batch-size", type=minigpt.positive_int, help="windows per micro-batch, per process")
+    p.add_argument("--grad-accum", type=minigpt.positive_int, help="micro-batches whose gradients are summed into one step")
+    p.add_argument("--lr", type=minigpt.positive_float, help="peak learning rate of AdamW")
+    p.add_argument("--weight-decay", type=minigpt.nonnegative_float, help="AdamW's, on the weight matrices")
+    p.add_argument("--dropout", type=minigpt.fraction, help="dropout probability while training")
+    p.add_argument("--warmup", type=minigpt.nonnegative_int, help="steps of linear warmup, then cosine decay; 0: constant lr")
+    p.add_argument("--clip", type=minigpt.nonnegative_float, help="clip the gradient norm to this; 0: off")
+    p.add_argument("--windows", choices=("sliding", "random"),
+                   help="sliding: the text cut into side-by-side windows, shuffled every epoch; "
+                        "random: windows at random offsets, drawn afresh every step")
+    p.add_argument("--eval-every", type=minigpt.positive_int, help="steps between loss evaluations")
+    p.add_argument("--eval-windows", type=minigpt.positive_int, help="windows of each split in the fixed evaluation sample")
+    p.add_argument("--save-every", type=minigpt.nonnegative_int, help="also save model.pt every this many steps; 0: off")
+    p.add_argument("--stop-at", type=minigpt.positive_int,
+                   help="end this session after this many steps, saving (then --resume) (default: run to the end)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out/model.pt, with its settings")
+    p.add_argument("--prepare-only", action="store_true", help="write the token files, say where, and stop")
+    p.add_argument("--prompt", help="start of the samples")
+    p.add_argument("--seed", type=int, help="initial weights, dropout and the order of the windows")
+    minigpt.add_device_flags(p, "auto" if defaults else argparse.SUPPRESS)
+    p.add_argument("--out", type=minigpt.output_folder,
+                   help="folder for model.pt, loss.svg, history.json (--corpus's name replaces {corpus})")
+    if defaults:
+        p.set_defaults(**SETTINGS["default"], setting="default", save_every=0, prompt="Every effort moves you",
+                       seed=123)
+    return p
+
+
+def settings_help():
+    """What each named setting sets, for --help."""
+    lines = ["settings (--setting NAME sets these defaults):"]
+    for name, values in SETTINGS.items():
+        shown = ", ".join(f"--{key.replace('_', '-')} {value}" for key, value in values.items()
+                          if key != "model" and value is not None)
+        model = f"; model {values['model']}" if values["model"] else ""
+        lines.append(textwrap.fill(shown + model, 100, initial_indent=f"  {name}: ", subsequent_indent="    "))
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = parser()
+    p.parse_args(argv)  # --help and usage errors, with the defaults shown
+    given = vars(parser(defaults=False).parse_args(argv))  # only what the command line says
+    setting = given.get("setting") or ("corpus" if given.get("corpus") in ("books", "shakespeare") else "default")
+    p.set_defaults(**SETTINGS[setting], setting=setting)
+    args = p.parse_args(argv)
+    args.given = given
+    if args.text:
+        args.text = [str(path.resolve()) for path in args.text]
+        args.corpus = None
+    return args
+
+
+def resume(args, device):
+    """Fill in what the command line left open; when resuming, from the checkpoint, which must
+    agree with every flag given. Returns the checkpoint being resumed, or None."""
+    if args.dtype == "auto":  # what auto means here, so that a resumed run can compare it with its own
+        args.dtype = minigpt.dtype_name(minigpt.pick_dtype("auto", device))
+        if "dtype" in args.given:
+            args.given["dtype"] = args.dtype
+    try:  # the setting's --out is checked as a given one is
+        args.out = minigpt.output_folder(str(args.out).format(corpus=args.corpus or "text"))
+    except argparse.ArgumentTypeError as e:
+        raise minigpt.DataError(f"--out: {e}") from None
+    if not args.resume:
         return None
-    tokens, seconds = state["seen"], state["seconds"]
-    report = {**state["history"], "steps": state["step"], "seconds": seconds, "tokens": tokens,
-              "token_files": str(token_folder)}
-    minigpt.svg_plot(args.out / "loss.svg", {"train": (report["seen"], report["train"]),
-                                             "validation": (report["seen"], report["validation"])},
-                     "tokens seen", "cross-entropy loss",
-                     f"Pretraining a {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-parameter GPT on "
-                     f"{token_folder.name.rsplit('-', 1)[0]}: {len(train_ids) + len(validation_ids):,} tokens")
-    if not finished:
-        minigpt.write_text(args.out / "history.json", json.dumps(report, indent=1))
-        print(f"Stopped after step {state['step']:,} of {total:,}; saved {args.out / 'model.pt'}. To continue: "
-              f"the same command with --resume")
-        return 130 if stop_signal else None
-    print(f"Trained {state['step']:,} steps ({state['step'] / windows.steps_per_epoch:.2f} epochs) in {seconds:.1f} s: "
-          f"{tokens:,} tokens, {tokens / seconds:,.0f} tokens/s, {tokens / seconds * flops / 1e9:.1f} GFLOP/s "
-          f"({minigpt.dtype_name(dtype)})")
-    final_sets = {name: sample_batches(ids, T, FINAL_WINDOWS, args.batch_size)
-                  for name, ids in (("train", train_ids), ("validation", validation_ids))}
-    report["final_loss"] = {name: minigpt.evaluate(model, loss, batches) for name, batches in final_sets.items()}
-    counts = {name: sum(len(x) for x, _ in batches) for name, batches in final_sets.items()}
-    print(f"Final loss over {counts['train']} training and {counts['validation']} validation windows: "
-          f"train {report['final_loss']['train']:.3f}, validation {report['final_loss']['validation']:.3f}")
-    gen = torch.Generator(device).manual_seed(args.seed)
-    with minigpt.autocast(device, dtype):
-        text = minigpt.complete(model, tokenizer, args.prompt, 50, temperature=1.0, top_k=25, generator=gen)
-    print(f"Sampled with temperature 1.0, top-k 25: {text!r}")
-    minigpt.write_text(args.out / "history.json", json.dumps(report, indent=1))
-    print(f"Saved {args.out / 'model.pt'}, {args.out / 'loss.svg'} and {args.out / 'history.json'}")
-    return None
+    path = args.out / "model.pt"
+    if not path.exists():
+        raise minigpt.DataError(f"nothing to resume: {path} does not exist")
+    checkpoint = minigpt.load_pt(path, device)
+    if "training" not in checkpoint:
+        raise minigpt.DataError(f"{path} holds no training state to resume")
+    for key, value in checkpoint["training"]["args"].items():
+        value = OLD_SETTING_NAMES.get(value, value) if key == "setting" else value
+        given = args.given.get(key)
+        if given is not None and given != value and key in PLAN:
+            flag = "--" + key.replace("_", "-")
+            raise minigpt.DataError(f"{path} was trained with {flag} {value}, not {given}: a resumed run "
+                                    f"keeps its plan (leave out {flag}, or start afresh in another --out)")
+        if given is None:
+            setattr(args, key, value)
+    args.model = SETTINGS[args.setting]["model"]
+    return checkpoint
 
 
 if __name__ == "__main__":

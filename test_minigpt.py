@@ -141,7 +141,7 @@ def test_causal_mask_with_and_without_past():
 
 def test_weight_decay_only_on_matrices_that_multiply():
     model = tiny_model()
-    optimizer = minigpt.adamw(model, 1e-3, 0.1, "cpu")
+    optimizer = minigpt.adamw(model, 1e-3, 0.1)
     decayed, plain = ({id(p) for p in g["params"]} for g in optimizer.param_groups)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
     names = {id(p): n for n, p in model.named_parameters()}
@@ -197,7 +197,7 @@ def test_float32_autocast_is_exactly_the_plain_model():
         with minigpt.autocast("cpu", torch.float32):
             inside = model(idx)
         assert torch.equal(inside, model(idx))
-        assert minigpt.lm_loss(model, batch, "cpu", torch.float32).item() == \
+        assert minigpt.lm_loss(model, *batch, torch.float32).item() == \
             torch.nn.functional.cross_entropy(model(batch[0]).flatten(0, 1), batch[1].flatten()).item()
 
 
@@ -219,10 +219,10 @@ def test_bfloat16_logits_are_within_tolerance_of_float32():
 
 def test_bfloat16_training_keeps_float32_weights_gradients_and_optimizer_state():
     model = tiny_model().train()
-    optimizer = minigpt.adamw(model, 1e-3, 0.1, "cpu")
+    optimizer = minigpt.adamw(model, 1e-3, 0.1)
     batch = (torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16)))
-    loss = minigpt.lm_loss(model, batch, "cpu", torch.bfloat16)
-    expected = minigpt.lm_loss(model, batch, "cpu", torch.float32)
+    loss = minigpt.lm_loss(model, *batch, torch.bfloat16)
+    expected = minigpt.lm_loss(model, *batch, torch.float32)
     assert loss.dtype == torch.float32 and abs(loss.item() - expected.item()) < 0.02 * expected.item()
     loss.backward()
     optimizer.step()
@@ -301,44 +301,35 @@ def test_generation_stops_at_end_of_text():
 
 # ---------------------------------------------------------------- data and training
 
-def test_padded_dataset(tokenizer):
-    ds = minigpt.PaddedDataset(["hi there", "a much longer message than that", ""], [0, 1, 0], tokenizer, 5)
-    assert ds.ids.shape == (3, 5)
-    assert ds.lengths.tolist() == [2, 5, 1] and ds.truncated.tolist() == [False, True, False]
-    assert ds.ids[0, 2:].tolist() == [minigpt.EOT] * 3
-    assert minigpt.PaddedDataset(["a b c", "a"], [0, 1], tokenizer).max_length == 3
+def test_encode_and_padded_dataset(tokenizer):
+    ids, counts = minigpt.encode(["hi there", "a much longer message than that", "", "<|endoftext|>"], tokenizer, 5)
+    assert counts == [2, 6, 0, 7] and [len(i) for i in ids] == [2, 5, 1, 5]  # "" reads as one <|endoftext|>
+    assert ids[2] == [minigpt.EOT] and minigpt.EOT not in ids[3]              # the text, not the token
+    ds = minigpt.PaddedDataset(ids, [0, 1, 0, 1], 6)
+    assert ds.ids.shape == (4, 6) and ds.lengths.tolist() == [2, 5, 1, 5]
+    assert ds.ids[0, :2].tolist() == ids[0] and ds.ids[0, 2:].tolist() == [minigpt.EOT] * 4
+    assert minigpt.PaddedDataset([[1, 2, 3], [4]], [0, 1]).max_length == 3
 
 
-def test_loss_falls_when_overfitting_a_tiny_batch(capsys):
+def test_optimizer_steps_overfit_a_tiny_batch_and_accumulate_exactly():
     torch.manual_seed(0)
     model = minigpt.GPT(TINY)
-    batch = (torch.randint(0, 100, (4, 16)), torch.randint(0, 100, (4, 16)))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    loss = lambda b: minigpt.lm_loss(model, b, "cpu")
-    history = minigpt.train(model, opt, loss, [batch], epochs=40, eval_every=10, eval_sets={"train": [batch]},
-                            count=lambda b: b[0].numel())
-    assert history["step"] == [0, 10, 20, 30, 39] and history["seen"][-1] == 40 * 64  # and after the last step
-    assert history["train"][0] > 10
-    assert history["train"][-1] < 0.5 * history["train"][0]
-    assert "Ep 1 (Step 000000): Train loss" in capsys.readouterr().out
+    x, y = torch.randint(0, 100, (4, 16)), torch.randint(0, 100, (4, 16))
+    before = minigpt.lm_evaluate(model, [(x, y)])
+    opt = minigpt.adamw(model, 3e-3, 0.0)
+    losses = [minigpt.optimizer_step(model, opt, [(x, y)]).item() for _ in range(40)]
+    assert before > 10 and losses[0] == pytest.approx(before, rel=1e-5)
+    assert minigpt.lm_evaluate(model, [(x, y)]) < 0.5 * before
+    # Two micro-batches of 2 windows take the step of one batch of 4: the gradients are their mean.
+    one, two = tiny_model(), tiny_model()
+    for model, micro_batches in ((one, [(x, y)]), (two, [(x[:2], y[:2]), (x[2:], y[2:])])):
+        minigpt.optimizer_step(model, minigpt.adamw(model, 1e-3, 0.1), micro_batches, clip=1.0)
+    for a, b in zip(one.parameters(), two.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
-def test_training_stops_after_max_steps_within_an_epoch():
-    torch.manual_seed(0)
-    model = minigpt.GPT(TINY)
-    batches = [(torch.randint(0, 100, (2, 8)), torch.randint(0, 100, (2, 8))) for _ in range(4)]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    ends, state = [], {}
-    history = minigpt.train(model, opt, lambda b: minigpt.lm_loss(model, b, "cpu"), batches, epochs=3,
-                            eval_every=2, eval_sets={"train": batches[:1]}, count=lambda b: 1,
-                            on_epoch_end=ends.append, max_steps=6, state=state)
-    assert history["step"] == [0, 2, 4, 5] and history["seen"] == [1, 3, 5, 6]  # and after the last step
-    assert state["step"] == 6 and state["seen"] == 6
-    assert ends == [1]  # epoch 1 ended (4 steps); epoch 2 stopped after its second step
-
-
-def test_cosine_learning_rate():
-    lrs = [minigpt.cosine_lr(s, 100, 1.0, 10) for s in range(100)]
+def test_cosine_learning_rate_counts_steps_from_1():
+    lrs = [minigpt.cosine_lr(s, 100, 1.0, 10) for s in range(1, 101)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == 1.0 and lrs[-1] < 0.01
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
 
@@ -613,7 +604,7 @@ def test_pretrain_runs_and_writes_its_files(tmp_path, monkeypatch, capsys):
     pretrain.main(["--preset", "tiny", "--context-length", "32", "--epochs", "1", "--eval-every", "20",
                    "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "Ep 1 (Step 000000): Train loss" in out and "Sample after epoch 1" in out and "tokens/s" in out
+    assert "Ep 1 (Step 000001): Train loss" in out and "Sample after epoch 1" in out and "tokens/s" in out
     model, _ = minigpt.load_checkpoint(tmp_path / "model.pt")
     assert model.cfg.context_length == 32
     ET.parse(tmp_path / "loss.svg")
@@ -627,14 +618,17 @@ def test_windows_shift_targets_share_steps_and_continue():
     first = lambda batches: sorted(int(s) for x, _ in batches for s in x[:, 0])  # the windows' starts
     for how in ("random", "sliding"):
         # 2 processes x 2 micro-batches x 3 windows, or 1 process x 2 x 6: the same 12 windows a step.
-        two = [list(pretrain.Windows(ids, 4, 3, 2, rank, 2, seed=0, how=how)) for rank in (0, 1)]
-        one = list(pretrain.Windows(ids, 4, 6, 2, 0, 1, seed=0, how=how))
-        assert len(one) == len(two[0]) == 4  # 24 side-by-side windows: 2 steps of 12 per epoch
-        assert first(one[:2]) == first(two[0][:2] + two[1][:2]) and first(two[0][:2]) != first(two[1][:2])
-        continued = pretrain.Windows(ids, 4, 6, 2, 0, 1, seed=0, how=how)
-        continued.step = 1  # as after resuming at step 1: the rest of the epoch
-        assert first(continued) == first(one[2:])
-    assert first(one) == list(range(0, 96, 4))  # sliding (the last): each window once per epoch
+        two = [pretrain.Windows(ids, 4, 3, 2, rank, 2, seed=0, how=how) for rank in (0, 1)]
+        one = pretrain.Windows(ids, 4, 6, 2, 0, 1, seed=0, how=how)
+        assert one.steps_per_epoch == two[0].steps_per_epoch == 2  # 24 side-by-side windows: 2 steps of 12
+        for step in (1, 2):
+            shares = [w.micro_batches(step) for w in two]
+            assert len(shares[0]) == 2 and first(one.micro_batches(step)) == first(shares[0] + shares[1])
+            assert first(shares[0]) != first(shares[1])  # each process its own share
+        assert first(pretrain.Windows(ids, 4, 6, 2, 0, 1, seed=0, how=how).micro_batches(2)) == \
+            first(one.micro_batches(2))  # step 2 alone, as after resuming at step 1: the same windows
+    sliding = [s for step in (1, 2) for s in first(one.micro_batches(step))]
+    assert sorted(sliding) == list(range(0, 96, 4))  # sliding (the last): each window once per epoch
 
 
 def english(n_words, seed=0):
@@ -770,7 +764,7 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(small_corpus, tmp_p
     assert pretrain.main(plan + ["--dtype", dtype] + out) == 130
     monkeypatch.setattr(minigpt, "lm_loss", lm_loss)
     training = minigpt.load_checkpoint(tmp_path / "sessions" / "model.pt")[1]["training"]
-    assert training["state"]["step"] == 2 and training["args"]["dtype"] == dtype
+    assert training["progress"]["step"] == 2 and training["args"]["dtype"] == dtype
     with pytest.raises(minigpt.DataError, match="trained with --lr 0.002, not 0.01"):
         pretrain.main(out + ["--resume", "--lr", "0.01"])
     other = {"bfloat16": "float32", "float32": "bfloat16"}[dtype]
@@ -993,14 +987,14 @@ def test_the_real_collection_parses_to_the_published_counts():
 
 
 @needs_mirror
-def test_book_passages_come_from_six_sources(monkeypatch):
+def test_passages_come_from_six_sources(monkeypatch):
     monkeypatch.setenv("MINIGPT_MIRROR", str(MIRROR))
-    examples = finetune.book_passages(per_class=50, seed=1)
+    examples = finetune.passages(per_class=50, seed=1)
     counts = Counter(label for label, _ in examples)
     assert sorted(counts) == ["middlemarch", "moby-dick", "pride-and-prejudice", "shakespeare", "the-verdict",
                               "war-and-peace"] and set(counts.values()) == {50}
     assert all(80 <= len(text) <= 400 and "Gutenberg" not in text and "\n" not in text for _, text in examples)
-    assert examples == finetune.book_passages(per_class=50, seed=1)
+    assert examples == finetune.passages(per_class=50, seed=1)
 
 
 def test_baselines_majority_and_character_trigrams():
@@ -1069,11 +1063,11 @@ def test_lora_starts_as_an_exact_no_op():
     lora.lm_head.load_state_dict(plain.lm_head.state_dict())
     ids, lengths = torch.randint(0, TINY.vocab_size, (3, 10)), torch.tensor([10, 4, 7])
     with torch.no_grad():
-        assert torch.equal(finetune.classify(lora, ids, lengths, "last_real"),
-                           finetune.classify(plain, ids, lengths, "last_real"))
+        assert torch.equal(finetune.fast_logits(lora, ids, lengths, "last_real"),
+                           finetune.fast_logits(plain, ids, lengths, "last_real"))
         lora.h[0].attn.c_attn.B.fill_(0.1)  # once B moves, the output moves
-        assert not torch.equal(finetune.classify(lora, ids, lengths, "last_real"),
-                               finetune.classify(plain, ids, lengths, "last_real"))
+        assert not torch.equal(finetune.fast_logits(lora, ids, lengths, "last_real"),
+                               finetune.fast_logits(plain, ids, lengths, "last_real"))
 
 
 NF4_VALUES = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -1175,14 +1169,14 @@ def test_fresh_qlora_model_equals_the_model_with_dequantized_weights():
     ids, lengths = torch.randint(0, TINY.vocab_size, (3, 10)), torch.tensor([10, 4, 7])
     for pool in finetune.POOLS:
         with torch.no_grad():
-            assert torch.equal(finetune.classify(qlora, ids, lengths, pool), finetune.classify(plain, ids, lengths, pool))
+            assert torch.equal(finetune.fast_logits(qlora, ids, lengths, pool), finetune.fast_logits(plain, ids, lengths, pool))
     # Trained, the adapters move: the output and the gradients stay those of the dequantized model
     # (through NF4Matmul's own backward and the blocks' recomputation).
     for model in (qlora, plain):
         model.h[1].mlp.c_fc.B.data.fill_(0.1)
         model.train()
-        finetune.classify(model, ids, lengths, "last_real").square().sum().backward()
-    assert qlora.recompute_blocks and not plain.recompute_blocks
+        finetune.fast_logits(model, ids, lengths, "last_real").square().sum().backward()
+    assert isinstance(qlora.h[0], finetune.CheckpointedBlock) and type(plain.h[0]) is minigpt.Block
     plain_parameters = dict(plain.named_parameters())
     assert trainable_names(qlora) == trainable_names(plain)
     for name in trainable_names(qlora):
@@ -1197,10 +1191,10 @@ def test_qlora_in_bfloat16_dequantizes_to_bfloat16_and_trains_float32_adapters()
     model.h[0].attn.c_attn.B.data.normal_(0, 0.1)
     ids, lengths = torch.randint(0, TINY.vocab_size, (3, 10)), torch.tensor([10, 4, 7])
     with torch.no_grad():
-        expected = finetune.classify(model, ids, lengths, "last_real")
+        expected = finetune.fast_logits(model, ids, lengths, "last_real")
     with minigpt.autocast("cpu", torch.bfloat16):
         assert finetune.compute_dtype(torch.zeros(1)) == torch.bfloat16
-        got = finetune.classify(model.train(), ids, lengths, "last_real")
+        got = finetune.fast_logits(model.train(), ids, lengths, "last_real")
     assert relative_error(got.detach(), expected) < BF16_TOLERANCE
     got.float().sum().backward()
     assert model.h[0].attn.c_attn.A.grad.dtype == torch.float32 and model.h[0].attn.c_attn.A.grad.abs().sum() > 0
@@ -1241,38 +1235,48 @@ def test_qlora_quantizes_each_weight_as_it_streams_from_npy_files(tmp_path):
     assert finetune.model_bytes(model)[0] < float32_bytes / 6  # not 7.8: tiny layers fill a quarter of a group
 
 
+TEXTS = ["hello there", "WIN a free prize now, call 0800 123", "ok", "see you at lunch tomorrow then"]
+
+
 @pytest.mark.parametrize("pool", finetune.POOLS)
-@pytest.mark.parametrize("trainable", ["head", "last_block", "last_two_blocks"])
-def test_cached_frozen_blocks_give_the_full_forward_logits_and_loss(tokenizer, pool, trainable):
+@pytest.mark.parametrize("trainable", ["head", "last_block", "last_two_blocks", "lora"])
+def test_the_fast_path_gives_the_book_classifiers_logits_and_loss(tokenizer, pool, trainable):
+    """class_logits (the whole model over padded ids, read at one position) against fast_logits:
+    the frozen blocks' cached output, the last block at the read position only, and batches of
+    similar length padded to their own longest."""
     torch.manual_seed(0)
     model = finetune.make_classifier(minigpt.GPT(replace(TINY, n_layers=3)).eval(), trainable)
-    texts = ["hello there", "WIN a free prize now, call 0800 123", "ok", "see you at lunch tomorrow then"]
-    data = minigpt.PaddedDataset(texts, [0, 1, 0, 0], tokenizer)
-    lengths = torch.full_like(data.lengths, data.max_length) if pool == "last" else data.lengths
+    ids, _ = minigpt.encode(TEXTS, tokenizer)
+    data = minigpt.PaddedDataset(ids, [0, 1, 0, 0])
     frozen = finetune.frozen_blocks(model, trainable)
-    features = finetune.frozen_features(model, finetune.examples_of(data, pool), frozen, "cpu", batch_size=3)
-    x = torch.nn.utils.rnn.pad_sequence(features, batch_first=True)
+    rows = finetune.model_inputs(ids, pool, data.max_length)
+    if frozen:
+        rows = finetune.frozen_features(model, rows, frozen, "cpu", batch_size=3)
     with torch.no_grad():
-        full = finetune.classify(model, data.ids, lengths, pool)
-        cached = finetune.classify(model, x, lengths, pool, frozen)
-    torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
+        plain = finetune.class_logits(model, data.ids, data.lengths, pool)
+        fast = finetune.fast_logits(model, torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), data.lengths,
+                                    pool, frozen)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
     loss = lambda logits: torch.nn.functional.cross_entropy(logits, data.labels).item()
-    assert loss(cached) == pytest.approx(loss(full), abs=1e-5)
+    assert loss(fast) == pytest.approx(loss(plain), abs=1e-5)
+    probs = finetune.predict(model, finetune.Batches(rows, data.lengths, 3), pool, frozen)  # in batches of 3
+    torch.testing.assert_close(probs, torch.softmax(plain, dim=-1), atol=1e-6, rtol=0)
 
 
 def test_bfloat16_frozen_blocks_and_cache_give_the_float32_logits(tokenizer):
     torch.manual_seed(0)
     model = finetune.make_classifier(minigpt.GPT(replace(TINY, n_layers=3)).eval(), "last_block")
-    data = minigpt.PaddedDataset(["hello there", "WIN a free prize now, call 0800 123", "ok"], [0, 1, 0], tokenizer)
+    ids, _ = minigpt.encode(TEXTS[:3], tokenizer)
+    data = minigpt.PaddedDataset(ids, [0, 1, 0])
     with torch.no_grad():
-        expected = finetune.classify(model, data.ids, data.lengths, "last_real")
+        expected = finetune.class_logits(model, data.ids, data.lengths, "last_real")
     frozen = finetune.frozen_blocks(model, "last_block")
     model.h[:frozen].to(torch.bfloat16)  # as finetune.py does in bfloat16: the frozen blocks cast once
-    features = finetune.frozen_features(model, finetune.examples_of(data, "last_real"), frozen, "cpu")
+    features = finetune.frozen_features(model, finetune.model_inputs(ids, "last_real", None), frozen, "cpu")
     assert features[0].dtype == torch.bfloat16  # stored in half the memory
     x = torch.nn.utils.rnn.pad_sequence(features, batch_first=True)
     with torch.no_grad(), minigpt.autocast("cpu", torch.bfloat16):
-        got = finetune.classify(model, x, data.lengths, "last_real", frozen)
+        got = finetune.fast_logits(model, x, data.lengths, "last_real", frozen)
     assert relative_error(got, expected) < BF16_TOLERANCE
 
 
@@ -1284,8 +1288,9 @@ def test_padding_does_not_change_last_real_or_mean(tokenizer):
     n = torch.tensor([len(ids)])
     with torch.no_grad():
         for pool in ("last_real", "mean"):
-            torch.testing.assert_close(finetune.classify(model, padded, n, pool),
-                                       finetune.classify(model, short, n, pool), atol=1e-6, rtol=0)
+            for logits in (finetune.class_logits, finetune.fast_logits):
+                torch.testing.assert_close(logits(model, padded, n, pool), logits(model, short, n, pool),
+                                           atol=1e-6, rtol=0)
 
 
 def write_messages(path, messages):
@@ -1300,7 +1305,7 @@ def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("classifier")
     data = write_messages(tmp / "sms.txt", synthetic_messages(200, 100))
     model, meta = finetune.main(["--data", str(data), "--balance", "--init", "random", "--preset", "tiny",
-                                 "--trainable", "all", "--lr", "1e-3", "--epochs", "3", "--unseen-ham", "all",
+                                 "--trainable", "all", "--lr", "1e-3", "--epochs", "3", "--unseen", "all",
                                  "--out", str(tmp / "out")])
     return tmp / "out", model, meta
 
@@ -1320,42 +1325,50 @@ def test_finetune_end_to_end_learns_a_separable_set(tiny_classifier):
         ET.parse(tiny_classifier / plot)
 
 
+def probabilities(model, recipe, tokenizer, texts):
+    """(class probabilities, token counts) of texts, read as finetune.py reads them."""
+    ids, counts = minigpt.encode(texts, tokenizer, recipe["max_length"])
+    rows = finetune.model_inputs(ids, recipe["pool"], recipe["max_length"])
+    batches = finetune.Batches(rows, [len(i) for i in ids], 64)
+    return finetune.predict(model, batches, recipe["pool"], 0).tolist(), counts
+
+
 def test_saved_classifier_reloads_to_the_trained_models_predictions(tiny_run, tokenizer):
-    folder, trained, trained_meta = tiny_run
+    folder, trained, trained_recipe = tiny_run
     texts = ["WIN cash PRIZE claim now", "see you at lunch later", "call me"]
-    expected, _, _ = finetune.class_probabilities(trained, trained_meta, tokenizer, texts)
-    model, meta = finetune.load_classifier(folder)
-    probs, tokens, truncated = finetune.class_probabilities(model, meta, tokenizer, texts)
+    expected, _ = probabilities(trained, trained_recipe, tokenizer, texts)
+    model, recipe = finetune.load_classifier(folder)
+    probs, tokens = probabilities(model, recipe, tokenizer, texts)
     assert probs == expected and probs[0][1] > 0.5 > probs[1][1]  # [ham, spam] per text
-    assert tokens == [len(tokenizer.encode(t)) for t in texts] and truncated == [False] * 3
+    assert tokens == [len(tokenizer.encode(t)) for t in texts]
 
 
 def test_qlora_finetune_learns_a_separable_set_and_reloads_to_identical_predictions(tmp_path, tokenizer):
     data = write_messages(tmp_path / "sms.txt", synthetic_messages(200, 100))
     out = tmp_path / "out"
     trained, meta = finetune.main(["--data", str(data), "--init", "random", "--preset", "tiny", "--trainable",
-                                   "qlora", "--lr", "3e-3", "--epochs", "3", "--unseen-ham", "0", "--out", str(out)])
+                                   "qlora", "--lr", "3e-3", "--epochs", "3", "--unseen", "0", "--out", str(out)])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test_accuracy"] >= 0.9 and metrics["trainable"] == "qlora"
-    assert "unseen_accuracy" not in metrics  # --unseen-ham 0: nothing measured
+    assert "unseen_accuracy" not in metrics  # --unseen 0: nothing measured
     saved = torch.load(out / "classifier.pt", weights_only=True)["state"]
     assert set(saved) == trainable_names(trained) and {"ln_f.weight", "lm_head.weight"} <= set(saved)
     assert all(name.endswith((".A", ".B")) or name.startswith(("ln_f.", "lm_head.")) for name in saved)
     model, meta = finetune.load_classifier(out)
     assert isinstance(model.h[0].mlp.c_fc.dense, finetune.NF4Dense)
     texts = ["WIN cash PRIZE claim now", "see you at lunch later", "call me", "FREE txt urgent 0800"]
-    expected, _, _ = finetune.class_probabilities(trained, meta, tokenizer, texts)
-    probs, _, _ = finetune.class_probabilities(model, meta, tokenizer, texts)
+    expected, _ = probabilities(trained, meta, tokenizer, texts)
+    probs, _ = probabilities(model, meta, tokenizer, texts)
     assert probs == expected and probs[0][1] > 0.5 > probs[1][1]  # [ham, spam] per text
 
 
 def test_max_steps_stops_finetuning_early(tmp_path, capsys):
     data = write_messages(tmp_path / "sms.txt", synthetic_messages(60, 30))
     finetune.main(["--data", str(data), "--init", "random", "--preset", "tiny", "--trainable", "lora",
-                   "--max-steps", "3", "--unseen-ham", "0", "--out", str(tmp_path / "out")])
+                   "--max-steps", "3", "--unseen", "0", "--out", str(tmp_path / "out")])
     assert "24 examples seen" in capsys.readouterr().out  # 3 steps of batch 8 (an epoch has 7)
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["max_steps"] == 3
-    for bad in (["--max-steps", "0"], ["--unseen-ham", "-1"]):
+    for bad in (["--max-steps", "0"], ["--unseen", "-1"]):
         with pytest.raises(SystemExit):
             finetune.parse_args(bad)
 
@@ -1475,17 +1488,15 @@ def test_command_line_classifies_texts_files_and_stdin(tiny_classifier, tmp_path
 
 def test_inference_matches_what_finetune_measured(tiny_classifier, tokenizer):
     """classify.py must give a message the probability finetune.py's cached evaluation gave it."""
-    model, meta = finetune.load_classifier(tiny_classifier)
+    model, recipe = finetune.load_classifier(tiny_classifier)
     texts = [t for _, t in synthetic_messages(30, 30, seed=5)]
-    data = minigpt.PaddedDataset(texts, [0] * len(texts), tokenizer, meta["max_length"])
+    ids, _ = minigpt.encode(texts, tokenizer, recipe["max_length"])
     frozen = finetune.frozen_blocks(model, "last_block")  # evaluate through a cached prefix
-    features = finetune.frozen_features(model, finetune.examples_of(data, meta["pool"]), frozen, "cpu")
-    _, cached = finetune.predict(model, finetune.Batches(features, torch.arange(len(texts)), 64, shuffle=False),
-                                 meta["pool"], frozen, "cpu")
-    cached = cached[:, 1]  # spam
-    order = np.argsort(data.lengths.numpy(), kind="stable")
+    features = finetune.frozen_features(model, finetune.model_inputs(ids, recipe["pool"], recipe["max_length"]),
+                                        frozen, "cpu")
+    cached = finetune.predict(model, finetune.Batches(features, [len(i) for i in ids], 64), recipe["pool"], frozen)
     served = torch.tensor([r["spam_probability"] for r in classify.Classifier(tiny_classifier)(texts)])
-    torch.testing.assert_close(served[order], cached, atol=1e-5, rtol=0)
+    torch.testing.assert_close(served, cached[:, 1], atol=1e-5, rtol=0)
 
 
 def test_bfloat16_classifier_gives_float32_probabilities_within_tolerance(tiny_classifier):
@@ -1575,13 +1586,13 @@ def test_web_page_in_a_real_browser(server_url, tmp_path):
         page.goto(server_url)
         page.fill("#text", "WIN cash PRIZE claim now call 0800")
         page.click("#go")
-        page.wait_for_selector('#verdict[data-label="spam"]')
+        page.wait_for_selector('#answer[data-label="spam"]')
         assert page.inner_text("#label") == "spam" and "tokens" in page.inner_text("#detail")
         assert page.locator("#bars .row").count() == 2 and "spam" in page.inner_text("#bars .row.top")
         page.fill("#text", "see you at lunch later")
         page.press("#text", "Control+Enter")
-        page.wait_for_selector('#verdict[data-label="ham"]')
-        assert page.title() == "Is this spam?" and page.locator(".examples button").count() == 4
+        page.wait_for_selector('#answer[data-label="ham"]')
+        assert page.title() == "Is this spam?" and page.locator(".samples button").count() == 4
         page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
         assert page.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scrolling
         browser.close()
@@ -1611,10 +1622,10 @@ def test_three_label_api_cli_and_page(three_class_classifier, tmp_path):
             page = browser.new_page(viewport={"width": 390, "height": 800})
             page.goto(url)
             assert page.title() == "Which is it: billing, sales, support?"
-            assert page.locator(".examples button").count() == 6  # two short training texts per class
+            assert page.locator(".samples button").count() == 6  # two short training texts per class
             page.fill("#text", "price quote demo discount licence")
             page.click("#go")
-            page.wait_for_selector('#verdict[data-label="sales"]')
+            page.wait_for_selector('#answer[data-label="sales"]')
             assert page.locator("#bars .row").count() == 3 and "sales" in page.inner_text("#bars .row.top")
             page.screenshot(path=str(tmp_path / "three.png"), full_page=True)
             browser.close()
@@ -1885,10 +1896,10 @@ def test_the_page_asks_for_the_token_once(tiny_classifier, tmp_path):
         page.wait_for_selector("#auth:not([hidden])")  # a 401: the page asks
         page.fill("#token", "page-token")
         page.click("#auth button")
-        page.wait_for_selector('#verdict[data-label="spam"]')
+        page.wait_for_selector('#answer[data-label="spam"]')
         page.fill("#text", "see you at lunch later")
         page.click("#go")
-        page.wait_for_selector('#verdict[data-label="ham"]')  # no second question
+        page.wait_for_selector('#answer[data-label="ham"]')  # no second question
         assert page.locator("#auth").is_hidden()
         assert page.evaluate("localStorage.length + sessionStorage.length") == 0 and "page-token" not in page.content()
         browser.close()
@@ -1936,7 +1947,7 @@ def bad_inputs(tmp_path):
     (["--lr", "nan"], 2, "not a finite number"),
     (["--epochs", "0"], 2, "must be at least 1"),
     (["--epochs", "-1"], 2, "must be at least 1"),
-    (["--unseen-ham", "-3"], 2, "must be at least 0"),
+    (["--unseen", "-3"], 2, "must be at least 0"),
     (["--device", "bogus"], 1, "not a device"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], 1, "CUDA")])
 def test_finetune_refuses_bad_input_before_any_work(bad_inputs, capsys, flags, code, words):
@@ -2031,7 +2042,7 @@ def test_help_and_logs_never_show_the_token(quiet_classifier, monkeypatch, capfd
 
 def finetune_command(data, out, *flags):
     return [sys.executable, str(HERE / "finetune.py"), "--data", str(data), "--init", "random", "--preset", "tiny",
-            "--trainable", "head", "--unseen-ham", "0", "--out", str(out), *flags]
+            "--trainable", "head", "--unseen", "0", "--out", str(out), *flags]
 
 
 def only_line(run):
@@ -2125,13 +2136,19 @@ def wait_for(process, words):
     raise AssertionError(f"{words!r} never came: {process.wait()} {process.stderr.read()[-2000:]}")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_in_finetune_keeps_nothing_and_says_so(tmp_path, signum):
+def finetuning(tmp_path):
+    """(data file, a long finetune.py run on it into tmp_path/out, once it is training)."""
     data = write_messages(tmp_path / "sms.txt", synthetic_messages(200, 100))
     process = subprocess.Popen(finetune_command(data, tmp_path / "out", "--epochs", "500"), text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(process, "Before finetuning")
+    return data, process
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_in_finetune_keeps_nothing_and_says_so(tmp_path, signum):
+    data, process = finetuning(tmp_path)
     try:
-        wait_for(process, "Before finetuning")
         process.send_signal(signum)
         stderr = process.communicate(timeout=60)[1]
     finally:
@@ -2166,24 +2183,21 @@ def test_finetuning_an_unfinished_base_warns(small_corpus, tmp_path, capsys):
                    "--max-steps", "6", "--stop-at", "2", "--out", str(tmp_path / "base")])
     data = write_messages(tmp_path / "sms.txt", synthetic_messages(30, 30))
     finetune.main(["--data", str(data), "--init", str(tmp_path / "base" / "model.pt"), "--trainable", "head",
-                   "--epochs", "1", "--unseen-ham", "0", "--out", str(tmp_path / "out")])
+                   "--epochs", "1", "--unseen", "0", "--out", str(tmp_path / "out")])
     assert (f"warning: {tmp_path / 'base' / 'model.pt'} is an unfinished pretrain.py run (stopped after step 2 of 6)"
             in capsys.readouterr().err)
 
 
 def test_a_second_finetune_on_the_same_out_is_refused(tmp_path, capsys):
-    data = write_messages(tmp_path / "sms.txt", synthetic_messages(200, 100))
-    first = subprocess.Popen(finetune_command(data, tmp_path / "out", "--epochs", "500"), text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    data, first = finetuning(tmp_path)
     try:
-        wait_for(first, "Before finetuning")
         got, message = outcome(finetune.main, ["--data", str(data), "--out", str(tmp_path / "out")], capsys)
         assert got == 1 and f"another run is writing {tmp_path / 'out'} now" in message
     finally:
         first.kill()
         first.wait()
     finetune.main(["--data", str(data), "--init", "random", "--preset", "tiny", "--trainable", "head", "--epochs",
-                   "1", "--unseen-ham", "0", "--out", str(tmp_path / "out")])  # the killed run's folder is gone
+                   "1", "--unseen", "0", "--out", str(tmp_path / "out")])  # the killed run's folder is gone
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "sms.txt"]
 
 
@@ -2215,7 +2229,7 @@ def test_a_thousand_classes_stay_one_screen_and_linear_in_memory(tmp_path, token
     assert sum(n for _, _, n in metrics["confusion_cells"]) == 2000  # one cell per test example at most
     assert (tmp_path / "out" / "metrics.json").stat().st_size < 300_000  # about 200 bytes a class
     classifier = classify.Classifier(tmp_path / "out")
-    assert classifier.title == "Which of 1,000 classes is it?" and len(classifier.examples) <= 6
+    assert classifier.title == "Which of 1,000 classes is it?" and len(classifier.sample_texts) <= 6
     assert len(classify.render_page(classifier)) < 20_000 and len(classifier.description) < 300
     answers = classifier(["alpha beta gamma delta kappa 7", "omega"])
     assert all(len(a["probabilities"]) == finetune.SHOWN for a in answers) and len(json.dumps(answers)) < 3_000
@@ -2226,3 +2240,38 @@ def test_more_labels_than_supported_are_refused_in_one_line(tmp_path, capsys):
     got, message = outcome(finetune.main, ["--data", str(data), "--out", str(tmp_path / "out")], capsys)
     assert got == 1 and "1,001 different labels; finetune.py supports at most 1,000 classes" in message
     assert len(message) < 300 and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- the documentation
+
+DOCS = [HERE / "README.md", *sorted((HERE / "docs").glob("*.md"))]
+SCRIPTS = ("minigpt.py", "pretrain.py", "finetune.py", "classify.py")
+
+
+@pytest.fixture(scope="module")
+def helps():
+    """Each script's --help text."""
+    return {script: subprocess.run([sys.executable, str(HERE / script), "--help"], capture_output=True, text=True,
+                                   timeout=60, cwd=HERE).stdout for script in SCRIPTS}
+
+
+def test_every_flag_the_docs_mention_is_in_the_scripts_help(helps):
+    """On a line that runs a script, each flag after the script's name must be in that script's
+    --help (flags before it are another program's: torchrun's, say); a flag on a line that names
+    no script, in one of them."""
+    missing = []
+    for doc in DOCS:
+        for number, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1):
+            parts = re.split(r"\b(minigpt\.py|pretrain\.py|finetune\.py|classify\.py)\b", line)
+            segments = [(SCRIPTS, parts[0])] if len(parts) == 1 else list(zip(parts[1::2], parts[2::2]))
+            for scripts, text in segments:
+                scripts = scripts if isinstance(scripts, tuple) else (scripts,)
+                for flag in set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text)):
+                    if not any(re.search(rf"{flag}\b", helps[s]) for s in scripts):
+                        missing.append(f"{doc.name}:{number} {flag} ({', '.join(scripts)})")
+    assert not missing, missing
+
+
+def test_every_help_shows_its_defaults(helps):
+    for script, text in helps.items():
+        assert "(default: None)" not in text and text.count("(default:") >= 5, script

@@ -31,57 +31,84 @@ class Classifier:
     """A finetuned classifier, loaded once: texts in, each class's probability out.
 
     Classifying is finetune.py's: the same tokens, cut to the same length, read at the same
-    position (finetune.fast_logits, the book's classifier computed for less work). Forward passes
-    are serialised: on a CPU one already uses every core, so two at once only make both slower.
+    position. It runs the book's way, the whole model over the padded texts
+    (finetune.prefix_probabilities), so the verdict after every token comes with the answer.
+    Forward passes are serialised: on a CPU one already uses every core, so two at once only
+    make both slower.
     """
 
     def __init__(self, model_dir, device="cpu", dtype=torch.float32):
         self.model, self.recipe = finetune.load_classifier(model_dir, device)
         for p in self.model.parameters():  # inference only: weights cast once (in bfloat16, faster than
             p.data = p.data.to(dtype)      # autocast); a QLoRA base's NF4 scales are buffers: they stay float32
-        self.dtype = dtype
-        self.labels = self.recipe["labels"]
+        self.dtype, self.device = dtype, device
+        self.labels, self.pool = self.recipe["labels"], self.recipe["pool"]
         self.tokenizer, self.lock = minigpt.get_tokenizer(), threading.Lock()
         self.description = describe(model_dir, self.recipe, self.model.cfg)
         # The page's question and sample texts, saved by finetune.py (older classifiers: the SMS ones).
         self.title = self.recipe.get("title", "Is this SMS spam?")
         self.sample_texts = self.recipe.get("sample_texts", self.recipe.get("examples", []))
 
-    def __call__(self, texts):
+    def __call__(self, texts, explain=False):
         """Classify texts: one result per text, as the API gives them (in batches of 64 texts of
-        similar length)."""
+        similar length); with explain, each with its verdict after every token."""
         rows, lengths, counts = self.encode(texts)
-        return self.results(self.probabilities(rows, lengths, batch_size=64), counts)
+        answers, steps = self.probabilities(rows, lengths, batch_size=64)
+        return self.results(answers, counts, [r.tolist() for r in rows] if explain else None, steps)
 
     def encode(self, texts):
         """(rows, lengths, token counts): the texts as the model reads them (finetune.py's
         tokenization and cut), their real lengths, their token counts before the cut. Cheap, so
         the service's connection threads do it."""
         ids, counts = minigpt.encode(texts, self.tokenizer, self.recipe["max_length"])
-        rows = finetune.model_inputs(ids, self.recipe["pool"], self.recipe["max_length"])
+        rows = finetune.model_inputs(ids, self.pool, self.recipe["max_length"])
         return rows, [len(i) for i in ids], counts
 
     def probabilities(self, rows, lengths, batch_size=None):
-        """Class probabilities of encoded texts, a list per text: one forward pass for all of
-        them, or passes of batch_size texts of similar length."""
-        batches = finetune.Batches(rows, lengths, batch_size or max(len(rows), 1))
+        """(answers, steps) of encoded texts: each text's class probabilities (a list), and its
+        probabilities after each position it is read at, (positions, classes), whose last row
+        is the answer. One forward pass for all texts, or passes of batch_size of similar length."""
+        answers, steps = [None] * len(rows), [None] * len(rows)
         with self.lock, torch.inference_mode():  # the weights are in self.dtype already: no autocast
-            return finetune.predict(self.model, batches, self.recipe["pool"], 0).tolist()
+            for index, x, n in finetune.Batches(rows, lengths, batch_size or max(len(rows), 1)):
+                probs = finetune.prefix_probabilities(self.model, x.to(self.device), self.pool).cpu()  # (B, T, classes)
+                for i, p, real in zip(index.tolist(), probs, n.tolist()):
+                    steps[i] = p[:len(rows[i]) if self.pool == "last" else real]  # 'last' reads the padding too
+                    answers[i] = steps[i][-1].tolist()
+        return answers, steps
 
-    def results(self, probs, counts):
+    def results(self, answers, counts, explained=None, steps=None):
         """One result per text: the most likely label, the probabilities of the most likely labels
         (every label, up to finetune.SHOWN of them; in the model's order), the token count, and
-        whether the text was cut to the model's max length."""
+        whether the text was cut to the model's max length. explained: the texts' token ids, to
+        add each one's verdict after every token (`steps`, from probabilities())."""
         results = []
-        for p, n in zip(probs, counts):
-            likely = sorted(range(len(p)), key=lambda i: -p[i])[:finetune.SHOWN]  # stable: the first of equals
-            result = {"label": self.labels[likely[0]],
-                      "probabilities": {self.labels[i]: round(p[i], 6) for i in sorted(likely)},
-                      "tokens": n, "truncated": n > self.recipe["max_length"]}
+        for k, (p, n) in enumerate(zip(answers, counts)):
+            result = {"label": self.labels[max(range(len(p)), key=p.__getitem__)],  # the first of equals
+                      "probabilities": self.likely(p), "tokens": n, "truncated": n > self.recipe["max_length"]}
             if self.labels == ["ham", "spam"]:  # what clients of the spam-only API read
                 result["spam_probability"] = result["probabilities"]["spam"]
+            if explained is not None:
+                result.update(self.explanation(explained[k], steps[k]))
             results.append(result)
         return results
+
+    def likely(self, p):
+        """{label: probability} of the SHOWN most likely classes, in the model's order, rounded."""
+        top = sorted(range(len(p)), key=lambda i: -p[i])[:finetune.SHOWN]
+        return {self.labels[i]: round(p[i], 6) for i in sorted(top)}
+
+    def explanation(self, ids, steps):
+        """"explanation": each token read, with the class probabilities had the text ended with
+        it (the last is the answer); "changed_at": the token where the most likely class last
+        changed, None if it never did."""
+        text, starts = self.tokenizer.decode_with_offsets(ids)
+        pieces = [text[a:b] for a, b in zip(starts, [*starts[1:], len(text)])]  # a character goes to its first token
+        best = steps.argmax(dim=1).tolist()
+        changed = [t for t in range(1, len(best)) if best[t] != best[t - 1]]
+        return {"explanation": [{"text": piece, "probabilities": self.likely(p.tolist())}
+                                for piece, p in zip(pieces, steps)],
+                "changed_at": changed[-1] if changed else None}
 
 
 def describe(model_dir, recipe, cfg):
@@ -109,9 +136,11 @@ def main(argv=None):
     if texts:
         t0 = time.time()
         width = max(len(label) for label in classifier.labels)
-        for text, r in zip(texts, classifier(texts)):
+        for text, r in zip(texts, classifier(texts, explain=args.explain)):
             print(json.dumps({"text": text, **r}) if args.json else
                   f"{r['label']:{width}}  {r['probabilities'][r['label']]:.3f}  {text}")
+            if args.explain and not args.json:
+                print("\n".join(explanation_lines(r)))
         seconds = time.time() - t0
         print(f"{len(texts)} text{'s' if len(texts) > 1 else ''} in {seconds:.2f} s "
               f"({len(texts) / seconds:.1f} texts/s, {minigpt.dtype_name(classifier.dtype)})", file=sys.stderr)
@@ -119,6 +148,30 @@ def main(argv=None):
         benchmark(classifier, args.benchmark, args.concurrency)
     if args.serve:
         serve_from_command_line(classifier, args)
+
+
+def explanation_lines(result):
+    """The verdict token by token, for a terminal: each token, and the probability of the
+    predicted class had the text ended there, as a number and a bar; then where it last changed."""
+    label = result["label"]
+    lines = [f"  {'token':>5}  {'text':16}  {label}"]
+    for i, token in enumerate(result["explanation"]):
+        p = token["probabilities"].get(label, 0.0)
+        lines.append(f"  {i:>5}  {json.dumps(token['text'])[1:-1][:16]:16}  {p:.3f} {bar(p)}")
+    t = result["changed_at"]
+    if t is None:
+        lines.append(f"  {label} from the first token on")
+    else:
+        then = result["explanation"][t]
+        lines.append(f"  the most likely class last changed at token {t} ({json.dumps(then['text'])}): "
+                     f"to {max(then['probabilities'], key=then['probabilities'].get)}")
+    return lines
+
+
+def bar(p, width=20):
+    """p in [0, 1] as a bar of up to `width` characters, in eighths of a character."""
+    eighths = round(p * width * 8)
+    return "█" * (eighths // 8) + " ▏▎▍▌▋▊▉"[eighths % 8].strip()
 
 
 def read_texts(args):
@@ -137,6 +190,8 @@ def parse_args(argv=None):
     p.add_argument("texts", nargs="*", help="texts to classify; '-' reads one per line from stdin")
     p.add_argument("--file", type=minigpt.existing_file, help="read texts from this file, one per line")
     p.add_argument("--json", action="store_true", help="print one JSON object per line")
+    p.add_argument("--explain", action="store_true",
+                   help="with each text, the predicted class's probability after each of its tokens")
     p.add_argument("--model", type=Path, default=Path("runs/spam-classifier"), help="folder finetune.py wrote")
     p.add_argument("--serve", action="store_true", help="serve the web page and the API")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every network)")
@@ -220,7 +275,7 @@ class Job:
     def __init__(self, rows, lengths):
         self.rows, self.lengths = rows, lengths  # encoded texts and their lengths (Classifier.encode)
         self.done = threading.Event()    # set by the worker
-        self.probs = None                # one list of class probabilities per text
+        self.answers = self.steps = None  # per text: class probabilities, and after each token
         self.error = None
 
 
@@ -247,8 +302,8 @@ class Batcher:
         self.worker.start()
 
     def submit(self, rows, lengths):
-        """Class probabilities of encoded texts, once the worker has run them. QueueFull at once
-        if they do not fit in the queue."""
+        """(answers, steps) of encoded texts (see Classifier.probabilities), once the worker has
+        run them. QueueFull at once if they do not fit in the queue."""
         job = Job(rows, lengths)
         with self.changed:
             if self.stopping or self.queued + len(rows) > self.max_queue:
@@ -259,7 +314,7 @@ class Batcher:
         job.done.wait()
         if job.error is not None:
             raise job.error
-        return job.probs
+        return job.answers, job.steps
 
     def take(self):
         """The jobs for the next forward pass (the oldest always fits, even alone over a limit)."""
@@ -285,14 +340,14 @@ class Batcher:
                 jobs = self.take()
             rows = [row for job in jobs for row in job.rows]
             try:
-                probs = self.classifier.probabilities(rows, [n for job in jobs for n in job.lengths])
+                answers, steps = self.classifier.probabilities(rows, [n for job in jobs for n in job.lengths])
             except Exception as e:  # a bug of ours: every waiting request gets a 500, the worker goes on
                 for job in jobs:
                     job.error = e
             else:
                 start = 0
                 for job in jobs:
-                    job.probs = probs[start:start + len(job.rows)]
+                    job.answers, job.steps = answers[start:start + len(job.rows)], steps[start:start + len(job.rows)]
                     start += len(job.rows)
                 if self.metrics is not None:
                     self.metrics.observe_batch(len(rows))
@@ -398,6 +453,9 @@ PAGE = """<!doctype html>
  #answer.error { background: #eee; }
  #auth { margin: .5rem 0; } #auth input { font: inherit; padding: .3rem; }
  #label { font-size: 1.3rem; font-weight: bold; overflow-wrap: anywhere; }
+ #tokens { margin-top: .7rem; line-height: 1.9; overflow-wrap: anywhere; }
+ #tokens span { white-space: pre-wrap; border-radius: .2rem; }
+ #why { color: #555; font-size: .85rem; margin: .3rem 0 0; }
  .row { display: grid; grid-template-columns: minmax(4rem, 30%) 1fr 3.5rem; gap: .5rem; align-items: center;
         font-size: .9rem; margin-top: .3rem; }
  .row span { overflow-wrap: anywhere; } .row .p { text-align: right; }
@@ -413,7 +471,8 @@ PAGE = """<!doctype html>
 <button id="go">Classify</button>
 <form id="auth" hidden><label>This server needs its access token:
  <input id="token" type="password" autocomplete="off"></label> <button>Use it</button></form>
-<div id="answer"><div id="label"></div><div id="detail"></div><div id="bars"></div></div>
+<div id="answer"><div id="label"></div><div id="detail"></div><div id="bars"></div>
+<div id="tokens"></div><p id="why"></p></div>
 <div class="samples"><p>Or try one:</p>
 {{samples}}</div>
 <script>
@@ -428,11 +487,11 @@ function askToken() {
 async function post(text) {
   const headers = {"Content-Type": "application/json"};
   if (token) headers.Authorization = "Bearer " + token;
-  return fetch("/api/classify", {method: "POST", headers, body: JSON.stringify({text})});
+  return fetch("/api/classify", {method: "POST", headers, body: JSON.stringify({text, explain: true})});
 }
 async function classify() {
   const text = $("text").value, box = $("answer");
-  $("bars").replaceChildren();
+  $("bars").replaceChildren(); $("tokens").replaceChildren(); $("why").textContent = "";
   try {
     let r = await post(text);
     if (r.status === 401) {  // no token yet, or a wrong one: ask (again), then retry once
@@ -455,6 +514,15 @@ async function classify() {
       fill.style.width = (100 * p).toFixed(1) + "%";
       bar.append(fill); row.append(name, bar, value); $("bars").append(row);
     }
+    for (const t of data.explanation) {  // the verdict after each token: shaded by its probability
+      const p = t.probabilities[data.label] ?? 0, span = document.createElement("span");
+      span.textContent = t.text; span.dataset.p = p;
+      span.title = data.label + ": " + (100 * p).toFixed(1) + " % had the text ended here";
+      span.style.background = "rgba(192, 57, 43, " + (0.85 * p).toFixed(3) + ")";
+      $("tokens").append(span);
+    }
+    $("why").textContent = "Each token is shaded by how likely \u201c" + data.label + "\u201d was had the text " +
+      "ended there (hover for the value); the last token's value is the answer.";
   } catch (e) {
     box.style.display = "block"; box.className = "error"; delete box.dataset.label;
     $("label").textContent = "Error"; $("detail").textContent = e.message;
@@ -507,7 +575,7 @@ class DeadlineReader(io.RawIOBase):
 
 
 def parse_request(body):
-    """(texts, is_batch) from a JSON body, or ValueError with a message for the client."""
+    """(texts, is_batch, explain) from a JSON body, or ValueError with a message for the client."""
     try:
         request = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
@@ -527,7 +595,10 @@ def parse_request(body):
             raise ValueError(f"each text must be a string, got {type(t).__name__}")
         if not t.strip():
             raise ValueError("text is empty")
-    return texts, batch
+    explain = request.get("explain", False)
+    if not isinstance(explain, bool):
+        raise ValueError('"explain" must be true or false')
+    return texts, batch, explain
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -652,7 +723,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not self.allowed("POST"):
             return
         try:
-            texts, batch = parse_request(self.read_body())
+            texts, batch, explain = parse_request(self.read_body())
         except RequestError as e:
             return self.reply(e.status, {"error": str(e)}, headers=[("Connection", "close")])
         except ValueError as e:
@@ -661,13 +732,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         classifier = self.batcher.classifier
         rows, lengths, counts = classifier.encode(texts)
         try:
-            probs = self.batcher.submit(rows, lengths)
+            answers, steps = self.batcher.submit(rows, lengths)
         except QueueFull as e:
             return self.reply(503, {"error": str(e)}, headers=[("Retry-After", "1")])
         except Exception as e:  # a bug of ours: say so, and keep serving
             self.log_error("classifying failed: %r", e)
             return self.reply(500, {"error": "internal error while classifying"})
-        results = classifier.results(probs, counts)
+        results = classifier.results(answers, counts, [r.tolist() for r in rows] if explain else None, steps)
         self.reply(200, {"results": results} if batch else results[0])
 
     def read_body(self):

@@ -130,6 +130,24 @@ def read_at(x, lengths, pool):
     return (x * real[..., None]).sum(1) / lengths[:, None]
 
 
+@torch.no_grad()
+def prefix_probabilities(model, ids, pool="last_real"):
+    """The classifier's verdict on every prefix of the texts: class probabilities (B, T, classes),
+    row t after the first t + 1 positions, all from one forward pass.
+
+    In a causal model the hidden state at position t depends on positions 0..t only, so the head
+    read at t is what the classifier would answer had the text ended there. For 'last_real' and
+    'last' that is the head at t itself; row lengths - 1 (for 'last', the padded row's last) is
+    the classifier's answer. For 'mean' it is the running mean of the head's logits (the mean of
+    a prefix's positions; the head is linear, so that is the head applied to their mean): row
+    lengths - 1 is again the answer.
+    """
+    logits = model(ids).float()                                        # (B, T, classes)
+    if pool == "mean":
+        logits = logits.cumsum(1) / torch.arange(1, ids.shape[1] + 1, device=ids.device)[:, None]
+    return torch.softmax(logits, dim=-1)
+
+
 def model_inputs(ids, pool, max_length):
     """One tensor of token ids per text, as the classifier reads it: its real tokens, or for
     pool 'last' (which reads the last padded position) padded to max_length, as in the book."""
@@ -440,7 +458,7 @@ def read_data(args):
     if args.data == "sms":
         return read_examples(minigpt.fetch(*SMS, archive_sha256=SMS_ZIP_SHA256))
     if args.data == "passages":
-        return passages(seed=args.seed)
+        return passages(seed=args.split_seed)
     return read_examples(args.data, args.text_column, args.label_column)
 
 
@@ -723,6 +741,8 @@ def main(argv=None):
     device = minigpt.pick_device(args.device)
     dtype = minigpt.pick_dtype(args.dtype, device)
     tokenizer = minigpt.get_tokenizer()
+    if args.unlabelled:
+        return write_unlabelled(args, load_splits(args)[0])
     # The outputs go to a folder beside --out that becomes --out once all of them are written: a
     # run that fails or is stopped leaves --out as it was. A second run on the same --out meanwhile
     # is refused.
@@ -738,7 +758,8 @@ def main(argv=None):
         metrics = evaluate(model, splits, batches, labels, frozen, accuracies, args, dtype)   # 5. measure
         metrics.update(train_seconds=seconds, wall_seconds=time.time() - started,
                        examples_per_second=seen / seconds, epochs=args.epochs, max_steps=args.max_steps,
-                       init=args.init, trainable=args.trainable, pool=args.pool, dtype=minigpt.dtype_name(dtype))
+                       init=args.init, trainable=args.trainable, pool=args.pool, dtype=minigpt.dtype_name(dtype),
+                       seed=args.seed, split_seed=args.split_seed)
         save_outputs(out, model, recipe, splits, metrics, history, accuracies)               # 6. save
     print(f"Saved {args.out}/classifier.pt, metrics.json, loss.svg, accuracy.svg and the splits "
           f"(train.csv, validation.csv, test.csv); wall time {time.time() - started:.1f} s")
@@ -757,7 +778,7 @@ def load_splits(args):
     if args.validation_data:  # the user's own splits: --data is all training data
         splits = own_splits(args, examples, counts)
     else:
-        splits = split_examples(examples, args.seed, args.balance, args.dedupe)
+        splits = split_examples(examples, args.split_seed, args.balance, args.dedupe)
     classes = sorted({label for label, _ in splits["train"]})
     print(f"classes (in this order): {fit(classes)}; {'balanced, then split' if args.balance else 'stratified split'}")
     train_texts = {text for _, text in splits["train"]}
@@ -767,7 +788,7 @@ def load_splits(args):
             f", {sum(text in train_texts for _, text in splits[name])} texts also in train"
         print(f"  {name}: {len(splits[name])} ({counts_text(part, classes)}){overlap}")
     if args.unseen != "all":
-        rng = np.random.default_rng(args.seed)
+        rng = np.random.default_rng(args.split_seed)
         pick = rng.permutation(len(splits["unseen"]))[:args.unseen]
         splits["unseen"] = [splits["unseen"][i] for i in sorted(pick)]
     if splits["unseen"]:
@@ -776,13 +797,24 @@ def load_splits(args):
     return splits, classes
 
 
+def write_unlabelled(args, splits):
+    """Text to pretrain on without leaking what is measured: every text of --data except those
+    in validation, test and the unseen sample (compared as text, so a duplicate of a test
+    message is left out too), one per line, in the file's order."""
+    held_out = {text for name in ("validation", "test", "unseen") for _, text in splits[name]}
+    texts = [" ".join(text.split()) for _, text in read_data(args) if text not in held_out]
+    minigpt.write_text(args.unlabelled, "".join(f"{text}\n" for text in texts))
+    print(f"Wrote {len(texts):,} texts to {args.unlabelled}, leaving out the {len(held_out):,} texts of "
+          f"validation, test and the unseen sample (split seed {args.split_seed})")
+
+
 def own_splits(args, examples, counts):
     """--validation-data and --test-data: the user's own splits; --data is all training data."""
     if args.dedupe:
         examples = list(dict.fromkeys(examples))
     splits = {"train": examples, "unseen": []}
     if args.balance:
-        kept, unseen = balance_classes(examples, np.random.default_rng(args.seed))
+        kept, unseen = balance_classes(examples, np.random.default_rng(args.split_seed))
         splits = {"train": kept, "unseen": unseen}
     for name, path in (("validation", args.validation_data), ("test", args.test_data)):
         splits[name] = read_examples(path, args.text_column, args.label_column)
@@ -987,7 +1019,11 @@ def parse_args(argv=None):
                         "(a false-positive rate for sms), or 'all'; 0 skips it")
     p.add_argument("--unseen-ham", dest="unseen", type=how_many, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--title", help="the web page's question (default: from the data, e.g. 'Is this SMS spam?')")
-    p.add_argument("--seed", type=int, default=123, help="initial head, the split and the order of the batches")
+    p.add_argument("--seed", type=int, default=123, help="the new head's initial weights and the order of the batches")
+    p.add_argument("--split-seed", type=int, help="the split and the balancing sample (default: --seed)")
+    p.add_argument("--unlabelled", type=Path, metavar="FILE",
+                   help="write the texts of --data that this split leaves out of validation, test and the "
+                        "unseen sample to FILE, one per line (for pretrain.py --text), and stop")
     minigpt.add_device_flags(p)
     p.add_argument("--out", type=minigpt.output_folder, default="runs/spam-classifier",
                    help="folder for classifier.pt, metrics.json, plots and the splits")
@@ -996,6 +1032,7 @@ def parse_args(argv=None):
         p.error("give --validation-data and --test-data together (or neither: then --data is split 70/10/20)")
     if args.balance is None:
         args.balance = args.data == "sms"
+    args.split_seed = args.seed if args.split_seed is None else args.split_seed
     return args
 
 

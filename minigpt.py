@@ -211,10 +211,8 @@ class CausalSelfAttention(nn.Module):
         """Each query's weighted sum of values, (B, nh, Tq, hs). q: (B, nh, Tq, hs); k, v: (B, nh,
         Tk, hs). sees: booleans broadcast to (B, nh, Tq, Tk), True where a query may see a key
         (None: every key); causal: the lower triangle instead (Tq = Tk, no cache)."""
-        if causal:
-            sees = causal_mask(q.shape[2], 0, q.device)
         if not self.fused:
-            return self.explicit_attention(q, k, v, sees)
+            return self.explicit_attention(q, k, v, causal_mask(q.shape[2], 0, q.device) if causal else sees)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else sees, is_causal=causal,
                                               dropout_p=self.dropout if self.training else 0.0)
 
@@ -303,8 +301,14 @@ class GPT(nn.Module):
         positions = torch.arange(past, past + idx.shape[1], device=idx.device)  # (T,)
         return self.drop(self.wte(idx) + self.wpe(positions))                   # (B, T, C)
 
-    def forward(self, idx, cache=None):
-        return self.lm_head(self.hidden(idx, cache))                   # (B, T, vocab_size)
+    def forward(self, idx, cache=None, targets=None):
+        """The logits (B, T, vocab_size); given targets (B, T), the mean cross-entropy of them
+        instead, computed without the whole logits (ChunkedCrossEntropy, section 5)."""
+        x = self.hidden(idx, cache)                                    # (B, T, C)
+        if targets is None:
+            return self.lm_head(x)                                     # (B, T, vocab_size)
+        return ChunkedCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten(),
+                                         torch.is_grad_enabled())
 
     def hidden(self, idx, cache=None):
         """The final hidden states, (B, T, C): what the output layer reads at every position."""
@@ -452,22 +456,76 @@ def lm_loss(model, x, y, dtype=torch.float32):
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # (B*T, vocab) against (B*T,)
 
 
+# The same maths, in bounded memory. In a small model most of the work is the output layer: for
+# the 'mini' shape, 38.6 of the 44.1 MFLOP a token are its 50,257 x 128 product, and the float32
+# logits of a batch of 32 x 128 positions hold 206 M numbers (824 MB), several copies of them at
+# once in a step. lm_loss_chunked gives lm_loss's loss and gradients without ever holding more
+# than a chunk of them, whatever the batch (docs/pretraining.md has its speed and memory).
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits h @ weightᵀ against the targets, a chunk of positions at
+    a time. h: (N, C) hidden states, weight: (vocab, C), targets: (N,).
+
+    The gradient of cross-entropy with respect to the logits is softmax(logits) - one_hot(target),
+    so each chunk's gradients for h and the weight are computed right after its loss, and its
+    logits are dropped: the forward pass returns the loss, the backward pass only scales the
+    gradients it kept. Under autocast the matrix products run in its dtype, as in lm_loss; the
+    softmax always in float32. grads: False (no backward pass will follow) skips the gradients.
+    """
+
+    chunk = 1024  # positions at a time: at most 1024 x 50,257 float32 logits (206 MB) exist at once
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, grads):
+        n, chunk = h.shape[0], ChunkedCrossEntropy.chunk              # h: (N, C), weight: (vocab, C)
+        total = torch.zeros((), device=h.device)
+        grad_h = torch.empty_like(h) if grads else None                 # (N, C)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if grads else None  # (vocab, C)
+        for i in range(0, n, chunk):
+            t = targets[i:i + chunk]                                   # (n,)
+            log_p = torch.log_softmax((h[i:i + chunk] @ weight.T).float(), dim=-1)  # (n, vocab): this chunk only
+            rows = torch.arange(len(t), device=t.device)
+            total += -log_p[rows, t].sum()
+            if grads:
+                g = log_p.exp_()                                       # softmax, in place of the log
+                g[rows, t] -= 1                                        # minus the one-hot target: d(sum of
+                grad_h[i:i + chunk] = g @ weight                       # losses) / d(logits), (n, vocab); (n, C)
+                grad_w += (g.T @ h[i:i + chunk]).float()               # (vocab, C)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.n = n
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors  # of the summed loss: the mean's are 1 / N of them
+        return grad_h * (grad_loss / ctx.n), grad_w * (grad_loss / ctx.n), None, None
+
+
+def lm_loss_chunked(model, x, y, dtype=torch.float32):
+    """lm_loss's loss (and, in backward, its gradients), the output layer and the softmax computed
+    a chunk of positions at a time: model(x, targets=y). model may be a DistributedDataParallel
+    wrapper (its forward pass must see the whole computation)."""
+    with autocast(x.device, dtype):
+        return model(x, targets=y)
+
+
 @torch.no_grad()
 def lm_evaluate(model, batches, dtype=torch.float32):
-    """Mean lm_loss per window over batches of (x, y), in eval mode (no dropout). Each batch's
+    """Mean lm_loss per window over batches of (x, y) (computed by lm_loss_chunked), in eval mode
+    (no dropout). Each batch's
     mean is weighted by its size, so the result does not depend on how windows were batched."""
     total = 0.0
     windows = 0
     device = next(model.parameters()).device
     with eval_mode(model):
         for x, y in batches:
-            total += lm_loss(model, x.to(device), y.to(device), dtype).item() * len(x)
+            total += lm_loss_chunked(model, x.to(device), y.to(device), dtype).item() * len(x)
             windows += len(x)
     return total / max(windows, 1)
 
 
 def optimizer_step(model, optimizer, micro_batches, dtype=torch.float32, clip=0.0):
-    """One optimizer step of language modelling; returns its mean loss (a tensor).
+    """One optimizer step of language modelling (lm_loss_chunked); returns its mean loss (a tensor).
 
     The gradients of the micro-batches (x, y) are summed, each loss divided by their number, so
     the sum is their mean: the same gradient as one batch that many times as big, in a fraction
@@ -480,7 +538,7 @@ def optimizer_step(model, optimizer, micro_batches, dtype=torch.float32, clip=0.
     for i, (x, y) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
-            loss = lm_loss(model, x.to(device), y.to(device), dtype) / len(micro_batches)
+            loss = lm_loss_chunked(model, x.to(device), y.to(device), dtype) / len(micro_batches)
             loss.backward()
         total = total + loss.detach()  # a tensor: reading it (.item()) would wait for the device
     if clip:

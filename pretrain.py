@@ -66,8 +66,8 @@ SETTINGS = {
 OLD_SETTING_NAMES = {"book": "ch5"}
 # The flags that decide what training computes: a resumed run keeps them (--resume takes them
 # from the checkpoint, and refuses a different value on the command line).
-PLAN = ("setting", "corpus", "text", "preset", "context_length", "epochs", "max_steps", "batch_size", "grad_accum",
-        "lr", "weight_decay", "dropout", "warmup", "clip", "windows", "seed", "dtype")
+PLAN = ("setting", "corpus", "text", "init", "preset", "context_length", "epochs", "max_steps", "minutes", "batch_size",
+        "grad_accum", "lr", "weight_decay", "dropout", "warmup", "clip", "windows", "seed", "dtype")
 KEPT = ("eval_every", "eval_windows", "save_every", "prompt")  # also from the checkpoint, unless given again
 FINAL_WINDOWS = 200  # the final losses: over this many windows of each split (all of them, for the story)
 
@@ -319,18 +319,21 @@ def pretrain(args, device):
     rank, world = ranks()
     windows = Windows(train_ids, args.context_length, args.batch_size, args.grad_accum, rank, world, args.seed,
                       args.windows)
-    total = planned_steps(args, windows)
+    plan = planned_steps(args, windows)
+    length = f"{plan:,} steps ({plan / windows.steps_per_epoch:.2f} epochs" if plan < float("inf") else \
+        f"{args.minutes:g} minutes of training (steps: as many as fit"
     print(f"{len(train_ids):,} training and {len(validation_ids):,} validation tokens in {token_folder}")
     print(f"global batch: {args.batch_size} windows x {args.grad_accum} micro-batches x {world} process(es) = "
           f"{windows.global_batch} windows of {args.context_length} = {windows.global_batch * args.context_length:,} "
-          f"tokens per step; {total:,} steps ({total / windows.steps_per_epoch:.2f} epochs, {args.windows} windows)")
-    model, optimizer, progress = start(args, device, checkpoint, total)
+          f"tokens per step; {length}, {args.windows} windows)")
+    model, optimizer, progress = start(args, device, checkpoint, plan)
     if progress is None:  # the checkpoint's run is already finished
         return None
     args.token_folder = token_folder
     eval_sets = {} if rank else {name: sample_batches(ids, args.context_length, args.eval_windows, args.batch_size)
                                  for name, ids in (("train", train_ids), ("validation", validation_ids))}
-    stopped = train(args, model, optimizer, windows, progress, total, eval_sets, tokenizer, dtype)
+    stopped = train(args, model, optimizer, windows, progress, plan, eval_sets, tokenizer, dtype)
+    total = steps_to_run(args, progress, plan)
     finished = progress["step"] >= total
     save(args, model, optimizer, progress, total, finished)
     if rank:
@@ -345,10 +348,11 @@ def pretrain(args, device):
     return None
 
 
-def train(args, model, optimizer, windows, progress, total, eval_sets, tokenizer, dtype):
+def train(args, model, optimizer, windows, progress, plan, eval_sets, tokenizer, dtype):
     """The training loop, one optimizer step per turn; after each, in order, what is due: the
     losses and the speed, a sample at the end of an epoch, a checkpoint, a stop. Steps are
-    counted from 1. Returns True if Ctrl+C or SIGTERM stopped it (after the step under way)."""
+    counted from 1; `plan` of them (with --minutes, as many as fit). Returns True if Ctrl+C or
+    SIGTERM stopped it (after the step under way)."""
     # Under torchrun the wrapper shares gradients; the model itself is what is evaluated, sampled
     # and saved. The GPT has no buffers, so the wrapper's forward pass needs no talk between
     # processes (it would broadcast buffers) and process 0 can evaluate alone.
@@ -357,7 +361,7 @@ def train(args, model, optimizer, windows, progress, total, eval_sets, tokenizer
     reported = progress["seen"], progress["seconds"]  # at the last speed report
     model.train()
     with StopRequests() as stop:
-        while progress["step"] < total:
+        while progress["step"] < (total := steps_to_run(args, progress, plan)):
             step = progress["step"] + 1
             lr = minigpt.cosine_lr(step, total, args.lr, args.warmup) if args.warmup else args.lr
             minigpt.set_lr(optimizer, lr)
@@ -365,6 +369,7 @@ def train(args, model, optimizer, windows, progress, total, eval_sets, tokenizer
             minigpt.optimizer_step(trained, optimizer, windows.micro_batches(step), dtype, args.clip)
             progress.update(step=step, seen=progress["seen"] + windows.global_batch * args.context_length,
                             seconds=progress["seconds"] + time.perf_counter() - start)
+            total = steps_to_run(args, progress, plan)  # (with --minutes, the time left may end the run here)
             if eval_sets and ((step - 1) % args.eval_every == 0 or step == total):
                 losses = evaluate(model, eval_sets, progress, dtype)
                 speed = (progress["seen"] - reported[0]) / max(progress["seconds"] - reported[1], 1e-9)
@@ -393,31 +398,53 @@ def evaluate(model, eval_sets, progress, dtype):
     return losses
 
 
+def steps_to_run(args, progress, plan):
+    """The run's length in steps: the plan; with --minutes, no more than fit in the minutes of
+    training at the mean speed of the steps so far, re-estimated after every step, so that the
+    schedule's cosine ends on time. Under torchrun every process takes the smallest estimate."""
+    if not args.minutes or progress["step"] == 0:
+        return plan
+    left = args.minutes * 60 - progress["seconds"]
+    estimate = progress["step"] + max(0, round(left / (progress["seconds"] / progress["step"])))
+    if dist.is_initialized():
+        estimate = torch.tensor(float(estimate))
+        dist.all_reduce(estimate, op=dist.ReduceOp.MIN)
+        estimate = int(estimate.item())
+    return min(plan, estimate)
+
+
 def planned_steps(args, windows):
-    """The run's length in optimizer steps: --epochs or --max-steps, whichever ends first."""
+    """The run's length in optimizer steps: --epochs or --max-steps, whichever ends first (with
+    --minutes, either may be left out)."""
     if windows.steps_per_epoch == 0:
         raise minigpt.DataError(f"{len(windows.starts)} training windows make no global batch of "
                                 f"{windows.global_batch}; give more text or smaller batches")
     total = min(args.epochs * windows.steps_per_epoch if args.epochs else float("inf"),
                 args.max_steps or float("inf"))
-    if total == float("inf"):
-        raise minigpt.DataError("give --epochs or --max-steps")
+    if total == float("inf") and not args.minutes:
+        raise minigpt.DataError("give --epochs, --max-steps or --minutes")
     return total
 
 
-def start(args, device, checkpoint, total):
-    """(model, optimizer, progress): new, or as the checkpoint left them; progress None if the
-    checkpoint's run is already finished."""
+def start(args, device, checkpoint, plan):
+    """(model, optimizer, progress): new (random, or --init's weights), or as the checkpoint left
+    them; progress None if the checkpoint's run is already finished."""
     rank, world = ranks()
-    if checkpoint is None:
-        torch.manual_seed(args.seed)  # the same initial weights in every process
+    torch.manual_seed(args.seed)  # the same initial weights in every process
+    if checkpoint is not None:
+        model = minigpt.load_weights(minigpt.GPTConfig(**checkpoint["config"]), checkpoint["model"].items(), device)
+    elif args.init:  # continued pretraining: the weights of a model pretrained before
+        model = minigpt.load_model(args.init, device, dropout=args.dropout)
+        if args.context_length > model.cfg.context_length:
+            raise minigpt.DataError(f"--context-length {args.context_length}: {args.init} sees at most "
+                                    f"{model.cfg.context_length} positions")
+    else:
         cfg = replace(minigpt.PRESETS[args.preset], context_length=args.context_length, dropout=args.dropout,
                       **args.model)
         model = minigpt.GPT(cfg).to(device)
-    else:
-        model = minigpt.load_weights(minigpt.GPTConfig(**checkpoint["config"]), checkpoint["model"].items(), device)
     flops, n_multiplying = flops_per_token(model)
-    print(f"model: {args.preset} shape, {sum(p.numel() for p in model.parameters()):,} parameters "
+    shape = f"{args.init}'s" if args.init else f"{args.preset}"
+    print(f"model: {shape} shape, {sum(p.numel() for p in model.parameters()):,} parameters "
           f"({n_multiplying:,} that multiply: N in 6N + 12LTC = {flops / 1e6:.1f} MFLOP per token), "
           f"{args.context_length} positions, on {device}")
     # betas (0.9, 0.95): GPT-3's; a shorter memory of squared gradients reacts faster to spikes.
@@ -439,6 +466,7 @@ def start(args, device, checkpoint, total):
     torch.set_rng_state(rng["cpu"])
     if rng["cuda"]:
         torch.cuda.set_rng_state_all(rng["cuda"])
+    total = steps_to_run(args, progress, plan)
     print(f"Resuming {args.out / 'model.pt'} after step {progress['step']:,} of {total:,} ({args.dtype})")
     return model, optimizer, progress
 
@@ -603,9 +631,15 @@ def parser(defaults=True):
     what.add_argument("--text", nargs="+", type=Path, metavar="FILE_OR_FOLDER",
                       help="train on these UTF-8 files instead (folders: every *.txt inside, sorted)")
     p.add_argument("--preset", type=minigpt.preset_name, help=f"model shape: {', '.join(minigpt.PRESETS)}")
+    p.add_argument("--init", help="go on pretraining this model (a pretrain.py checkpoint, a model folder or a "
+                                  "GPT-2 name) on the text, instead of random weights of --preset's shape "
+                                  "(default: random weights)")
     p.add_argument("--context-length", type=minigpt.positive_int, help="positions per training window")
     p.add_argument("--epochs", type=minigpt.positive_int, help="passes over the training tokens")
     p.add_argument("--max-steps", type=minigpt.positive_int, help="optimizer steps; with --epochs, whichever ends first")
+    p.add_argument("--minutes", type=minigpt.positive_float,
+                   help="a budget of this many minutes of training: the schedule is planned to end on time, "
+                        "and --epochs and --max-steps apply only if given (default: no budget)")
     p.add_argument("--batch-size", type=minigpt.positive_int, help="windows per micro-batch, per process")
     p.add_argument("--grad-accum", type=minigpt.positive_int, help="micro-batches whose gradients are summed into one step")
     p.add_argument("--lr", type=minigpt.positive_float, help="peak learning rate of AdamW")
@@ -653,6 +687,10 @@ def parse_args(argv=None):
     p.set_defaults(**SETTINGS[setting], setting=setting)
     args = p.parse_args(argv)
     args.given = given
+    if args.minutes:  # the budget is the time: a setting's epochs or steps apply only if given
+        args.epochs, args.max_steps = given.get("epochs"), given.get("max_steps")
+    if args.init and "preset" in given:
+        p.error("--preset and --init: the model's shape comes from --init")
     if args.text:
         args.text = [str(path.resolve()) for path in args.text]
         args.corpus = None

@@ -328,6 +328,32 @@ def test_optimizer_steps_overfit_a_tiny_batch_and_accumulate_exactly():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_loss_and_gradients_equal_the_plain_cross_entropy(monkeypatch, dtype):
+    """lm_loss_chunked against lm_loss (F.cross_entropy over the whole logits), chunks of 7 of 60
+    positions: the loss and every gradient to 1e-6 in float32 (the order of sums differs), and
+    within bfloat16's rounding (1 %, relative norm) in bfloat16. Without gradients, the loss."""
+    model = tiny_model()
+    x, y = torch.randint(0, TINY.vocab_size, (3, 20)), torch.randint(0, TINY.vocab_size, (3, 20))
+    results = []
+    monkeypatch.setattr(minigpt.ChunkedCrossEntropy, "chunk", 7)
+    for loss_fn in (minigpt.lm_loss, minigpt.lm_loss_chunked):
+        model.zero_grad()
+        loss = loss_fn(model, x, y, dtype)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    (plain, plain_grads), (chunked, chunked_grads) = results
+    if dtype == torch.float32:
+        assert chunked == pytest.approx(plain, abs=1e-6)
+        for a, b in zip(chunked_grads, plain_grads):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    else:
+        assert chunked == pytest.approx(plain, rel=1e-2)
+        assert all(relative_error(a, b) < 1e-2 for a, b in zip(chunked_grads, plain_grads))
+    with torch.no_grad():
+        assert minigpt.lm_loss_chunked(model, x, y, dtype).item() == pytest.approx(chunked, abs=1e-6)
+
+
 def test_cosine_learning_rate_counts_steps_from_1():
     lrs = [minigpt.cosine_lr(s, 100, 1.0, 10) for s in range(1, 101)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == 1.0 and lrs[-1] < 0.01
@@ -749,7 +775,7 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(small_corpus, tmp_p
             "--eval-every", "2", "--eval-windows", "4"]
     assert pretrain.main(plan + ["--dtype", dtype, "--out", str(tmp_path / "whole")]) is None
 
-    lm_loss = minigpt.lm_loss
+    lm_loss = minigpt.lm_loss_chunked
     calls = []
 
     def ctrl_c_in_step_2(*a, **k):
@@ -760,9 +786,9 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(small_corpus, tmp_p
         return lm_loss(*a, **k)
 
     out = ["--out", str(tmp_path / "sessions")]
-    monkeypatch.setattr(minigpt, "lm_loss", ctrl_c_in_step_2)
+    monkeypatch.setattr(minigpt, "lm_loss_chunked", ctrl_c_in_step_2)
     assert pretrain.main(plan + ["--dtype", dtype] + out) == 130
-    monkeypatch.setattr(minigpt, "lm_loss", lm_loss)
+    monkeypatch.setattr(minigpt, "lm_loss_chunked", lm_loss)
     training = minigpt.load_checkpoint(tmp_path / "sessions" / "model.pt")[1]["training"]
     assert training["progress"]["step"] == 2 and training["args"]["dtype"] == dtype
     with pytest.raises(minigpt.DataError, match="trained with --lr 0.002, not 0.01"):
@@ -1593,6 +1619,21 @@ def test_web_page_in_a_real_browser(server_url, tmp_path):
         page.press("#text", "Control+Enter")
         page.wait_for_selector('#answer[data-label="ham"]')
         assert page.title() == "Is this spam?" and page.locator(".samples button").count() == 4
+        # The verdict token by token: every token shaded, its value on hover, the last one the answer.
+        spans = page.locator("#tokens span")
+        assert spans.count() == 5 and "had the text ended here" in spans.first.get_attribute("title")
+        assert all(spans.nth(i).evaluate("s => s.style.background").startswith("rgba") for i in range(5))
+        shown = float(page.inner_text("#bars .row.top .p").removesuffix(" %"))
+        assert abs(100 * float(spans.last.get_attribute("data-p")) - shown) < 0.051
+        assert "the last token's value is the answer" in page.inner_text("#why")
+        page.fill("#text", "")  # empty: the API's error, and the page goes on
+        page.click("#go")
+        page.wait_for_selector("#answer.error")
+        assert "empty" in page.inner_text("#detail") and spans.count() == 0
+        page.fill("#text", "WIN cash " * 400)  # far longer than the model reads
+        page.click("#go")
+        page.wait_for_selector('#answer.done')
+        assert "truncated" in page.inner_text("#detail") and 0 < spans.count() <= 64
         page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
         assert page.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scrolling
         browser.close()
@@ -1798,8 +1839,8 @@ def test_token_guards_the_api_and_metrics_but_not_health(quiet_classifier):
 def slow(classifier, seconds):
     """The same classifier, but every forward pass takes at least `seconds` (to make a queue)."""
     slow_one = copy.copy(classifier)
-    slow_one.probabilities = lambda examples, batch_size=None: (time.sleep(seconds),
-                                                                classifier.probabilities(examples, batch_size))[1]
+    slow_one.probabilities = lambda rows, lengths, batch_size=None: (
+        time.sleep(seconds), classifier.probabilities(rows, lengths, batch_size))[1]
     return slow_one
 
 
@@ -2264,6 +2305,8 @@ def test_every_flag_the_docs_mention_is_in_the_scripts_help(helps):
         for number, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1):
             parts = re.split(r"\b(minigpt\.py|pretrain\.py|finetune\.py|classify\.py)\b", line)
             segments = [(SCRIPTS, parts[0])] if len(parts) == 1 else list(zip(parts[1::2], parts[2::2]))
+            if re.match(r"\s*(\$ )?(torchrun|curl|pip)\b", line):  # another program's flags, up to a script
+                segments = segments[1:] if len(parts) == 1 else segments
             for scripts, text in segments:
                 scripts = scripts if isinstance(scripts, tuple) else (scripts,)
                 for flag in set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text)):
@@ -2275,3 +2318,115 @@ def test_every_flag_the_docs_mention_is_in_the_scripts_help(helps):
 def test_every_help_shows_its_defaults(helps):
     for script, text in helps.items():
         assert "(default: None)" not in text and text.count("(default:") >= 5, script
+
+
+
+# ---------------------------------------------------------------- the verdict token by token
+
+@pytest.mark.parametrize("pool", finetune.POOLS)
+def test_prefix_probabilities_are_the_verdict_on_each_prefix(tokenizer, pool):
+    """Row t is what the classifier answers for the text's first t + 1 tokens; the row it reads
+    (the last real one, the padded end for 'last') is its answer, to 1e-6."""
+    torch.manual_seed(0)
+    model = finetune.make_classifier(minigpt.GPT(replace(TINY, n_layers=3)).eval(), "last_block")
+    ids, _ = minigpt.encode(TEXTS, tokenizer)
+    data = minigpt.PaddedDataset(ids, [0] * len(ids))
+    steps = finetune.prefix_probabilities(model, data.ids, pool)                     # (B, T, classes)
+    with torch.no_grad():
+        answer = torch.softmax(finetune.class_logits(model, data.ids, data.lengths, pool), dim=-1)
+    read = data.lengths - 1 if pool != "last" else torch.full_like(data.lengths, data.max_length - 1)
+    torch.testing.assert_close(steps[torch.arange(len(ids)), read], answer, atol=1e-6, rtol=0)
+    if pool != "last":  # and any shorter prefix: the answer for the text cut there
+        cut = torch.tensor([ids[1][:3]])
+        with torch.no_grad():
+            short = torch.softmax(finetune.class_logits(model, cut, torch.tensor([3]), pool), dim=-1)[0]
+        torch.testing.assert_close(steps[1, 2], short, atol=1e-6, rtol=0)
+
+
+def test_explain_on_the_command_line_ends_in_the_answer(tiny_classifier, capsys):
+    text = "WIN cash PRIZE claim now, call 0800"
+    classify.main(["--model", str(tiny_classifier), "--json", text])
+    plain = json.loads(capsys.readouterr().out)
+    classify.main(["--model", str(tiny_classifier), "--json", "--explain", text])
+    explained = json.loads(capsys.readouterr().out)
+    assert explained["probabilities"] == plain["probabilities"]  # explaining changes no answer
+    tokens = explained["explanation"]
+    assert "".join(t["text"] for t in tokens) == text and len(tokens) == plain["tokens"]
+    assert tokens[-1]["probabilities"] == plain["probabilities"]
+    best = [max(t["probabilities"], key=t["probabilities"].get) for t in tokens]
+    changed = [i for i in range(1, len(best)) if best[i] != best[i - 1]]
+    assert explained["changed_at"] == (changed[-1] if changed else None)
+    classify.main(["--model", str(tiny_classifier), "--explain", text])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("spam") and len(lines) == 2 + len(tokens) + 1
+    last = lines[-2].split()
+    assert float(last[-2]) == round(plain["probabilities"]["spam"], 3) and "█" in last[-1]
+
+
+def test_explained_and_plain_requests_in_one_batch_each_get_their_answer(quiet_classifier):
+    texts = [t for _, t in synthetic_messages(8, 8, seed=4)]
+    alone = quiet_classifier(texts)
+    with running(slow(quiet_classifier, 0.3)) as (url, server):
+        with ThreadPoolExecutor(len(texts)) as pool:
+            answers = list(pool.map(lambda k: call(f"{url}/api/classify", {"text": texts[k], "explain": k % 2 == 0}),
+                                    range(len(texts))))
+        _, metrics = call(f"{url}/metrics")
+    passes = int(re.search(r"^minigpt_batch_texts_count (\d+)", metrics, re.MULTILINE).group(1))
+    assert passes < len(texts)  # explained and plain requests rode together
+    for k, ((status, answer), one) in enumerate(zip(answers, alone)):
+        assert status == 200 and answer["label"] == one["label"]
+        assert answer["probabilities"] == pytest.approx(one["probabilities"], abs=1e-6)
+        assert ("explanation" in answer) == (k % 2 == 0)
+        if k % 2 == 0:
+            assert answer["explanation"][-1]["probabilities"] == answer["probabilities"]
+
+
+# ---------------------------------------------------------------- pretraining that pays off
+
+def test_minutes_plan_the_schedule_to_end_on_time(small_corpus, tmp_path, capsys):
+    """--minutes 0.05: three seconds of training steps, re-planned as the run goes; the run ends
+    when they are spent, finished, with the learning rate at the cosine's end."""
+    pretrain.main(["--text", str(small_corpus / "long.txt"), "--preset", "tiny", "--context-length", "16",
+                   "--minutes", "0.05", "--warmup", "5", "--eval-every", "1000", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    history = json.loads((tmp_path / "history.json").read_text())
+    per_step = history["seconds"] / history["steps"]
+    assert history["steps"] > 20 and 3.0 - 2 * per_step <= history["seconds"] <= 3.0 + 2 * per_step
+    last_lr = float(re.findall(r"lr ([0-9.e+-]+)", out)[-1])
+    assert last_lr < 0.05 * 2e-3  # the cosine has reached its end
+    _, checkpoint = minigpt.load_checkpoint(tmp_path / "model.pt")
+    assert "optimizer" not in checkpoint and checkpoint["training"]["total_steps"] == history["steps"]
+    assert "3 minutes" not in out and "0.05 minutes of training" in out
+
+
+def test_init_goes_on_from_a_pretrained_model(small_corpus, tmp_path, capsys):
+    plan = ["--preset", "tiny", "--context-length", "16", "--max-steps", "2", "--eval-every", "1000"]
+    pretrain.main(["--text", str(small_corpus / "long.txt"), *plan, "--out", str(tmp_path / "base")])
+    base = weights(tmp_path / "base" / "model.pt")
+    pretrain.main(["--text", str(small_corpus / "short.txt"), "--init", str(tmp_path / "base" / "model.pt"),
+                   "--context-length", "16", "--max-steps", "1", "--warmup", "0", "--lr", "1e-12",
+                   "--out", str(tmp_path / "more")])
+    more = weights(tmp_path / "more" / "model.pt")
+    assert all(torch.allclose(more[name], base[name], atol=1e-6) for name in base)  # a step of 1e-12 from it
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(["--init", "x.pt", "--preset", "tiny"])
+    assert "the model's shape comes from --init" in capsys.readouterr().err
+
+
+def test_unlabelled_text_leaves_out_every_text_that_is_measured(tmp_path, capsys):
+    messages = synthetic_messages(200, 60, seed=9)
+    messages += [messages[0], messages[-1], ("spam", messages[0][1])]  # duplicates, one with another label
+    data = write_messages(tmp_path / "sms.txt", messages)
+    flags = ["--data", str(data), "--balance", "--unseen", "40", "--split-seed", "5", "--out", str(tmp_path / "out")]
+    finetune.main(flags + ["--unlabelled", str(tmp_path / "unlabelled.txt")])
+    assert "Wrote" in capsys.readouterr().out and not (tmp_path / "out").exists()
+    written = (tmp_path / "unlabelled.txt").read_text().splitlines()
+    splits, _ = finetune.load_splits(finetune.parse_args(flags))
+    measured = {text for name in ("validation", "test", "unseen") for _, text in splits[name]}
+    assert len(splits["unseen"]) == 40 and measured and not measured & set(written)
+    assert set(written) == {text for _, text in messages} - measured  # everything else
+    finetune.main(flags + ["--init", "random", "--preset", "tiny", "--trainable", "head", "--epochs", "1",
+                           "--seed", "1"])  # --seed moves the head and the batches, not the split
+    for name in ("validation", "test"):
+        with open(tmp_path / "out" / f"{name}.csv", encoding="utf-8") as f:
+            assert not {row["text"] for row in csv.DictReader(f)} & set(written)

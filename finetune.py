@@ -82,7 +82,7 @@ def frozen_blocks(model, trainable):
 
 def dense_layers(block):
     """(module, name) of each Dense layer of a block: the attention's two, the MLP's two."""
-    return (block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")
+    return [(getattr(block, part), name) for part, name in minigpt.DENSE_LAYERS]
 
 
 class LoRA(nn.Module):
@@ -101,6 +101,11 @@ class LoRA(nn.Module):
         self.A = nn.Parameter(torch.empty(n_in, rank).uniform_(-n_in ** -0.5, n_in ** -0.5))
         self.B = nn.Parameter(torch.zeros(rank, n_out))
         self.scale = alpha / rank
+
+    def weights(self):
+        """(W + (alpha / rank) A @ B, bias): the one matrix this layer amounts to."""
+        weight, bias = self.dense.weights()
+        return weight + self.scale * (self.A @ self.B), bias
 
     def forward(self, x):
         return self.dense(x) + self.scale * ((x @ self.A) @ self.B)  # (..., in) -> (..., out)
@@ -1138,6 +1143,9 @@ class NF4Dense(nn.Module):
 
     def dequantize(self, dtype=torch.float32):
         return nf4_dequantize(dict(self.named_buffers()), self.shape, dtype)  # (in, out)
+
+    def weights(self):
+        return self.dequantize(), self.bias
 
     def forward(self, x):
         return NF4Matmul.apply(x, self) + self.bias                  # (..., in) -> (..., out)

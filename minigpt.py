@@ -149,6 +149,10 @@ class Dense(nn.Module):
     def shape(self):
         return tuple(self.weight.shape)  # (in, out)
 
+    def weights(self):
+        """(weight (in, out), bias): what the layer computes with (finetune.py's LoRA adds to it)."""
+        return self.weight, self.bias
+
     def forward(self, x):
         return x @ self.weight + self.bias  # (..., in) -> (..., out)
 
@@ -862,6 +866,7 @@ def model_tensors(spec, device="cpu", **config_changes):
 # ==============================================================================================
 
 import argparse
+import copy
 import ctypes
 import errno
 import http.client
@@ -908,7 +913,8 @@ def pick_device(name=None):
     return torch.device("cpu")
 
 
-DTYPES = ("auto", "float32", "bfloat16")  # the choices of every script's --dtype
+DTYPES = ("auto", "float32", "bfloat16")  # the choices of --dtype for training
+INFERENCE_DTYPES = (*DTYPES, "int8")      # and for inference (classify.py, generating)
 
 
 def native_bfloat16(device):
@@ -986,6 +992,131 @@ def autocast(device, dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+class Int8Dense(nn.Module):
+    """y = x @ W + b for inference, with W in 8-bit integers and x turned into 8-bit integers as
+    it comes: y ≈ (x_q @ W_q) * (s_x * s_w) + b, the product summed exactly in int32.
+
+    W_q: each output column of W divided by s_w = its largest |weight| / 127 and rounded; x_q:
+    each token's row of x divided by s_x = its largest |value| / 127 and rounded. Why a scale per
+    column and per row, not one for the matrix: a product's error is at most half a step of
+    each scale, and a step is set by the largest number it covers. Transformer activations have
+    a few large channels and tokens of very different sizes; one scale for everything would make
+    the step of every small row as coarse as the largest row needs. Per row and per column, each
+    keeps the step its own numbers need, and since y[i, j] depends only on row i of x and
+    column j of W, the two scales factor out of the integer sum exactly.
+    weight: (in, out), float; bias: (out,) or None.
+    """
+
+    def __init__(self, weight, bias):
+        super().__init__()
+        weight = weight.detach().float()
+        self.register_buffer("scale", weight.abs().amax(dim=0).clamp_min(1e-12) / 127)     # (out,)
+        self.register_buffer("weight_q", torch.round(weight / self.scale).to(torch.int8))  # (in, out)
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    def forward(self, x):
+        rows = x.reshape(-1, x.shape[-1]).float()                             # (N, in)
+        x_scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127  # (N, 1): each token's own
+        x_q = torch.round(rows / x_scale).to(torch.int8)                      # (N, in), in [-127, 127]
+        y = torch._int_mm(x_q, self.weight_q) * (x_scale * self.scale)        # int32 sums, rescaled: (N, out)
+        y = y if self.bias is None else y + self.bias
+        return y.reshape(*x.shape[:-1], -1)
+
+
+DENSE_LAYERS = (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))  # in each Block
+
+
+def to_int8(model):
+    """The model for inference in int8, in place: every Dense layer of every block (with what
+    finetune.py added to it: LoRA, NF4) and the output layer become Int8Dense; embeddings and
+    LayerNorms stay float32."""
+    for block in model.h:
+        block_to_int8(block)
+    model.lm_head = linear_to_int8(model.lm_head)
+    return model
+
+
+def block_to_int8(block):
+    for part, name in DENSE_LAYERS:
+        parent = getattr(block, part)
+        setattr(parent, name, Int8Dense(*getattr(parent, name).weights()))
+    return block
+
+
+def linear_to_int8(linear):
+    return Int8Dense(linear.weight.T, linear.bias)  # nn.Linear keeps its weight (out, in)
+
+
+def cast_for_inference(model, dtype):
+    """The model in `dtype` ("float32", "bfloat16" or "int8") for inference, in place. The float
+    dtypes cast the parameters only (a QLoRA base's NF4 codes and scales are buffers: they stay)."""
+    if dtype == "int8":
+        return to_int8(model)
+    return cast_parameters(model, dtype)
+
+
+def cast_parameters(module, dtype):
+    for p in module.parameters():
+        p.data = p.data.to(getattr(torch, dtype))
+    return module
+
+
+@torch.inference_mode()
+def fastest_dtype(model, batch, positions, choices):
+    """(the fastest of `choices` here, the first of them within 10 % of it, a line that says why):
+    one block of `model` and its output layer, copied into each dtype, timed (best of 5) on
+    `batch` x `positions` random inputs, the output layer on the last position only (classifying
+    and generating read one). A forward pass is its blocks and that layer, so this ranks the
+    dtypes as the whole model would."""
+    C = model.cfg.emb_dim
+    x = torch.randn(batch, positions, C, device=model.wte.weight.device)
+    times = {}
+    for dtype in choices:
+        block, head = copy.deepcopy(model.h[0]), copy.deepcopy(model.lm_head)
+        if dtype == "int8":
+            block, head = block_to_int8(block), linear_to_int8(head)
+        else:
+            block, head = cast_parameters(block, dtype), cast_parameters(head, dtype)
+        xd = x.to(torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+        try:
+            block_time = best_time(lambda: block(xd))
+            head_time = best_time(lambda: head(xd[:, -1]))
+        except RuntimeError:  # e.g. torch's int8 product refuses these shapes on this device
+            continue
+        times[dtype] = model.cfg.n_layers * block_time + head_time
+    fastest = min(times.values())  # the first of the choices within 10 % of it: a near tie is no reason to switch
+    best = next(dtype for dtype in choices if dtype in times and times[dtype] <= 1.1 * fastest)
+    said = ", ".join(f"{1000 * t:.1f} ms in {d}" for d, t in sorted(times.items(), key=lambda kv: kv[1]))
+    return best, f"measured here, the model on {batch} x {positions} tokens: {said}"
+
+
+def best_time(fn, repeats=5):
+    """The fastest of `repeats` runs of fn(), in seconds, after one to warm up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # a GPU runs on after the call returns
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def inference_dtype(name, model, batch, positions):
+    """The dtype for inference with `model` on inputs of batch x positions tokens: `name`, or
+    for auto the fastest here, measured, of float32, bfloat16 (where the device has it natively)
+    and int8; says which and why, once. For training, pick_dtype decides by the hardware alone:
+    there bfloat16 is faster wherever it is native (docs/precision.md)."""
+    device = model.wte.weight.device
+    if name != "auto":
+        return dtype_name(pick_dtype(name, device)) if name != "int8" else name
+    choices = ["float32", *(["bfloat16"] if native_bfloat16(device)[0] else []), "int8"]
+    best, why = fastest_dtype(model, batch, positions, choices)
+    print(f"dtype: {best} (auto: {why})", file=sys.stderr)
+    return best
 
 
 def set_malloc(keep_freed):
@@ -1376,12 +1507,16 @@ class Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFo
         return super()._get_help_string(action)
 
 
-def add_device_flags(p, dtype="auto"):
-    """--device and --dtype, the same in every script (dtype: --dtype's default)."""
+def add_device_flags(p, dtype="auto", inference=False):
+    """--device and --dtype, the same in every script (dtype: --dtype's default; inference: int8 too)."""
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the fastest here: CUDA, then MPS, "
                                     "then the CPU)")
-    p.add_argument("--dtype", choices=DTYPES, default=dtype,
-                   help="auto: bfloat16 where the device multiplies it natively, else float32")
+    if inference:
+        p.add_argument("--dtype", choices=INFERENCE_DTYPES, default=dtype,
+                       help="auto: whichever of float32, bfloat16 (where native) and int8 measures fastest here")
+    else:
+        p.add_argument("--dtype", choices=DTYPES, default=dtype,
+                       help="auto: bfloat16 where the device multiplies it natively, else float32")
 
 
 def number_type(kind, low, high=None, low_open=False):
@@ -1470,29 +1605,20 @@ def run_script(main, interrupted):
 # ==============================================================================================
 
 def compare_dtypes(model, prompt, new_tokens):
-    """The same weights in float32 and in bfloat16: how far apart their logits are, and how fast
-    each runs one forward pass over the prompt and greedy KV-cache generation (best of 3)."""
-    def best_of_3(fn):
-        fn()  # warm up
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
+    """The same weights in each inference dtype: how far their logits are from float32's, how fast
+    a forward pass over the prompt runs, and how fast decoding runs: the slope between 20 and 20 +
+    new_tokens greedy tokens with the KV cache, so the prompt's own pass is left out (best of 3)."""
     with torch.inference_mode():
-        expected = model.float()(prompt)
-    for dtype in (torch.float32, torch.bfloat16):
-        model.to(dtype)
+        expected = model(prompt).float()
+    for dtype in ("float32", "bfloat16", "int8"):
+        copied = cast_for_inference(copy.deepcopy(model), dtype)
         with torch.inference_mode():
-            logits = model(prompt).float()
-        forward = best_of_3(lambda: generate(model, prompt, 1))
-        seconds = best_of_3(lambda: generate(model, prompt, new_tokens))
-        error = ((logits - expected).norm() / expected.norm()).item()
-        print(f"{dtype_name(dtype):8}: forward of {prompt.shape[1]} tokens {1000 * forward:.1f} ms; "
-              f"{new_tokens} new tokens {new_tokens / seconds:.1f} tokens/s; logits differ from "
-              f"float32 by {error:.1e} (relative)")
+            error = ((copied(prompt).float() - expected).norm() / expected.norm()).item()
+        forward = best_time(lambda: generate(copied, prompt, 1), 3)
+        short = best_time(lambda: generate(copied, prompt, 20), 3)
+        long = best_time(lambda: generate(copied, prompt, 20 + new_tokens), 3)
+        print(f"{dtype:8}: forward of {prompt.shape[1]} tokens {1000 * forward:.1f} ms; decoding "
+              f"{new_tokens / (long - short):.1f} tokens/s; logits differ from float32 by {error:.1e} (relative)")
 
 
 def main(argv=None):
@@ -1508,7 +1634,7 @@ def main(argv=None):
     p.add_argument("--top-k", type=positive_int, help="sample only among the k most likely tokens (default: all)")
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--no-cache", action="store_true", help="recompute every position for every token")
-    add_device_flags(p)
+    add_device_flags(p, inference=True)
     p.add_argument("--compare-dtypes", action="store_true",
                    help="run the prompt and --max-new-tokens in float32 and in bfloat16: speed and logit difference")
     args = p.parse_args(argv)
@@ -1526,8 +1652,8 @@ def main(argv=None):
     prompt = torch.tensor([tokenizer.encode(args.prompt, allowed_special={"<|endoftext|>"})], device=device)
     if args.compare_dtypes:
         return compare_dtypes(model, prompt, args.max_new_tokens)
-    dtype = pick_dtype(args.dtype, device)
-    model.to(dtype)  # generating only: the weights themselves in dtype, no autocast
+    dtype = inference_dtype(args.dtype, model, 1, 1)  # one new token at a time
+    cast_for_inference(model, dtype)  # generating only: the weights themselves in dtype, no autocast
     gen = torch.Generator(device).manual_seed(args.seed)
     t0 = time.time()
     out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -1535,7 +1661,7 @@ def main(argv=None):
     seconds = time.time() - t0
     n = out.shape[1] - prompt.shape[1]
     print(tokenizer.decode(out[0].tolist()))
-    print(f"{n} tokens in {seconds:.2f} s ({n / seconds:.1f} tokens/s, {dtype_name(dtype)})", file=sys.stderr)
+    print(f"{n} tokens in {seconds:.2f} s ({n / seconds:.1f} tokens/s, {dtype})", file=sys.stderr)
 
 
 if __name__ == "__main__":

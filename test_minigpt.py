@@ -13,6 +13,7 @@ import contextlib
 import copy
 import csv
 import hashlib
+import http.client
 import http.server
 import json
 import os
@@ -1528,7 +1529,7 @@ def test_inference_matches_what_finetune_measured(tiny_classifier, tokenizer):
 def test_bfloat16_classifier_gives_float32_probabilities_within_tolerance(tiny_classifier):
     texts = [t for _, t in synthetic_messages(10, 10, seed=7)]
     plain = [r["spam_probability"] for r in classify.Classifier(tiny_classifier)(texts)]
-    fast = classify.Classifier(tiny_classifier, dtype=torch.bfloat16)
+    fast = classify.Classifier(tiny_classifier, dtype="bfloat16")
     assert fast.model.lm_head.weight.dtype == torch.bfloat16
     got = [r["spam_probability"] for r in fast(texts)]
     assert max(abs(a - b) for a, b in zip(got, plain)) < BF16_TOLERANCE
@@ -2345,9 +2346,10 @@ def test_prefix_probabilities_are_the_verdict_on_each_prefix(tokenizer, pool):
 
 def test_explain_on_the_command_line_ends_in_the_answer(tiny_classifier, capsys):
     text = "WIN cash PRIZE claim now, call 0800"
-    classify.main(["--model", str(tiny_classifier), "--json", text])
+    run = lambda *flags: classify.main(["--model", str(tiny_classifier), "--dtype", "float32", *flags, text])
+    run("--json")
     plain = json.loads(capsys.readouterr().out)
-    classify.main(["--model", str(tiny_classifier), "--json", "--explain", text])
+    run("--json", "--explain")
     explained = json.loads(capsys.readouterr().out)
     assert explained["probabilities"] == plain["probabilities"]  # explaining changes no answer
     tokens = explained["explanation"]
@@ -2356,7 +2358,7 @@ def test_explain_on_the_command_line_ends_in_the_answer(tiny_classifier, capsys)
     best = [max(t["probabilities"], key=t["probabilities"].get) for t in tokens]
     changed = [i for i in range(1, len(best)) if best[i] != best[i - 1]]
     assert explained["changed_at"] == (changed[-1] if changed else None)
-    classify.main(["--model", str(tiny_classifier), "--explain", text])
+    run("--explain")
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("spam") and len(lines) == 2 + len(tokens) + 1
     last = lines[-2].split()
@@ -2430,3 +2432,71 @@ def test_unlabelled_text_leaves_out_every_text_that_is_measured(tmp_path, capsys
     for name in ("validation", "test"):
         with open(tmp_path / "out" / f"{name}.csv", encoding="utf-8") as f:
             assert not {row["text"] for row in csv.DictReader(f)} & set(written)
+
+
+# ---------------------------------------------------------------- int8, the dtype auto picks, the service's speed
+
+def test_int8_weights_and_activations_are_within_half_a_step():
+    torch.manual_seed(0)
+    weight, bias = torch.randn(64, 48) * torch.linspace(0.1, 3, 48), torch.randn(48)  # columns of different sizes
+    layer = minigpt.Int8Dense(weight, bias)
+    back = layer.weight_q.float() * layer.scale
+    assert layer.weight_q.dtype == torch.int8 and (back - weight).abs().le(layer.scale / 2 + 1e-7).all()
+    assert layer.weight_q.abs().max() == 127  # every column uses its whole range
+    x = torch.randn(5, 64) * torch.tensor([0.01, 1, 10, 100, 1000])[:, None]  # tokens of very different sizes
+    exact = x @ weight + bias
+    got = layer(x)
+    # Each product x_i w_ij is off by at most half an x-step times |w| plus half a w-step times |x|.
+    x_step = x.abs().amax(dim=1, keepdim=True) / 127
+    half_w = layer.scale / 2                                                           # (48,)
+    bound = (x.abs().sum(1, keepdim=True) * half_w + x_step / 2 * weight.abs().sum(0)
+             + 64 * x_step / 2 * half_w)                                               # (5, 48)
+    assert (got - exact).abs().le(bound + 1e-4).all()
+    assert relative_error(got, exact) < 0.02
+
+
+def test_int8_model_logits_are_within_tolerance_of_float32(tiny_classifier):
+    model = tiny_model()
+    idx = torch.randint(0, TINY.vocab_size, (3, 20))
+    with torch.no_grad():
+        expected = model(idx)
+        got = minigpt.to_int8(copy.deepcopy(model))(idx)
+    assert 0 < relative_error(got, expected) < 0.05
+    texts = [t for _, t in synthetic_messages(10, 10, seed=7)]
+    plain = classify.Classifier(tiny_classifier)(texts)
+    int8 = classify.Classifier(tiny_classifier, dtype="int8")(texts)
+    assert isinstance(classify.Classifier(tiny_classifier, dtype="int8").model.h[0].mlp.c_fc, minigpt.Int8Dense)
+    assert max(abs(a["spam_probability"] - b["spam_probability"]) for a, b in zip(plain, int8)) < 0.05
+
+
+def test_auto_measures_the_dtypes_and_says_why(capsys):
+    dtype = minigpt.inference_dtype("auto", tiny_model(), 4, 8)
+    said = capsys.readouterr().err
+    assert dtype in ("float32", "bfloat16", "int8") and said.startswith(f"dtype: {dtype} (auto: measured here")
+    assert "ms in float32" in said and "ms in int8" in said
+    assert minigpt.inference_dtype("int8", tiny_model(), 4, 8) == "int8"
+
+
+def test_kept_alive_connections_carry_many_requests(quiet_classifier, monkeypatch, capfd):
+    monkeypatch.setattr(classify.Handler, "keep_alive", 0.5)
+    with running(quiet_classifier) as (url, server):
+        host, port = url.removeprefix("http://").split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        for text in ("see you at lunch", "WIN cash PRIZE claim now"):
+            connection.request("POST", "/api/classify", json.dumps({"text": text}), {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            assert response.status == 200 and response.version == 11 and "label" in json.loads(response.read())
+        first = connection.sock  # one socket carried both
+        time.sleep(1.0)          # idle past keep_alive: the server closes it
+        assert first.recv(1) == b""
+        connection.close()
+    assert capfd.readouterr().err.count("POST /api/classify 200") == 2
+
+
+def test_benchmark_prints_the_model_alone_beside_the_service(tiny_classifier, capsys):
+    classifier = classify.Classifier(tiny_classifier)
+    classify.benchmark(classifier, 20, concurrency=4, keep_alive=True)
+    out = capsys.readouterr().out
+    assert re.search(r"model alone \(float32\): one message [\d.]+ ms; 4 at once [\d.]+ ms = [\d.]+ messages/s", out)
+    assert re.search(r"service: 20 requests, 4 concurrent clients, kept-alive connections: [\d.]+ messages/s "
+                     r"\(\d+% of the model alone\).*; 0 errors", out)

@@ -250,7 +250,7 @@ MAX_TEXTS = 64        # texts in one request
 def serve_from_command_line(classifier, args):
     try:
         server = make_server(classifier, args.host, args.port, args.token, args.max_batch,
-                             args.max_batch_tokens, args.max_queue, args.max_connections)
+                             args.max_batch_tokens, args.max_queue, args.max_connections, worker_thread=False)
     except OSError as e:
         raise minigpt.DataError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e
     if not args.token and not is_loopback(args.host):
@@ -291,9 +291,15 @@ class Batcher:
     lone request on an idle server is classified at once, and under load the requests that
     arrive during one forward pass ride together in the next. The answers are the same as one at
     a time: each text is padded on the right, and its real positions never see the padding.
+
+    The worker is a thread of its own (worker_thread), or the caller's thread, which then calls
+    run(): serve() gives it the main thread. PyTorch is fastest when one thread runs all its
+    work: once a second thread has run operations too, both ran up to 2x slower here (each keeps
+    a team of OpenMP threads, and the idle team's spinning takes cores from the busy one), and
+    the main thread has loaded and measured the model already.
     """
 
-    def __init__(self, classifier, max_batch=64, max_tokens=16384, max_queue=256, metrics=None):
+    def __init__(self, classifier, max_batch=64, max_tokens=16384, max_queue=256, metrics=None, worker_thread=True):
         self.classifier = classifier
         self.max_batch = max_batch
         self.max_tokens = max_tokens  # texts x the longest text's tokens: the padded batch's size
@@ -303,8 +309,9 @@ class Batcher:
         self.queued = 0               # texts in self.waiting
         self.stopping = False
         self.changed = threading.Condition()
-        self.worker = threading.Thread(target=self.run, name="model", daemon=True)
-        self.worker.start()
+        self.worker = threading.Thread(target=self.run, name="model", daemon=True) if worker_thread else None
+        if self.worker is not None:
+            self.worker.start()
 
     def submit(self, rows, lengths):
         """(answers, steps) of encoded texts (see Classifier.probabilities), once the worker has
@@ -364,7 +371,8 @@ class Batcher:
         with self.changed:
             self.stopping = True
             self.changed.notify_all()
-        self.worker.join()
+        if self.worker is not None and self.worker is not threading.current_thread():
+            self.worker.join()
 
 
 # ---------------------------------------------------------------- metrics for /metrics, in Prometheus's text
@@ -613,6 +621,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     timeout = 30  # seconds for a whole request (line, headers, body) to arrive
     keep_alive = 5  # seconds a connection may wait idle for its next request
     protocol_version = "HTTP/1.1"  # one connection may carry many requests, one after the other
+    # An answer goes out as two writes, headers and body. With Nagle's algorithm on, the body waits
+    # for the client to acknowledge the headers, and clients delay acknowledgements by up to 40 ms.
+    disable_nagle_algorithm = True
     access_log = True  # one line per request on stderr
     server_version = "minigpt"
     sys_version = ""
@@ -842,10 +853,11 @@ class Server(http.server.ThreadingHTTPServer):
 
 
 def make_server(classifier, host="127.0.0.1", port=8000, token=None, max_batch=64, max_tokens=16384,
-                max_queue=256, max_connections=64):
-    """The service (port 0: any free port); call serve_forever() on it, or use serve()."""
+                max_queue=256, max_connections=64, worker_thread=True):
+    """The service (port 0: any free port); call serve_forever() on it, or use serve() (then
+    worker_thread=False: the main thread runs the model)."""
     metrics = Metrics(Handler.routes)
-    batcher = Batcher(classifier, max_batch, max_tokens, max_queue, metrics)
+    batcher = Batcher(classifier, max_batch, max_tokens, max_queue, metrics, worker_thread)
     handler = type("BoundHandler", (Handler,), {"batcher": batcher, "metrics": metrics, "token": token,
                                                 "page": render_page(classifier)})  # the page never changes
     try:
@@ -857,18 +869,24 @@ def make_server(classifier, host="127.0.0.1", port=8000, token=None, max_batch=6
 
 def serve(server, shutdown_timeout=30):
     """Serve until SIGTERM or Ctrl+C; then stop accepting, let the requests in flight finish (up
-    to shutdown_timeout seconds), and return."""
+    to shutdown_timeout seconds), and return. Connections are accepted in a thread; this, the
+    main thread, runs the model (a server made with worker_thread=False)."""
     def stop(signum, frame):
         print(f"{signal.Signals(signum).name}: no new connections; finishing the requests in flight",
               file=sys.stderr)
-        threading.Thread(target=server.shutdown, daemon=True).start()  # not from this thread: it would wait on itself
+        threading.Thread(target=finish, daemon=True).start()  # the main thread goes on serving meanwhile
+
+    def finish():
+        server.shutdown()  # serve_forever returns: no new connections
+        if not server.wait_idle(shutdown_timeout):
+            print(f"{server.active} requests still running after {shutdown_timeout} s; stopping anyway",
+                  file=sys.stderr)
+        server.server_close()  # and the model's worker: its run() returns once nothing is queued
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    server.serve_forever()
-    if not server.wait_idle(shutdown_timeout):
-        print(f"{server.active} requests still running after {shutdown_timeout} s; stopping anyway", file=sys.stderr)
-    server.server_close()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server.batcher.run()
     print("stopped", file=sys.stderr)
 
 
@@ -880,36 +898,69 @@ BENCHMARK_TEXT = ("Hey, are we still on for dinner tonight? I can pick you up at
 
 
 def benchmark(classifier, n, concurrency=1, keep_alive=False, limit=300, text=BENCHMARK_TEXT):
-    """The service against its ceiling, side by side: first the model alone (the same
-    Classifier, no HTTP) on one message and on `concurrency` messages at once; then the service
-    on a free local port, sent n single-text requests by `concurrency` clients at once (each on
-    a new connection, as most clients do, or on kept-alive ones), stopping after `limit` seconds.
-    The clients run in a process of their own, so they do not take the server's Python lock;
-    they do share this machine's cores with it."""
-    rows, lengths, _ = classifier.encode([text] * concurrency)
-    one = minigpt.best_time(lambda: classifier.probabilities(rows[:1], lengths[:1]))
-    batch = minigpt.best_time(lambda: classifier.probabilities(rows, lengths))
-    print(f"model alone ({classifier.dtype}): one message {1000 * one:.1f} ms; {concurrency} at once "
-          f"{1000 * batch:.1f} ms = {concurrency / batch:.1f} messages/s")
-    server = make_server(classifier, port=0, max_connections=max(64, concurrency))
+    """The service against its ceiling, side by side. The service on a free local port is sent n
+    single-text requests by `concurrency` clients at once (each on a new connection, as most
+    clients do, or on kept-alive ones), stopping after `limit` seconds; the clients run in a
+    process of their own, so they do not take the server's Python lock (they do share this
+    machine's cores with it). Then the model alone (the same Classifier, no HTTP) runs the very
+    forward passes the service ran, the same number of texts in each: the rate the service
+    would have with no time lost around the model."""
+    recording = Recording(classifier)
+    server = make_server(recording, port=0, max_connections=max(64, concurrency), worker_thread=False)
     server.RequestHandlerClass.access_log = False
     threading.Thread(target=server.serve_forever, daemon=True).start()
     spawn = multiprocessing.get_context("spawn")  # a fresh process: no copy of this one's threads
-    with spawn.Pool(1) as pool:
-        done, seconds = pool.apply(clients, (server.server_port, text, n, concurrency, keep_alive, limit))
-    server.shutdown()
-    server.server_close()
+    stop = lambda _: threading.Thread(target=server_stop, args=(server,)).start()  # when the clients are done
+    with spawn.Pool(1) as pool:  # the clients' process
+        result = pool.apply_async(clients, (server.server_port, text, n, concurrency, keep_alive, limit),
+                                  callback=stop, error_callback=stop)
+        server.batcher.run()  # this, the main thread, runs the model, as in serve()
+        done, seconds = result.get()
     times = sorted(ms for ok, ms in done if ok)
     errors = len(done) - len(times)
     if len(times) < 2:
         raise minigpt.DataError(f"the benchmark got {len(times)} answers and {errors} errors")
     q = statistics.quantiles(times, n=100)
     rate = len(times) / seconds
-    versus = (f"{rate / (concurrency / batch):.0%} of the model alone" if concurrency > 1 else
-              f"p50 {q[49] / (1000 * one):.2f}x the model alone")
-    print(f"service: {len(done)} requests, {concurrency} concurrent clients, "
-          f"{'kept-alive connections' if keep_alive else 'a new connection each'}: {rate:.1f} messages/s "
-          f"({versus}); latency p50 {q[49]:.1f} ms, p95 {q[94]:.1f} ms, p99 {q[98]:.1f} ms; {errors} errors")
+    passes, texts = [], 0
+    for k in reversed(recording.sizes):  # the passes of the measured requests: the last ones
+        if texts >= len(done):
+            break
+        passes, texts = [k] + passes, texts + k
+    rows, lengths, _ = classifier.encode([text] * max(passes))
+    alone = sum(timed(lambda: classifier.probabilities(rows[:k], lengths[:k])) for k in passes)
+    one = statistics.median(timed(lambda: classifier.probabilities(rows[:1], lengths[:1])) for _ in range(21))
+    versus = (f"p50 {q[49] / (1000 * one):.2f}x the model alone's {1000 * one:.1f} ms" if concurrency == 1 else
+              f"{rate / (sum(passes) / alone):.0%} of the model alone's {sum(passes) / alone:.1f} messages/s")
+    print(f"{len(done)} requests, {concurrency} concurrent clients, "
+          f"{'kept-alive connections' if keep_alive else 'a new connection each'}, {classifier.dtype}: "
+          f"{rate:.1f} messages/s, {sum(passes) / len(passes):.1f} texts a forward pass ({versus}); "
+          f"latency p50 {q[49]:.1f} ms, p95 {q[94]:.1f} ms, p99 {q[98]:.1f} ms; {errors} errors")
+
+
+class Recording:
+    """A classifier that records how many texts each forward pass held (for the benchmark)."""
+
+    def __init__(self, classifier):
+        self.classifier, self.sizes = classifier, []
+
+    def __getattr__(self, name):
+        return getattr(self.classifier, name)
+
+    def probabilities(self, rows, lengths, batch_size=None):
+        self.sizes.append(len(rows))
+        return self.classifier.probabilities(rows, lengths, batch_size)
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def server_stop(server):
+    server.shutdown()
+    server.server_close()
 
 
 def clients(port, text, n, concurrency, keep_alive, limit):

@@ -2497,6 +2497,9 @@ def test_benchmark_prints_the_model_alone_beside_the_service(tiny_classifier, ca
     classifier = classify.Classifier(tiny_classifier)
     classify.benchmark(classifier, 20, concurrency=4, keep_alive=True)
     out = capsys.readouterr().out
-    assert re.search(r"model alone \(float32\): one message [\d.]+ ms; 4 at once [\d.]+ ms = [\d.]+ messages/s", out)
-    assert re.search(r"service: 20 requests, 4 concurrent clients, kept-alive connections: [\d.]+ messages/s "
-                     r"\(\d+% of the model alone\).*; 0 errors", out)
+    assert re.search(r"20 requests, 4 concurrent clients, kept-alive connections, float32: [\d.]+ messages/s, "
+                     r"[\d.]+ texts a forward pass \(\d+% of the model alone's [\d.]+ messages/s\); "
+                     r"latency p50 [\d.]+ ms, p95 [\d.]+ ms, p99 [\d.]+ ms; 0 errors", out)
+    classify.benchmark(classifier, 6)
+    assert re.search(r"6 requests, 1 concurrent clients, a new connection each, float32: [\d.]+ messages/s, "
+                     r"1.0 texts a forward pass \(p50 [\d.]+x the model alone's [\d.]+ ms\)", capsys.readouterr().out)

@@ -153,19 +153,20 @@ def main(argv=None):
 
 
 def explanation_lines(result):
-    """The verdict token by token, for a terminal: each token, and the probability of the
-    predicted class had the text ended there, as a number and a bar; then where it last changed."""
+    """The verdict token by token, for a terminal: each token (newlines and tabs shown as \\n and
+    \\t), and the probability of the predicted class had the text ended there, as a number and a
+    bar; then where it last changed."""
     label = result["label"]
     lines = [f"  {'token':>5}  {'text':16}  {label}"]
     for i, token in enumerate(result["explanation"]):
         p = token["probabilities"].get(label, 0.0)
-        lines.append(f"  {i:>5}  {json.dumps(token['text'])[1:-1][:16]:16}  {p:.3f} {bar(p)}")
+        lines.append(f"  {i:>5}  {json.dumps(token['text'], ensure_ascii=False)[1:-1][:16]:16}  {p:.3f} {bar(p)}")
     t = result["changed_at"]
     if t is None:
         lines.append(f"  {label} from the first token on")
     else:
         then = result["explanation"][t]
-        lines.append(f"  the most likely class last changed at token {t} ({json.dumps(then['text'])}): "
+        lines.append(f"  the most likely class last changed at token {t} ({json.dumps(then['text'], ensure_ascii=False)}): "
                      f"to {max(then['probabilities'], key=then['probabilities'].get)}")
     return lines
 
@@ -904,7 +905,9 @@ def benchmark(classifier, n, concurrency=1, keep_alive=False, limit=300, text=BE
     process of their own, so they do not take the server's Python lock (they do share this
     machine's cores with it). Then the model alone (the same Classifier, no HTTP) runs the very
     forward passes the service ran, the same number of texts in each: the rate the service
-    would have with no time lost around the model."""
+    would have with no time lost around the model; and, beside it, the rate of passes of
+    `concurrency` texts (closed-loop clients tend to split into two alternating halves: while
+    one half's pass runs, the other half's requests arrive and wait for the next)."""
     recording = Recording(classifier)
     server = make_server(recording, port=0, max_connections=max(64, concurrency), worker_thread=False)
     server.RequestHandlerClass.access_log = False
@@ -927,11 +930,13 @@ def benchmark(classifier, n, concurrency=1, keep_alive=False, limit=300, text=BE
         if texts >= len(done):
             break
         passes, texts = [k] + passes, texts + k
-    rows, lengths, _ = classifier.encode([text] * max(passes))
+    rows, lengths, _ = classifier.encode([text] * max(*passes, concurrency))
     alone = sum(timed(lambda: classifier.probabilities(rows[:k], lengths[:k])) for k in passes)
     one = statistics.median(timed(lambda: classifier.probabilities(rows[:1], lengths[:1])) for _ in range(21))
+    full = minigpt.best_time(lambda: classifier.probabilities(rows[:concurrency], lengths[:concurrency]), 3)
     versus = (f"p50 {q[49] / (1000 * one):.2f}x the model alone's {1000 * one:.1f} ms" if concurrency == 1 else
-              f"{rate / (sum(passes) / alone):.0%} of the model alone's {sum(passes) / alone:.1f} messages/s")
+              f"{rate / (sum(passes) / alone):.0%} of the model alone's {sum(passes) / alone:.1f} messages/s "
+              f"on the same passes; {concurrency / full:.1f} messages/s on passes of {concurrency}")
     print(f"{len(done)} requests, {concurrency} concurrent clients, "
           f"{'kept-alive connections' if keep_alive else 'a new connection each'}, {classifier.dtype}: "
           f"{rate:.1f} messages/s, {sum(passes) / len(passes):.1f} texts a forward pass ({versus}); "

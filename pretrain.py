@@ -10,7 +10,7 @@ for a small model to learn what English looks like: there the validation loss ke
 
     python pretrain.py                     # small model on the story, about 2 minutes on a 2-core CPU
     python pretrain.py --setting ch5       # the book's chapter 5 run: 124M shape, about 6 minutes
-    python pretrain.py --corpus books      # four novels: a model that generalises, about 10 minutes
+    python pretrain.py --corpus books      # four novels: a model that generalises, 6-10 minutes
     python pretrain.py --text my.txt docs/ # your own UTF-8 files (folders: every *.txt inside)
     python pretrain.py --corpus books --resume                   # continue a stopped run
     torchrun --nproc-per-node=4 pretrain.py --corpus books       # 4 processes, DistributedDataParallel
@@ -58,7 +58,7 @@ SETTINGS = {
                 windows="sliding", eval_every=5, eval_windows=10, out="runs/pretrain-ch5",
                 model=dict(tied_head=False, embedding_std=1.0)),
     # A corpus of novels (--corpus books or shakespeare picks this setting): the same small model,
-    # random windows, a budget in steps that takes about 10 minutes on a 2-core CPU.
+    # random windows, a budget in steps that takes 6-10 minutes on a 2-core CPU.
     "corpus": dict(corpus="books", preset="mini", context_length=128, epochs=None, max_steps=1200,
                    batch_size=8, grad_accum=1, lr=2e-3, weight_decay=0.1, dropout=0.0, warmup=50, clip=1.0,
                    windows="random", eval_every=100, eval_windows=40, out="runs/pretrain-{corpus}", model={}),

@@ -2477,6 +2477,17 @@ def test_auto_measures_the_dtypes_and_says_why(capsys):
     assert minigpt.inference_dtype("int8", tiny_model(), 4, 8) == "int8"
 
 
+def test_auto_picks_the_fastest_dtype_or_the_first_within_ten_percent(monkeypatch):
+    model = tiny_model()
+    choices = ["float32", "bfloat16", "int8"]
+    for block_times, expected in (((10, 9, 5), "int8"), ((10, 9.5, 9), "bfloat16"), ((10, 12, 10.5), "float32")):
+        calls = iter([t for b in block_times for t in (b / 1000, 0.0)])  # each dtype: its block, then the head
+        monkeypatch.setattr(minigpt, "best_time", lambda fn: next(calls))
+        best, why = minigpt.fastest_dtype(model, 4, 8, choices)
+        assert best == expected, (block_times, why)
+        assert why.startswith("measured here, the model on 4 x 8 tokens: ")
+
+
 def test_kept_alive_connections_carry_many_requests(quiet_classifier, monkeypatch, capfd):
     monkeypatch.setattr(classify.Handler, "keep_alive", 0.5)
     with running(quiet_classifier) as (url, server):
@@ -2498,7 +2509,8 @@ def test_benchmark_prints_the_model_alone_beside_the_service(tiny_classifier, ca
     classify.benchmark(classifier, 20, concurrency=4, keep_alive=True)
     out = capsys.readouterr().out
     assert re.search(r"20 requests, 4 concurrent clients, kept-alive connections, float32: [\d.]+ messages/s, "
-                     r"[\d.]+ texts a forward pass \(\d+% of the model alone's [\d.]+ messages/s\); "
+                     r"[\d.]+ texts a forward pass \(\d+% of the model alone's [\d.]+ messages/s on the same passes; "
+                     r"[\d.]+ messages/s on passes of 4\); "
                      r"latency p50 [\d.]+ ms, p95 [\d.]+ ms, p99 [\d.]+ ms; 0 errors", out)
     classify.benchmark(classifier, 6)
     assert re.search(r"6 requests, 1 concurrent clients, a new connection each, float32: [\d.]+ messages/s, "

@@ -464,7 +464,7 @@ def lm_loss(model, x, y, dtype=torch.float32):
 # the 'mini' shape, 38.6 of the 44.1 MFLOP a token are its 50,257 x 128 product, and the float32
 # logits of a batch of 32 x 128 positions hold 206 M numbers (824 MB), several copies of them at
 # once in a step. lm_loss_chunked gives lm_loss's loss and gradients without ever holding more
-# than a chunk of them, whatever the batch (docs/pretraining.md has its speed and memory).
+# than a chunk of them, whatever the batch (docs/pretraining-pays-off.md has its speed and memory).
 
 class ChunkedCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of the logits h @ weightᵀ against the targets, a chunk of positions at
@@ -516,8 +516,8 @@ def lm_loss_chunked(model, x, y, dtype=torch.float32):
 @torch.no_grad()
 def lm_evaluate(model, batches, dtype=torch.float32):
     """Mean lm_loss per window over batches of (x, y) (computed by lm_loss_chunked), in eval mode
-    (no dropout). Each batch's
-    mean is weighted by its size, so the result does not depend on how windows were batched."""
+    (no dropout). Each batch's mean is weighted by its size, so the result does not depend on how
+    windows were batched."""
     total = 0.0
     windows = 0
     device = next(model.parameters()).device
@@ -1636,7 +1636,7 @@ def main(argv=None):
     p.add_argument("--no-cache", action="store_true", help="recompute every position for every token")
     add_device_flags(p, inference=True)
     p.add_argument("--compare-dtypes", action="store_true",
-                   help="run the prompt and --max-new-tokens in float32 and in bfloat16: speed and logit difference")
+                   help="run the prompt and --max-new-tokens in float32, bfloat16 and int8: speed and logit difference")
     args = p.parse_args(argv)
     if not args.prompt:
         p.error("--prompt is empty: give the model some text to continue")

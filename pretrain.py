@@ -332,8 +332,7 @@ def pretrain(args, device):
     args.token_folder = token_folder
     eval_sets = {} if rank else {name: sample_batches(ids, args.context_length, args.eval_windows, args.batch_size)
                                  for name, ids in (("train", train_ids), ("validation", validation_ids))}
-    stopped = train(args, model, optimizer, windows, progress, plan, eval_sets, tokenizer, dtype)
-    total = steps_to_run(args, progress, plan)
+    stopped, total = train(args, model, optimizer, windows, progress, plan, eval_sets, tokenizer, dtype)
     finished = progress["step"] >= total
     save(args, model, optimizer, progress, total, finished)
     if rank:
@@ -350,18 +349,19 @@ def pretrain(args, device):
 
 def train(args, model, optimizer, windows, progress, plan, eval_sets, tokenizer, dtype):
     """The training loop, one optimizer step per turn; after each, in order, what is due: the
-    losses and the speed, a sample at the end of an epoch, a checkpoint, a stop. Steps are
-    counted from 1; `plan` of them (with --minutes, as many as fit). Returns True if Ctrl+C or
-    SIGTERM stopped it (after the step under way)."""
+    losses and the speed, a sample at the end of an epoch, a stop, a checkpoint. Steps are
+    counted from 1; `plan` of them (with --minutes, as many as fit). Returns (True if Ctrl+C or
+    SIGTERM stopped it (after the step under way), the run's length in steps)."""
     # Under torchrun the wrapper shares gradients; the model itself is what is evaluated, sampled
     # and saved. The GPT has no buffers, so the wrapper's forward pass needs no talk between
     # processes (it would broadcast buffers) and process 0 can evaluate alone.
     trained = DistributedDataParallel(model) if dist.is_initialized() else model
-    flops = flops_per_token(model)[0]
+    flops = flops_per_token(model, args.context_length)[0]
     reported = progress["seen"], progress["seconds"]  # at the last speed report
     model.train()
+    total = steps_to_run(args, progress, plan)
     with StopRequests() as stop:
-        while progress["step"] < (total := steps_to_run(args, progress, plan)):
+        while progress["step"] < total:
             step = progress["step"] + 1
             lr = minigpt.cosine_lr(step, total, args.lr, args.warmup) if args.warmup else args.lr
             minigpt.set_lr(optimizer, lr)
@@ -383,11 +383,11 @@ def train(args, model, optimizer, windows, progress, plan, eval_sets, tokenizer,
                     text = minigpt.complete(model, tokenizer, args.prompt, 50, eos_id=minigpt.EOT)
                 print(f"Sample after epoch {step // windows.steps_per_epoch}: {text!r}")
             if agree(stop.requested or step == args.stop_at):  # every process stops after the same step
-                return stop.requested
+                return stop.requested, total
             if args.save_every and step % args.save_every == 0 and step < total:
                 save(args, model, optimizer, progress, total, finished=False)
                 print(f"Saved step {step:,} to {args.out / 'model.pt'}")
-    return False
+    return False, total
 
 
 def evaluate(model, eval_sets, progress, dtype):
@@ -407,9 +407,7 @@ def steps_to_run(args, progress, plan):
     left = args.minutes * 60 - progress["seconds"]
     estimate = progress["step"] + max(0, round(left / (progress["seconds"] / progress["step"])))
     if dist.is_initialized():
-        estimate = torch.tensor(float(estimate))
-        dist.all_reduce(estimate, op=dist.ReduceOp.MIN)
-        estimate = int(estimate.item())
+        estimate = int(reduced(estimate, dist.ReduceOp.MIN))
     return min(plan, estimate)
 
 
@@ -442,7 +440,7 @@ def start(args, device, checkpoint, plan):
         cfg = replace(minigpt.PRESETS[args.preset], context_length=args.context_length, dropout=args.dropout,
                       **args.model)
         model = minigpt.GPT(cfg).to(device)
-    flops, n_multiplying = flops_per_token(model)
+    flops, n_multiplying = flops_per_token(model, args.context_length)
     shape = f"{args.init}'s" if args.init else f"{args.preset}"
     print(f"model: {shape} shape, {sum(p.numel() for p in model.parameters()):,} parameters "
           f"({n_multiplying:,} that multiply: N in 6N + 12LTC = {flops / 1e6:.1f} MFLOP per token), "
@@ -493,7 +491,7 @@ def plot(args, history, model, tokens):
 def report(args, model, progress, windows, train_ids, validation_ids, tokenizer, dtype):
     """After the last step: speed, the final losses over more windows, a sampled continuation."""
     steps, tokens, seconds = progress["step"], progress["seen"], progress["seconds"]
-    flops = flops_per_token(model)[0]
+    flops = flops_per_token(model, args.context_length)[0]
     print(f"Trained {steps:,} steps ({steps / windows.steps_per_epoch:.2f} epochs) in {seconds:.1f} s: "
           f"{tokens:,} tokens, {tokens / seconds:,.0f} tokens/s, {tokens / seconds * flops / 1e9:.1f} GFLOP/s "
           f"({args.dtype})")
@@ -518,20 +516,21 @@ def history_record(args, progress):
             "tokens": progress["seen"], "token_files": str(args.token_folder)}
 
 
-def flops_per_token(model):
+def flops_per_token(model, positions=None):
     """(6N + 12·L·T·C, N): the arithmetic of training on one token, forward and backward.
 
     N counts the parameters that multiply: every weight matrix, bias and LayerNorm gain, the output
     layer included, but not the token and position embedding tables, which are looked up, not
     multiplied (a tied output layer is counted once, as the output layer). Each of them costs a
     multiply and an add forward and twice that backward: 6N. Attention adds 12·L·T·C: per layer,
-    query times T keys and weights times T values, 2·T·C each way forward, times 3.
+    query times T keys and weights times T values, 2·T·C each way forward, times 3. T: the
+    windows' `positions` (default: the model's context length).
     """
     cfg = model.cfg
     n = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()
     if not cfg.tied_head:
         n -= model.wte.weight.numel()
-    return 6 * n + 12 * cfg.n_layers * cfg.context_length * cfg.emb_dim, n
+    return 6 * n + 12 * cfg.n_layers * (positions or cfg.context_length) * cfg.emb_dim, n
 
 
 class StopRequests:
@@ -597,9 +596,16 @@ def agree(stop):
     """True if any process wants to stop after this step (else the others would wait for it forever)."""
     if not dist.is_initialized():
         return stop
-    flag = torch.tensor(float(stop))
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() > 0
+    return reduced(float(stop), dist.ReduceOp.MAX) > 0
+
+
+def reduced(number, op):
+    """number, reduced over every process with op (MIN, MAX, ...). gloo reduces tensors on the CPU,
+    NCCL only on this process's GPU."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor(float(number), device=device)
+    dist.all_reduce(value, op=op)
+    return value.item()
 
 
 def rng_states():
@@ -702,30 +708,24 @@ def resume(args, device):
     agree with every flag given. Returns the checkpoint being resumed, or None."""
     if args.dtype == "auto":  # what auto means here, so that a resumed run can compare it with its own
         args.dtype = minigpt.dtype_name(minigpt.pick_dtype("auto", device))
-        if "dtype" in args.given:
-            args.given["dtype"] = args.dtype
-    try:  # the setting's --out is checked as a given one is
+    if args.given.get("out") is None:  # the setting's --out names its corpus
         args.out = minigpt.output_folder(str(args.out).format(corpus=args.corpus or "text"))
-    except argparse.ArgumentTypeError as e:
-        raise minigpt.DataError(f"--out: {e}") from None
     if not args.resume:
         return None
     path = args.out / "model.pt"
     if not path.exists():
         raise minigpt.DataError(f"nothing to resume: {path} does not exist")
-    checkpoint = minigpt.load_pt(path, device)
+    _, checkpoint = minigpt.read_checkpoint(path, device)
     if "training" not in checkpoint:
         raise minigpt.DataError(f"{path} holds no training state to resume")
     for key, value in checkpoint["training"]["args"].items():
         value = OLD_SETTING_NAMES.get(value, value) if key == "setting" else value
-        given = args.given.get(key)
-        if given is not None and given != value and key in PLAN:
-            flag = "--" + key.replace("_", "-")
-            raise minigpt.DataError(f"{path} was trained with {flag} {value}, not {given}: a resumed run "
-                                    f"keeps its plan (leave out {flag}, or start afresh in another --out)")
-        if given is None:
+        if args.given.get(key) is None:  # left open: the run's own
             setattr(args, key, value)
-    args.model = SETTINGS[args.setting]["model"]
+        elif key in PLAN and getattr(args, key) != value:  # as given, read as the run saved it (paths resolved)
+            flag = "--" + key.replace("_", "-")
+            raise minigpt.DataError(f"{path} was trained with {flag} {value}, not {getattr(args, key)}: a resumed "
+                                    f"run keeps its plan (leave out {flag}, or start afresh in another --out)")
     return checkpoint
 
 

@@ -2401,6 +2401,14 @@ def test_minutes_plan_the_schedule_to_end_on_time(small_corpus, tmp_path, capsys
     assert "3 minutes" not in out and "0.05 minutes of training" in out
 
 
+def test_resume_takes_the_same_flags_given_again(small_corpus, tmp_path):
+    plan = ["--text", str(small_corpus / "long.txt"), "--preset", "tiny", "--context-length", "16",
+            "--max-steps", "4", "--eval-every", "1000", "--out", str(tmp_path)]
+    pretrain.main(plan + ["--stop-at", "2"])
+    pretrain.main(plan + ["--resume"])  # --text as given, the checkpoint holds it resolved
+    assert json.loads((tmp_path / "history.json").read_text())["steps"] == 4
+
+
 def test_init_goes_on_from_a_pretrained_model(small_corpus, tmp_path, capsys):
     plan = ["--preset", "tiny", "--context-length", "16", "--max-steps", "2", "--eval-every", "1000"]
     pretrain.main(["--text", str(small_corpus / "long.txt"), *plan, "--out", str(tmp_path / "base")])

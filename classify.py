@@ -72,10 +72,10 @@ class Classifier:
         is the answer. One forward pass for all texts, or passes of batch_size of similar length."""
         answers, steps = [None] * len(rows), [None] * len(rows)
         with self.lock, torch.inference_mode():  # the weights are in self.dtype already: no autocast
-            for index, x, n in finetune.Batches(rows, lengths, batch_size or max(len(rows), 1)):
+            for index, x, _ in finetune.Batches(rows, lengths, batch_size or max(len(rows), 1)):
                 probs = finetune.prefix_probabilities(self.model, x.to(self.device), self.pool).cpu()  # (B, T, classes)
-                for i, p, real in zip(index.tolist(), probs, n.tolist()):
-                    steps[i] = p[:len(rows[i]) if self.pool == "last" else real]  # 'last' reads the padding too
+                for i, p in zip(index.tolist(), probs):
+                    steps[i] = p[:len(rows[i])]  # the row's positions (for 'last', its padding too), (T_i, classes)
                     answers[i] = steps[i][-1].tolist()
         return answers, steps
 
@@ -206,7 +206,7 @@ def parse_args(argv=None):
                    help="texts x longest text's tokens per forward pass")
     p.add_argument("--max-queue", type=minigpt.positive_int, default=256,
                    help="texts waiting for the model; beyond it, 503 at once")
-    p.add_argument("--max-connections", type=minigpt.positive_int, default=64, help="requests handled at once")
+    p.add_argument("--max-connections", type=minigpt.positive_int, default=64, help="connections handled at once (a kept-alive one keeps its place while it waits)")
     p.add_argument("--shutdown-timeout", type=minigpt.nonnegative_float, default=30,
                    help="seconds to let requests in flight finish after SIGTERM or Ctrl+C")
     p.add_argument("--benchmark", type=minigpt.number_type(int, 2), metavar="N",
@@ -224,8 +224,8 @@ def parse_args(argv=None):
 
 # ==============================================================================================
 # The service: one model worker with dynamic batching, HTTP with limits, a token, metrics, the
-# page. Connection threads read and check requests and tokenize them; one worker thread owns
-# the model and classifies everything that is waiting in one forward pass, so concurrent
+# page. Connection threads read and check requests and tokenize them; one thread (the main
+# thread, in serve()) owns the model and classifies everything waiting in one forward pass, so concurrent
 # clients share the matrix products instead of queueing for them one by one. Only the standard
 # library on top of numpy, torch and tiktoken.
 # ==============================================================================================
@@ -286,8 +286,8 @@ class Job:
 
 
 class Batcher:
-    """Requests put their encoded texts in a bounded queue and wait; one worker thread owns the
-    model and, whenever it is free, takes everything waiting (oldest first, up to max_batch texts
+    """Requests put their encoded texts in a bounded queue and wait; one thread, the worker, owns
+    the model and, whenever it is free, takes everything waiting (oldest first, up to max_batch texts
     and max_tokens padded tokens) and classifies it in one forward pass. There is no timer: a
     lone request on an idle server is classified at once, and under load the requests that
     arrive during one forward pass ride together in the next. The answers are the same as one at
@@ -372,7 +372,7 @@ class Batcher:
         with self.changed:
             self.stopping = True
             self.changed.notify_all()
-        if self.worker is not None and self.worker is not threading.current_thread():
+        if self.worker is not None:
             self.worker.join()
 
 
@@ -812,9 +812,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 class Server(http.server.ThreadingHTTPServer):
     """The standard library's threading HTTP server, bounded and stoppable: at most
-    max_connections requests are handled at once, each in its own thread; more connections wait
-    in the kernel's listen backlog, sized for a burst; and it can wait for the requests in flight
-    before it closes (graceful shutdown)."""
+    max_connections connections are handled at once, each in its own thread (a kept-alive one
+    holds its place between its requests); more wait in the kernel's listen backlog, sized for a
+    burst; and it can wait for the open connections before it closes (graceful shutdown)."""
 
     def __init__(self, address, handler, batcher, max_connections=64):
         self.request_queue_size = max(128, 4 * max_connections)  # the listen backlog (default: 5)
@@ -844,7 +844,8 @@ class Server(http.server.ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
     def wait_idle(self, timeout):
-        """Wait until no request is in flight (True) or `timeout` seconds pass (False)."""
+        """Wait until no connection is open (True) or `timeout` seconds pass (False): requests in
+        flight finish, and kept-alive connections close after at most Handler.keep_alive idle."""
         with self.idle:
             return self.idle.wait_for(lambda: self.active == 0, timeout)
 
@@ -880,7 +881,7 @@ def serve(server, shutdown_timeout=30):
     def finish():
         server.shutdown()  # serve_forever returns: no new connections
         if not server.wait_idle(shutdown_timeout):
-            print(f"{server.active} requests still running after {shutdown_timeout} s; stopping anyway",
+            print(f"{server.active} connections still open after {shutdown_timeout} s; stopping anyway",
                   file=sys.stderr)
         server.server_close()  # and the model's worker: its run() returns once nothing is queued
 
@@ -931,12 +932,15 @@ def benchmark(classifier, n, concurrency=1, keep_alive=False, limit=300, text=BE
             break
         passes, texts = [k] + passes, texts + k
     rows, lengths, _ = classifier.encode([text] * max(*passes, concurrency))
-    alone = sum(timed(lambda: classifier.probabilities(rows[:k], lengths[:k])) for k in passes)
-    one = statistics.median(timed(lambda: classifier.probabilities(rows[:1], lengths[:1])) for _ in range(21))
-    full = minigpt.best_time(lambda: classifier.probabilities(rows[:concurrency], lengths[:concurrency]), 3)
-    versus = (f"p50 {q[49] / (1000 * one):.2f}x the model alone's {1000 * one:.1f} ms" if concurrency == 1 else
-              f"{rate / (sum(passes) / alone):.0%} of the model alone's {sum(passes) / alone:.1f} messages/s "
-              f"on the same passes; {concurrency / full:.1f} messages/s on passes of {concurrency}")
+    alone = lambda k: minigpt.timed(lambda: classifier.probabilities(rows[:k], lengths[:k]))  # seconds, k texts
+    if concurrency == 1:
+        one = statistics.median(alone(1) for _ in range(21))
+        versus = f"p50 {q[49] / (1000 * one):.2f}x the model alone's {1000 * one:.1f} ms"
+    else:
+        ceiling = sum(passes) / sum(alone(k) for k in passes)  # messages/s
+        full = minigpt.best_time(lambda: classifier.probabilities(rows[:concurrency], lengths[:concurrency]), 3)
+        versus = (f"{rate / ceiling:.0%} of the model alone's {ceiling:.1f} messages/s on the same passes; "
+                  f"{concurrency / full:.1f} messages/s on passes of {concurrency}")
     print(f"{len(done)} requests, {concurrency} concurrent clients, "
           f"{'kept-alive connections' if keep_alive else 'a new connection each'}, {classifier.dtype}: "
           f"{rate:.1f} messages/s, {sum(passes) / len(passes):.1f} texts a forward pass ({versus}); "
@@ -955,12 +959,6 @@ class Recording:
     def probabilities(self, rows, lengths, batch_size=None):
         self.sizes.append(len(rows))
         return self.classifier.probabilities(rows, lengths, batch_size)
-
-
-def timed(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def server_stop(server):

@@ -1095,14 +1095,16 @@ def fastest_dtype(model, batch, positions, choices):
 def best_time(fn, repeats=5):
     """The fastest of `repeats` runs of fn(), in seconds, after one to warm up."""
     fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # a GPU runs on after the call returns
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return min(timed(fn) for _ in range(repeats))
+
+
+def timed(fn):
+    """The seconds one run of fn() takes."""
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # a GPU runs on after the call returns
+    return time.perf_counter() - t0
 
 
 def inference_dtype(name, model, batch, positions):

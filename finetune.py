@@ -34,7 +34,6 @@ import itertools
 import json
 import math
 import re
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, replace
@@ -189,7 +188,7 @@ def fast_logits(model, x, lengths, pool, frozen=0):
     if len(blocks):
         x = block_at(blocks[-1], x, positions)                 # (B, C): just the position read
     else:
-        x = x[torch.arange(x.shape[0], device=x.device), positions]  # (B, C)
+        x = read_at(x, lengths, pool)                          # (B, C)
     return model.lm_head(model.ln_f(x))                        # (B, classes)
 
 
@@ -250,12 +249,12 @@ class Batches:
 def frozen_features(model, rows, frozen, device, batch_size=64):
     """The output of blocks h[:frozen] for each row of token ids, (T_i, C) each, computed once."""
     features = [None] * len(rows)
-    for index, x, _ in Batches(rows, [len(r) for r in rows], batch_size):
+    for index, x, lengths in Batches(rows, [len(r) for r in rows], batch_size):
         x = model.embed(x.to(device)).to(model.h[0].ln_1.weight.dtype)  # the frozen blocks' dtype
         for block in model.h[:frozen]:
             x = block(x)                                       # (B, T, C)
-        for i, row in zip(index.tolist(), x.cpu()):
-            features[i] = row[:len(rows[i])].clone()           # (T_i, C)
+        for i, row, n in zip(index.tolist(), x.cpu(), lengths.tolist()):
+            features[i] = row[:n].clone()                      # (T_i, C)
     return features
 
 
@@ -486,7 +485,7 @@ def train(model, batches, labels, frozen, args, dtype):
         raise minigpt.DataError(f"{len(batches['train'].rows)} training texts make no batch of {args.batch_size}; "
                                 "give more data or a smaller --batch-size")
     optimizer = minigpt.adamw(model, args.lr, args.weight_decay)
-    history = {"step": [], "seen": [], "train": [], "validation": []}
+    history = {"seen": [], "train": [], "validation": []}
     accuracies = {"epoch": [], "train": [], "validation": []}
     total = min(args.epochs * len(batches["train_shuffled"]), args.max_steps or math.inf)
     step = seen = 0
@@ -505,7 +504,7 @@ def train(model, batches, labels, frozen, args, dtype):
                                              args.pool, frozen, dtype),
                           "validation": mean_loss(model, itertools.islice(batches["validation"], 5),
                                                   labels["validation"], args.pool, frozen, dtype)}
-                for key, value in {"step": step, "seen": seen, **losses}.items():
+                for key, value in {"seen": seen, **losses}.items():
                     history[key].append(value)
                 print(f"Ep {epoch} (Step {step:06d}): Train loss {losses['train']:.3f}, "
                       f"Validation loss {losses['validation']:.3f}")
@@ -736,18 +735,19 @@ def base_model(recipe, device):
 # ----------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    """The run. Returns the finetuned model and its recipe (as load_classifier would)."""
+    """The run. Returns the finetuned model (its frozen blocks in the run's dtype) and its recipe."""
     args = parse_args(argv)
     started = time.time()
     check_output(args.out)
+    if args.unlabelled:  # only the data is read: no model
+        examples = read_data(args)
+        return write_unlabelled(args, load_splits(args, examples)[0], examples)
     if args.trainable == "qlora":
         minigpt.set_malloc(keep_freed=False)  # a 4-bit base is there to save memory: the allocator should too
     torch.manual_seed(args.seed)
     device = minigpt.pick_device(args.device)
     dtype = minigpt.pick_dtype(args.dtype, device)
     tokenizer = minigpt.get_tokenizer()
-    if args.unlabelled:
-        return write_unlabelled(args, load_splits(args)[0])
     # The outputs go to a folder beside --out that becomes --out once all of them are written: a
     # run that fails or is stopped leaves --out as it was. A second run on the same --out meanwhile
     # is refused.
@@ -760,7 +760,7 @@ def main(argv=None):
             f"{name} {accuracy(model, batches[name], labels[name], args.pool, frozen, dtype):.2%}"
             for name in SPLITS))
         history, accuracies, seconds, seen = train(model, batches, labels, frozen, args, dtype)  # 4. train
-        metrics = evaluate(model, splits, batches, labels, frozen, accuracies, args, dtype)   # 5. measure
+        metrics = evaluate(model, splits, classes, batches, labels, frozen, accuracies, args, dtype)  # 5.
         metrics.update(train_seconds=seconds, wall_seconds=time.time() - started,
                        examples_per_second=seen / seconds, epochs=args.epochs, max_steps=args.max_steps,
                        init=args.init, trainable=args.trainable, pool=args.pool, dtype=minigpt.dtype_name(dtype),
@@ -771,10 +771,10 @@ def main(argv=None):
     return model.eval(), recipe
 
 
-def load_splits(args):
-    """Step 1, data: read the examples, check them, split them. Nothing is written yet (see
-    save_outputs): bad data costs nothing."""
-    examples = read_data(args)
+def load_splits(args, examples=None):
+    """Step 1, data: read the examples (unless given: read_data's), check them, split them.
+    Nothing is written yet (see save_outputs): bad data costs nothing."""
+    examples = read_data(args) if examples is None else examples
     counts = Counter(label for label, _ in examples)
     if len(counts) > MAX_CLASSES:
         raise minigpt.DataError(f"{args.data}: {len(counts):,} different labels; finetune.py supports at most "
@@ -802,12 +802,12 @@ def load_splits(args):
     return splits, classes
 
 
-def write_unlabelled(args, splits):
-    """Text to pretrain on without leaking what is measured: every text of --data except those
+def write_unlabelled(args, splits, examples):
+    """Text to pretrain on without leaking what is measured: every text of the examples except those
     in validation, test and the unseen sample (compared as text, so a duplicate of a test
     message is left out too), one per line, in the file's order."""
     held_out = {text for name in ("validation", "test", "unseen") for _, text in splits[name]}
-    texts = [" ".join(text.split()) for _, text in read_data(args) if text not in held_out]
+    texts = [" ".join(text.split()) for _, text in examples if text not in held_out]
     minigpt.write_text(args.unlabelled, "".join(f"{text}\n" for text in texts))
     print(f"Wrote {len(texts):,} texts to {args.unlabelled}, leaving out the {len(held_out):,} texts of "
           f"validation, test and the unseen sample (split seed {args.split_seed})")
@@ -874,14 +874,13 @@ def build_model(args, device, classes):
 
 def make_batches(model, recipe, splits, tokenizer, args, device, dtype):
     """Step 3, batches: token ids, cut to the longest training text (or --max-length) and the
-    context; then, once, the frozen blocks' output for every text (in bfloat16, their weights are
-    cast once, inference being fastest that way, and the output stored in bfloat16: half the
-    memory). Returns the batches of every split, their labels, and the number of frozen blocks."""
+    context; then, once, the frozen blocks' output for every text, in dtype (the blocks' weights
+    cast once, inference being fastest that way; in bfloat16 the output takes half the memory).
+    Returns the batches of every split, their labels, and the number of frozen blocks."""
     index = {c: i for i, c in enumerate(recipe["labels"])}
-    longest = max(len(tokenizer.encode(text, disallowed_special=())) for _, text in splits["train"])
-    recipe["max_length"] = min(args.max_length or longest, model.cfg.context_length)
-    ids = {name: minigpt.encode([t for _, t in part], tokenizer, recipe["max_length"])[0]
-           for name, part in splits.items()}
+    whole = {name: minigpt.encode([t for _, t in part], tokenizer)[0] for name, part in splits.items()}  # uncut
+    recipe["max_length"] = min(args.max_length or max(map(len, whole["train"])), model.cfg.context_length)
+    ids = {name: [i[:recipe["max_length"]] for i in part] for name, part in whole.items()}
     labels = {name: torch.tensor([index[label] for label, _ in part], dtype=torch.long) for name, part in splits.items()}
     lengths = {name: [len(i) for i in part] for name, part in ids.items()}
     print(f"max length {recipe['max_length']} tokens; {sum(map(sum, lengths.values())):,} tokens in all, "
@@ -908,11 +907,10 @@ def make_batches(model, recipe, splits, tokenizer, args, device, dtype):
     return batches, labels, frozen
 
 
-def evaluate(model, splits, batches, labels, frozen, accuracies, args, dtype):
+def evaluate(model, splits, classes, batches, labels, frozen, accuracies, args, dtype):
     """Step 5, measure: accuracy on each split (train and validation: as after the last epoch);
     per-class precision, recall, F1 and the confusion matrix on test, beside two classical
     baselines; accuracy on the examples balancing left out (for SMS: the false-positive rate)."""
-    classes = sorted({label for label, _ in splits["train"]})
     acc = lambda name: accuracy(model, batches[name], labels[name], args.pool, frozen, dtype)
     final = {name: (accuracies[name] or [acc(name)])[-1] for name in ("train", "validation")}
     probs = predict(model, batches["test"], args.pool, frozen, dtype)

@@ -63,7 +63,7 @@ def make_classifier(model, trainable, n_classes=2, lora_rank=16, lora_alpha=16):
     model.requires_grad_(trainable == "all")
     if trainable in ("lora", "qlora"):  # low-rank updates on every Dense (or NF4Dense) layer of every block
         for block in model.h:
-            for parent, name in dense_layers(block):
+            for parent, name in minigpt.dense_layers(block):
                 setattr(parent, name, LoRA(getattr(parent, name), lora_rank, lora_alpha))
     if trainable in ("last_block", "last_two_blocks"):
         model.h[frozen_blocks(model, trainable):].requires_grad_(True)
@@ -77,11 +77,6 @@ def frozen_blocks(model, trainable):
     """How many blocks, from the bottom, stay frozen: h[:n] never change, so their output is cacheable."""
     n = model.cfg.n_layers
     return {"head": n, "last_block": n - 1, "last_two_blocks": n - 2}.get(trainable, 0)
-
-
-def dense_layers(block):
-    """(module, name) of each Dense layer of a block: the attention's two, the MLP's two."""
-    return [(getattr(block, part), name) for part, name in minigpt.DENSE_LAYERS]
 
 
 class LoRA(nn.Module):
@@ -1170,7 +1165,7 @@ def load_nf4(cfg, tensors, device):
         model = minigpt.GPT(cfg)
         model.h = nn.ModuleList(CheckpointedBlock(cfg, i) for i in range(cfg.n_layers))
         for block in model.h:
-            for parent, name in dense_layers(block):
+            for parent, name in minigpt.dense_layers(block):
                 setattr(parent, name, NF4Dense(*getattr(parent, name).weight.shape))
     quantized = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, NF4Dense)}
 

@@ -1028,6 +1028,11 @@ class Int8Dense(nn.Module):
 DENSE_LAYERS = (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))  # in each Block
 
 
+def dense_layers(block):
+    """(module, name) of each Dense layer of a block: the attention's two, the MLP's two."""
+    return [(getattr(block, part), name) for part, name in DENSE_LAYERS]
+
+
 def to_int8(model):
     """The model for inference in int8, in place: every Dense layer of every block (with what
     finetune.py added to it: LoRA, NF4) and the output layer become Int8Dense; embeddings and
@@ -1039,8 +1044,7 @@ def to_int8(model):
 
 
 def block_to_int8(block):
-    for part, name in DENSE_LAYERS:
-        parent = getattr(block, part)
+    for parent, name in dense_layers(block):
         setattr(parent, name, Int8Dense(*getattr(parent, name).weights()))
     return block
 

@@ -19,6 +19,7 @@ import os
 import sys
 import threading
 import time
+import unicodedata
 from pathlib import Path
 
 import torch
@@ -119,8 +120,7 @@ class Classifier:
 
 def describe(model_dir, recipe, cfg, dtype):
     """A sentence about the classifier and one saying the dtype it answers in, for the page and /healthz."""
-    metrics = Path(model_dir) / "metrics.json"
-    accuracy = json.loads(metrics.read_text()).get("test_accuracy") if metrics.exists() else None
+    accuracy = saved_accuracy(Path(model_dir) / "metrics.json")
     labels = recipe["labels"]
     reads = {"last": "the last (padded) position", "last_real": "the last real token",
              "mean": "the mean over all tokens"}[recipe["pool"]]
@@ -130,6 +130,22 @@ def describe(model_dir, recipe, cfg, dtype):
     return (f"A GPT ({cfg.n_layers} blocks, from {Path(recipe['init']).name}) finetuned {task}. Trained: "
             f"{recipe['trainable']}; reads {reads}; up to {recipe['max_length']} tokens"
             + (f"; {accuracy:.1%} test accuracy." if accuracy is not None else ".") + f" It answers in {dtype}.")
+
+
+def saved_accuracy(path):
+    """The test accuracy finetune.py wrote to metrics.json, or None. It only feeds the description,
+    so a missing file is no matter and a damaged one costs a warning, never the answers."""
+    if not path.exists():
+        return None
+    try:
+        accuracy = json.loads(path.read_text(encoding="utf-8"))["test_accuracy"]
+        if type(accuracy) in (int, float) and 0 <= accuracy <= 1:
+            return accuracy
+    except (OSError, ValueError, KeyError, TypeError):  # unreadable, not JSON, not an object, no such key
+        pass
+    print(f"warning: {path} holds no test accuracy finetune.py could have written: left out of the "
+          "description", file=sys.stderr)
+    return None
 
 
 def main(argv=None):
@@ -144,7 +160,7 @@ def main(argv=None):
         width = max(len(label) for label in classifier.labels)
         for text, r in zip(texts, classifier(texts, explain=args.explain)):
             print(json.dumps({"text": text, **r}) if args.json else
-                  f"{r['label']:{width}}  {r['probabilities'][r['label']]:.3f}  {text}")
+                  f"{r['label']:{width}}  {r['probabilities'][r['label']]:.3f}  {shown(text)}")
             if args.explain and not args.json:
                 print("\n".join(explanation_lines(r, classifier.dtype)))
         seconds = time.time() - t0
@@ -157,22 +173,28 @@ def main(argv=None):
 
 
 def explanation_lines(result, dtype):
-    """The verdict token by token, for a terminal: each token (newlines and tabs shown as \\n and
-    \\t), and the probability of the predicted class had the text ended there (computed in
-    `dtype`), as a number and a bar; then where it last changed."""
+    """The verdict token by token, for a terminal: each token (as shown() writes it), and the
+    probability of the predicted class had the text ended there (computed in `dtype`), as a number
+    and a bar; then where it last changed."""
     label = result["label"]
     lines = [f"  {'token':>5}  {'text':16}  {label} (in {dtype})"]
     for i, token in enumerate(result["explanation"]):
         p = token["probabilities"].get(label, 0.0)
-        lines.append(f"  {i:>5}  {json.dumps(token['text'], ensure_ascii=False)[1:-1][:16]:16}  {p:.3f} {bar(p)}")
+        lines.append(f"  {i:>5}  {shown(token['text'])[:16]:16}  {p:.3f} {bar(p)}")
     t = result["changed_at"]
     if t is None:
         lines.append(f"  {label} from the first token on")
     else:
         then = result["explanation"][t]
-        lines.append(f"  the most likely class last changed at token {t} ({json.dumps(then['text'], ensure_ascii=False)}): "
+        lines.append(f"  the most likely class last changed at token {t} (\"{shown(then['text'])}\"): "
                      f"to {max(then['probabilities'], key=then['probabilities'].get)}")
     return lines
+
+
+def shown(text):
+    """text for a terminal: control characters (newline, tab, NUL, escape, ...) written as \\n,
+    \\t, \\x00, \\x1b, so that one text stays on one line and sends the terminal no commands."""
+    return "".join(c.encode("unicode_escape").decode() if unicodedata.category(c) == "Cc" else c for c in text)
 
 
 def bar(p, width=20):
@@ -669,10 +691,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.body_read = False
 
     def end_request(self):
-        """A body we answered without reading is dropped, and the connection closed after it;
+        """What is left of a body too big to read is dropped (reply() has said Connection: close);
         the request is counted and logged (one access-log line)."""
-        if self.drain_unread_body():
-            self.close_connection = True
+        self.drain_unread_body()
         self.answered += 1
         if self.status is not None:
             seconds = time.monotonic() - self.started
@@ -681,14 +702,30 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 sys.stderr.write(f"{self.client_address[0]} {self.command} {self.route} {self.status} "
                                  f"{1000 * seconds:.1f} ms {self.texts} texts\n")
 
+    def skip_small_body(self):
+        """Read and drop the body of a request answered without it (a 404, 405, 401 on a request
+        with a body), if it is a plain Content-Length of at most MAX_BODY bytes: the next request
+        on the connection starts after it. True if the connection can carry a next request."""
+        lengths = (self.headers.get_all("Content-Length") or ["0"]) if self.headers is not None else ["0"]
+        if self.body_read or lengths == ["0"]:
+            return True
+        if "Transfer-Encoding" in self.headers or len(lengths) > 1 or not re.fullmatch(r"[0-9]{1,15}", lengths[0]) \
+                or int(lengths[0]) > MAX_BODY:
+            return False  # where the next request would start is unknown, or too far
+        self.body_read = True
+        try:
+            return len(self.rfile.read(int(lengths[0]))) == int(lengths[0])
+        except TimeoutError:
+            return False
+
     def drain_unread_body(self):
-        """Read and drop the body of a request we answered without reading it (a 413, 401, 404,
-        ...), up to 64 MiB and for at most a second; True if there was one. Closing a socket with
-        unread input makes the kernel send a reset, which can destroy our answer before the
+        """Read and drop the body of a request we answered without reading it (a 413, or one
+        skip_small_body would not read), up to 64 MiB and for at most a second. Closing a socket
+        with unread input makes the kernel send a reset, which can destroy our answer before the
         client has read it."""
         length = self.headers.get("Content-Length", "") if self.headers is not None else ""
         if self.body_read or not length.isdigit() or int(length) == 0:
-            return False
+            return
         left = min(int(length), 64 << 20)
         self.rfile.raw.deadline = time.monotonic() + 1.0
         try:
@@ -696,7 +733,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 left -= len(chunk)
         except TimeoutError:
             pass
-        return True
 
     def finish(self):
         try:
@@ -711,13 +747,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
         sys.stderr.write(f"{self.client_address[0]} {fmt % args}\n")
 
     def reply(self, status, body, content_type="application/json", headers=()):
+        """The answer; with `Connection: close` whenever the connection ends after it, so that a
+        client never sends its next request into a closed connection."""
         data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        if not self.skip_small_body():
+            self.close_connection = True
         self.status = status
         self.send_response(status)
         self.send_header("Content-Type", f"{content_type}; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
         for name, value in headers:
             self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":  # a HEAD answer is the headers alone
             self.wfile.write(data)
@@ -731,7 +773,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if code == 501:
             return self.method_not_allowed()
         self.close_connection = True
-        self.reply(code, {"error": message or self.responses.get(code, ("error",))[0]}, headers=[("Connection", "close")])
+        self.reply(code, {"error": message or self.responses.get(code, ("error",))[0]})
 
     def method_not_allowed(self):
         allow = self.routes.get(self.route, ", ".join(sorted(set(self.routes.values()))))
@@ -774,8 +816,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         try:
             texts, batch, explain = parse_request(self.read_body())
-        except RequestError as e:
-            return self.reply(e.status, {"error": str(e)}, headers=[("Connection", "close")])
+        except RequestError as e:  # the body is not where its headers said: the connection cannot go on
+            self.close_connection = True
+            return self.reply(e.status, {"error": str(e)})
         except ValueError as e:
             return self.reply(400, {"error": str(e)})
         self.texts = len(texts)

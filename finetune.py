@@ -1019,7 +1019,7 @@ def parse_args(argv=None):
     p.add_argument("--title", help="the web page's question (default: from the data, e.g. 'Is this SMS spam?')")
     p.add_argument("--seed", type=int, default=123, help="the new head's initial weights and the order of the batches")
     p.add_argument("--split-seed", type=int, help="the split and the balancing sample (default: --seed)")
-    p.add_argument("--unlabelled", type=Path, metavar="FILE",
+    p.add_argument("--unlabelled", type=minigpt.output_file, metavar="FILE",
                    help="write the texts of --data that this split leaves out of validation, test and the "
                         "unseen sample to FILE, one per line (for pretrain.py --text), and stop")
     minigpt.add_device_flags(p)

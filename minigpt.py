@@ -1225,7 +1225,7 @@ def remove_empty(folders):
 
 
 # What only a write can fail with: a full disk or quota, a read-only file system, a file too big.
-WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EISDIR, errno.ENOTDIR)
 
 
 def write_error(path, e):
@@ -1551,6 +1551,20 @@ def output_folder(text):
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{path} exists and is not a folder")
+    return writable(path)
+
+
+def output_file(text):
+    """An argparse type: a file we can write (a new one, or one to replace; not a folder)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a folder: give the name of a file to write")
+    writable(path.parent)
+    return path
+
+
+def writable(path):
+    """`path` if files can be written where it is or would be made, else an argparse error."""
     existing = path
     while not existing.exists():  # the nearest folder that exists: where the first new one would go
         existing = existing.parent

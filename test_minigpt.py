@@ -2022,6 +2022,8 @@ def bad_inputs(tmp_path):
     (["--epochs", "0"], 2, "must be at least 1"),
     (["--epochs", "-1"], 2, "must be at least 1"),
     (["--unseen", "-3"], 2, "must be at least 0"),
+    (["--unlabelled", "{tmp}"], 2, "is a folder: give the name of a file to write"),
+    (["--unlabelled", "/etc/hostname/texts.txt"], 2, "cannot write into"),
     (["--device", "bogus"], 1, "not a device"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], 1, "CUDA")])
 def test_finetune_refuses_bad_input_before_any_work(bad_inputs, capsys, flags, code, words):
@@ -2565,6 +2567,60 @@ def test_kept_alive_connections_carry_many_requests(quiet_classifier, monkeypatc
         assert first.recv(1) == b""
         connection.close()
     assert capfd.readouterr().err.count("POST /api/classify 200") == 2
+
+
+def test_answers_without_reading_a_body_keep_the_connection_usable(quiet_classifier, capfd):
+    with running(quiet_classifier) as (url, server):
+        host, port = url.removeprefix("http://").split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        body, sock = json.dumps({"text": "hello"}), None
+        for method, path, status in (("PUT", "/api/classify", 405), ("GET", "/healthz", 200), ("POST", "/nope", 404),
+                                     ("POST", "/healthz", 405), ("DELETE", "/", 405), ("GET", "/nope", 404)):
+            connection.request(method, path, body, {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            assert response.status == status and not response.will_close, (method, path)
+            response.read()
+            sock = sock or connection.sock
+            assert connection.sock is sock  # the same connection carries every request
+        connection.request("POST", "/api/classify", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200 and "label" in json.loads(response.read()) and connection.sock is sock
+        # A body too big to read: the answer says the connection closes, and the client's next
+        # request goes on a new connection without an error.
+        connection.request("GET", "/healthz", b"x" * (classify.MAX_BODY + 1))
+        response = connection.getresponse()
+        assert response.status == 200 and response.getheader("Connection") == "close" and response.will_close
+        response.read()
+        connection.request("POST", "/api/classify", body, {"Content-Type": "application/json"})
+        assert connection.getresponse().status == 200
+    capfd.readouterr()
+
+
+def test_writing_a_file_onto_a_folder_is_one_clear_error(tmp_path):
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(minigpt.DataError, match=r"cannot write .*folder: Is a directory"):
+        minigpt.write_text(tmp_path / "folder", "text")
+    assert [p.name for p in tmp_path.iterdir()] == ["folder"] and not any((tmp_path / "folder").iterdir())
+
+
+@pytest.mark.parametrize("damage", ["{junk", "", "[1, 2]", '{"test_accuracy": "x"}', '{"test_accuracy": 7}', "\xff"])
+def test_a_damaged_metrics_file_costs_a_warning_not_the_answers(tiny_classifier, tmp_path, capsys, damage):
+    folder = tmp_path / "classifier"
+    shutil.copytree(tiny_classifier, folder)
+    expected = classify.Classifier(folder)(["WIN cash now"])
+    (folder / "metrics.json").write_bytes(damage.encode("latin-1"))
+    classify.main(["--model", str(folder), "--json", "--dtype", "float32", "WIN cash now"])
+    out, err = capsys.readouterr()
+    assert json.loads(out)["probabilities"] == expected[0]["probabilities"]
+    assert f"warning: {folder / 'metrics.json'} holds no test accuracy" in err and "test accuracy." not in err
+
+
+def test_explain_shows_control_characters_escaped(tiny_classifier, capsys):
+    classify.main(["--model", str(tiny_classifier), "--explain", "a\x00b\x1b[31m\tc"])
+    out = capsys.readouterr().out
+    assert "\x00" not in out and "\x1b" not in out and "\t" not in out
+    assert out.splitlines()[0].endswith("a\\x00b\\x1b[31m\\tc")  # the verdict line, escaped as the rows are
+    assert classify.shown("é\u00a0\n") == "é\u00a0\\n"  # printable characters stay as they are
 
 
 def test_benchmark_prints_the_model_alone_beside_the_service(tiny_classifier, capsys):

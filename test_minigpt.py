@@ -1561,7 +1561,7 @@ def test_bfloat16_classifier_gives_float32_probabilities_within_tolerance(tiny_c
     texts = [t for _, t in synthetic_messages(10, 10, seed=7)]
     plain = [r["spam_probability"] for r in classify.Classifier(tiny_classifier)(texts)]
     fast = classify.Classifier(tiny_classifier, dtype="bfloat16")
-    assert fast.model.lm_head.weight.dtype == torch.bfloat16
+    assert fast.model.wte.weight.dtype == fast.model.lm_head.packed.dtype == torch.bfloat16
     got = [r["spam_probability"] for r in fast(texts)]
     assert max(abs(a - b) for a, b in zip(got, plain)) < BF16_TOLERANCE
 
@@ -2533,6 +2533,83 @@ def test_auto_for_inference_is_the_hardware_rule_and_int8_only_a_hint(monkeypatc
     assert minigpt.inference_dtype("float32", "cpu", "x") == "float32"  # asked for: no hint
     assert minigpt.inference_dtype("int8", "cpu", "x") == "int8"
     assert capsys.readouterr().err.splitlines() == ["dtype: int8 (as asked)"]
+
+
+def test_packed_float_layers_give_the_plain_models_answers():
+    model = tiny_model()
+    idx = torch.randint(0, TINY.vocab_size, (3, 10), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = model(idx)
+        packed = minigpt.cast_for_inference(copy.deepcopy(model), "float32")
+        assert isinstance(packed.h[0].mlp.c_fc, minigpt.PackedDense) and isinstance(packed.h[0].mlp.gelu, torch.nn.Identity)
+        torch.testing.assert_close(packed(idx), expected, atol=1e-5, rtol=0)  # the same products, in another order
+        assert relative_error(minigpt.cast_for_inference(copy.deepcopy(model), "bfloat16")(idx), expected) < 0.02
+        assert torch.equal(minigpt.generate(packed, idx[:1, :4], 10), minigpt.generate(model, idx[:1, :4], 10))
+
+
+BENCHMARK = os.environ.get("MINIGPT_BENCHMARK") == "1"  # the 124M shape, timed; else the tiny one, checked
+
+
+def test_inference_speed_beside_onnx_runtime_and_transformers(tmp_path, capsys):
+    """minigpt's classifying path (finetune.prefix_probabilities on a cast_for_inference model, a
+    2-way head) beside ONNX Runtime on the same model (exported by torch.onnx; int8 by its
+    quantize_dynamic) and transformers' GPT-2 in bfloat16: one text of 30 tokens, and 32. With
+    MINIGPT_BENCHMARK=1 (the 124M shape, best of 5 in 3 rounds, about 3 minutes) it prints the
+    table and minigpt's ratios; otherwise it runs the same steps on the tiny shape and checks that
+    ONNX Runtime gives minigpt's answers, so the benchmark keeps working."""
+    ort = pytest.importorskip("onnxruntime", exc_type=ImportError,
+                              reason="the benchmark needs onnxruntime (pip install -r requirements-test.txt)")
+    pytest.importorskip("onnxscript", exc_type=ImportError, reason="torch.onnx.export needs onnxscript")
+    transformers = pytest.importorskip("transformers", exc_type=ImportError, reason="the benchmark needs transformers")
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    cfg = minigpt.PRESETS["gpt2-small"] if BENCHMARK else TINY
+    torch.manual_seed(0)
+    model = minigpt.GPT(cfg).eval()
+    finetune.make_classifier(model, "last_block", 2)
+    model.eval()
+    lone, batch = torch.randint(0, cfg.vocab_size, (1, 30)), torch.randint(0, cfg.vocab_size, (32, 30))
+    torch.onnx.export(model, (lone,), dynamo=True, dynamic_shapes=({0: "texts", 1: "tokens"},),
+                      input_names=["ids"]).save(tmp_path / "float32.onnx")
+    quantize_dynamic(tmp_path / "float32.onnx", tmp_path / "int8.onnx", weight_type=QuantType.QInt8)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # the cores torch uses
+    runs = {}  # (engine, dtype) -> ids (B, T) -> what it computes
+    for dtype in ("float32", "int8"):
+        session = ort.InferenceSession(str(tmp_path / f"{dtype}.onnx"), options, providers=["CPUExecutionProvider"])
+        runs["ONNX Runtime", dtype] = lambda ids, s=session: torch.softmax(torch.from_numpy(s.run(None, {"ids": ids.numpy()})[0]), -1)
+    for dtype in ("float32", "bfloat16", "int8"):
+        runs["minigpt", dtype] = lambda ids, m=minigpt.cast_for_inference(copy.deepcopy(model), dtype): \
+            finetune.prefix_probabilities(m, ids)
+    hf = transformers.GPT2ForSequenceClassification(transformers.GPT2Config(
+        n_embd=cfg.emb_dim, n_layer=cfg.n_layers, n_head=cfg.n_heads, n_positions=cfg.context_length, num_labels=2,
+        pad_token_id=0, attn_implementation="sdpa")).to(torch.bfloat16).eval()  # its own random weights: speed only
+    runs["transformers", "bfloat16"] = lambda ids: hf(ids).logits
+    with torch.inference_mode():
+        expected = runs["minigpt", "float32"](batch)
+        torch.testing.assert_close(runs["ONNX Runtime", "float32"](batch), expected, atol=1e-4, rtol=0)  # the same model
+        assert (runs["ONNX Runtime", "int8"](batch) - expected).abs().max() < 0.1
+        seconds = {}
+        for _ in range(3 if BENCHMARK else 1):  # rounds: drift of the machine's speed hits every engine alike
+            for key, run in runs.items():
+                for shape, ids in (("lone", lone), ("batch", batch)):
+                    t = minigpt.best_time(lambda: run(ids), 5 if BENCHMARK else 1)
+                    seconds[key, shape] = min(t, seconds.get((key, shape), t))
+    if BENCHMARK:
+        with capsys.disabled():
+            print_speed_table(seconds)
+
+
+def print_speed_table(seconds):
+    """The benchmark's table, then minigpt's ratios: lone, the other engine's time over minigpt's;
+    batch, minigpt's texts/s over the other's (above 1: minigpt is faster)."""
+    print(f"\n{'engine, dtype':28} {'1 x 30 tokens':>14} {'32 x 30 tokens':>16}")
+    for (engine, dtype), shape in seconds:
+        if shape == "lone":
+            print(f"{engine + ', ' + dtype:28} {1000 * seconds[(engine, dtype), 'lone']:11.1f} ms "
+                  f"{32 / seconds[(engine, dtype), 'batch']:10.1f} texts/s")
+    for dtype, other in (("float32", "ONNX Runtime"), ("int8", "ONNX Runtime"), ("bfloat16", "transformers")):
+        ratios = [seconds[(other, dtype), shape] / seconds[("minigpt", dtype), shape] for shape in ("lone", "batch")]
+        print(f"minigpt {dtype} over {other} {dtype}: lone {ratios[0]:.2f}, batch {ratios[1]:.2f}")
 
 
 def test_int8_units_are_read_from_cpuinfo():

@@ -28,9 +28,9 @@ import finetune
 import minigpt
 
 
-# What --dtype int8 measured for classifying (docs/precision.md): auto's hint where int8 units exist.
-CLASSIFYING_IN_INT8 = ("on a 2-core AMD EPYC it served 72.5 messages/s against bfloat16's 59.0; labels as "
-                       "float32's for 300 of 300 SMS test messages, probabilities up to 0.10 away")
+# What --dtype int8 measured for classifying (docs/precision.md): auto's hint where it picks float32.
+CLASSIFYING_IN_INT8 = ("on a 2-core AMD EPYC the service answered 58.9 messages/s against float32's 33.4; "
+                       "labels as float32's for 300 of 300 SMS test messages, probabilities up to 0.10 away")
 
 
 class Classifier:

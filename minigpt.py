@@ -1139,14 +1139,15 @@ def inference_dtype(name, device, int8_gain):
     """The dtype for inference: `name`, and for auto the rule training follows (pick_dtype:
     bfloat16 where the device multiplies it natively, else float32), so a command gives the same
     answer on every run of a machine; nothing is timed. int8 changes the answers a little, so it
-    runs only when asked; where the CPU has int8 dot-product units, auto says once what int8
-    measured on this path (`int8_gain`: docs/precision.md's figures) so a user can choose it."""
+    runs only when asked. Where auto is float32 and the CPU has int8 dot-product units, int8 is
+    faster (with bfloat16 units it is not, or barely: docs/precision.md), and auto says once what
+    int8 measured on this path (`int8_gain`) so a user can choose it."""
     if name == "int8":
         print("dtype: int8 (as asked)", file=sys.stderr)
         return name
     device = torch.device(device)
     dtype = dtype_name(pick_dtype(name, device))
-    if name == "auto" and (units := int8_units(device)):
+    if name == "auto" and dtype == "float32" and (units := int8_units(device)):
         print(f"hint: --dtype int8 uses this CPU's {' and '.join(units)}: {int8_gain} (docs/precision.md)",
               file=sys.stderr)
     return dtype
@@ -1668,8 +1669,8 @@ def compare_dtypes(model, prompt, new_tokens):
               f"{new_tokens / (long - short):.1f} tokens/s; logits differ from float32 by {error:.1e} (relative)")
 
 
-# What --dtype int8 measured for generating (docs/precision.md): auto's hint where int8 units exist.
-GENERATING_IN_INT8 = ("on a 2-core AMD EPYC it decoded 78.7 tokens/s against bfloat16's 45.2; its greedy "
+# What --dtype int8 measured for generating (docs/precision.md): auto's hint where it picks float32.
+GENERATING_IN_INT8 = ("on a 2-core AMD EPYC it decoded 66.5 tokens/s against float32's 37.1; its greedy "
                       "text leaves float32's within a few tokens")
 
 

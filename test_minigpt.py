@@ -2519,9 +2519,9 @@ def fail_if_timed(monkeypatch):
     monkeypatch.setattr(minigpt, "best_time", timer)
 
 
-@pytest.mark.parametrize("native,units,expected", [(True, ["avx512_vnni"], "bfloat16"), (False, [], "float32"),
-                                                   (False, ["amx_int8", "avx512_vnni"], "float32")])
-def test_auto_for_inference_is_the_hardware_rule_and_int8_only_a_hint(monkeypatch, capsys, native, units, expected):
+@pytest.mark.parametrize("native,units,expected,hint", [
+    (True, ["avx512_vnni"], "bfloat16", False), (False, [], "float32", False), (False, ["amx_int8", "avx512_vnni"], "float32", True)])
+def test_auto_for_inference_is_the_hardware_rule_and_int8_only_a_hint(monkeypatch, capsys, native, units, expected, hint):
     fail_if_timed(monkeypatch)
     monkeypatch.setattr(minigpt, "native_bfloat16", lambda device: (native, "the reason"))
     monkeypatch.setattr(minigpt, "int8_units", lambda device: units)
@@ -2529,7 +2529,7 @@ def test_auto_for_inference_is_the_hardware_rule_and_int8_only_a_hint(monkeypatc
     said = capsys.readouterr().err.splitlines()
     assert said[0] == f"dtype: {expected} (auto: the reason)"
     assert said[1:] == ([f"hint: --dtype int8 uses this CPU's {' and '.join(units)}: it was 2x faster "
-                         "(docs/precision.md)"] if units else [])
+                         "(docs/precision.md)"] if hint else [])
     assert minigpt.inference_dtype("float32", "cpu", "x") == "float32"  # asked for: no hint
     assert minigpt.inference_dtype("int8", "cpu", "x") == "int8"
     assert capsys.readouterr().err.splitlines() == ["dtype: int8 (as asked)"]

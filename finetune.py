@@ -56,12 +56,13 @@ POOLS = ("last", "last_real", "mean")
 # ----------------------------------------------------------------------------------------------
 
 def make_classifier(model, trainable, n_classes=2, lora_rank=16, lora_alpha=16):
-    """Turn a GPT into a classifier in place: a new head with one output per class (the book's
-    out_head = Linear(emb_dim, 2)), and only `trainable` parts train. For qlora, `model` comes
-    with NF4Dense layers (load_nf4); LoRA goes around them as for lora."""
+    """Turn a GPT into a classifier in place: replace lm_head (the book's out_head) with
+    Linear(emb_dim, classes), one output per class, and only `trainable` parts train. For qlora,
+    `model` comes with NF4Dense layers (load_nf4); LoRA goes around them as for lora."""
     model.lm_head = nn.Linear(model.cfg.emb_dim, n_classes).to(model.wte.weight.device)  # untied, new
     model.requires_grad_(trainable == "all")
-    if trainable in ("lora", "qlora"):  # low-rank updates on every Dense (or NF4Dense) layer of every block
+    if trainable in ("lora", "qlora"):  # low-rank updates on every Dense (or NF4Dense) layer of every block:
+        # attn.c_attn (C, 3C), attn.c_proj (C, C), mlp.c_fc (C, 4C), mlp.c_proj (4C, C)
         for block in model.h:
             for parent, name in minigpt.dense_layers(block):
                 setattr(parent, name, LoRA(getattr(parent, name), lora_rank, lora_alpha))
@@ -86,6 +87,7 @@ class LoRA(nn.Module):
 
     which is x @ (W + (alpha / rank) * A @ B) + bias. B starts at zero, so at first the layer is
     exactly the old one. Only rank * (in + out) numbers train instead of in * out.
+    n_in, n_out = dense.shape: (in, out), GPT-2's layout (minigpt.Dense).
     """
 
     def __init__(self, dense, rank, alpha):
@@ -986,8 +988,8 @@ def parse_args(argv=None):
     p.add_argument("--trainable", default="last_block", choices=TRAINABLE,
                    help="what trains besides the new head (last_block: last block + final LayerNorm)")
     p.add_argument("--pool", default="last_real", choices=POOLS,
-                   help="last: final padded position (as the reference); last_real: last real token; "
-                        "mean: average over real tokens")
+                   help="last_real: the last real token; last: the final padded position (the book's "
+                        "model(x)[:, -1]); mean: the average over the real tokens")
     p.add_argument("--lora-rank", type=minigpt.positive_int, default=16, help="rank of each LoRA update")
     p.add_argument("--lora-alpha", type=minigpt.positive_float, default=16, help="LoRA's scale is alpha / rank")
     p.add_argument("--epochs", type=minigpt.positive_int, default=5, help="passes over the training split")

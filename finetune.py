@@ -709,22 +709,29 @@ def load_classifier(out, device="cpu"):
 
 
 def base_model(recipe, device):
-    """The model finetuning started from, before its head was replaced. For qlora, its blocks'
-    Dense layers are NF4, quantized as the weights stream in (see load_nf4)."""
-    qlora = recipe["trainable"] == "qlora"
-    if recipe["init"] == "random":  # no file: rebuild the same random weights from the seed
+    """The model finetuning started from, before its head was replaced. Dropout is off while
+    finetuning (the book's drop_rate 0.0): set here, for every init. For qlora, its blocks' Dense
+    layers are NF4, quantized as the weights stream in (see load_nf4)."""
+    if recipe["init"] == "random":  # no file: the same random weights again, from the seed
         torch.manual_seed(recipe["seed"])
-        cfg = minigpt.GPTConfig(**recipe["config"])
-        return load_nf4(cfg, random_tensors(cfg), device) if qlora else minigpt.GPT(cfg).to(device)
+        cfg, tensors = minigpt.GPTConfig(**recipe["config"]), None
+    else:
+        check_base_file(recipe)
+        cfg, tensors = minigpt.model_tensors(recipe["init"], device)
+    cfg = replace(cfg, dropout=0.0)
+    if recipe["trainable"] == "qlora":
+        return load_nf4(cfg, random_tensors(cfg) if tensors is None else tensors, device)
+    return minigpt.GPT(cfg).to(device) if tensors is None else minigpt.load_weights(cfg, tensors, device)
+
+
+def check_base_file(recipe):
+    """A DataError if the checkpoint a classifier was trained on is gone or has changed since."""
     if recipe.get("init_sha256") and not Path(recipe["init"]).is_file():
         raise minigpt.DataError(f"this classifier's base model {recipe['init']} is missing; put it back, "
                                 "or run finetune.py again")
     if recipe.get("init_sha256") and minigpt.sha256_of(recipe["init"]) != recipe["init_sha256"]:
         raise minigpt.DataError(f"{recipe['init']} changed since this classifier was trained on it; "
                                 "run finetune.py again")
-    if qlora:
-        return load_nf4(*minigpt.model_tensors(recipe["init"], device, dropout=0.0), device)
-    return minigpt.load_model(recipe["init"], device, dropout=0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -845,7 +852,7 @@ def build_model(args, device, classes):
     """Step 2, model: the base GPT (random, GPT-2 or a checkpoint) with its new head, and its
     recipe, everything needed to rebuild it later (see load_classifier)."""
     if args.init == "random":
-        recipe = dict(init="random", config=asdict(replace(minigpt.PRESETS[args.preset], dropout=0.0)))
+        recipe = dict(init="random", config=asdict(minigpt.PRESETS[args.preset]))
     else:
         recipe = dict(init=args.init if args.init in minigpt.GPT2_FILES else str(Path(args.init).resolve()))
     recipe.update(seed=args.seed, trainable=args.trainable, pool=args.pool, labels=classes,

@@ -638,18 +638,18 @@ def save_checkpoint(path, model, **extra):
     save_pt(path, {"config": asdict(model.cfg), "model": model.state_dict(), **extra})
 
 
-def read_checkpoint(path, device="cpu", **config_changes):
+def read_checkpoint(path, device="cpu"):
     """(config, checkpoint dict)."""
     ck = load_pt(path, device)
     try:
-        return replace(GPTConfig(**ck["config"]), **config_changes), ck
+        return GPTConfig(**ck["config"]), ck
     except Exception as e:
         raise DataError(f"{path} is not a minigpt checkpoint ({type(e).__name__}: {e})") from e
 
 
-def load_checkpoint(path, device="cpu", **config_changes):
+def load_checkpoint(path, device="cpu"):
     """(model, checkpoint dict)."""
-    cfg, ck = read_checkpoint(path, device, **config_changes)
+    cfg, ck = read_checkpoint(path, device)
     return load_weights(cfg, ck["model"].items(), device), ck
 
 
@@ -835,29 +835,23 @@ def gpt2_dir(name):
 def load_model(spec, device="cpu", **config_changes):
     """A GPT from `spec`: a GPT-2 name (gpt2-small, ...), a converted folder (config.json + .npy),
     a folder written by transformers' save_pretrained (config.json + model.safetensors), or a
-    checkpoint written by pretrain.py (.pt). config_changes: e.g. dropout=0.0."""
-    return load_weights(*model_tensors(spec, device, **config_changes), device)
+    checkpoint written by pretrain.py (.pt). config_changes: e.g. dropout=0.1 (pretrain.py --init)."""
+    cfg, tensors = model_tensors(spec, device)
+    return load_weights(replace(cfg, **config_changes), tensors, device)
 
 
-def model_tensors(spec, device="cpu", **config_changes):
+def model_tensors(spec, device="cpu"):
     """(config, (name, array) pairs) of the model `spec` names (see load_model). From files of
     .npy or safetensors the arrays are read one at a time, as the pairs are asked for."""
     path = gpt2_dir(spec) if spec in GPT2_FILES else Path(spec)
     if path.is_file():
-        cfg, ck = read_checkpoint(path, device, **config_changes)
-        if "optimizer" in ck:  # pretrain.py keeps its optimizer only while the run is unfinished
-            training = ck["training"]
-            of = f" of {training['total_steps']:,}" if "total_steps" in training else ""
-            step = (training.get("progress") or training["state"])["step"]  # "state" in older files
-            print(f"warning: {path} is an unfinished pretrain.py run (stopped after step {step:,}{of}); "
-                  "its weights are used as they are", file=sys.stderr)
+        cfg, ck = read_checkpoint(path, device)
+        warn_if_unfinished(path, ck)
         return cfg, ck["model"].items()
     if (path / "model.safetensors").exists():
-        cfg = replace(config_from_hf(path / "config.json"), **config_changes)
-        return cfg, gpt2_tensors(path / "model.safetensors")
+        return config_from_hf(path / "config.json"), gpt2_tensors(path / "model.safetensors")
     if (path / "config.json").exists():
-        cfg = replace(read_config(path / "config.json"), **config_changes)
-        return cfg, ((p.stem, read_npy(p)) for p in path.glob("*.npy"))
+        return read_config(path / "config.json"), ((p.stem, read_npy(p)) for p in path.glob("*.npy"))
     raise DataError(f"{spec}: not a GPT-2 name ({', '.join(GPT2_FILES)}), a model folder or a checkpoint file")
 
 
@@ -1363,6 +1357,19 @@ class Progress:
 
     def done(self, text):
         print(f"\r{text}" if self.terminal else text, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- model files: checkpoints and GPT-2's
+
+def warn_if_unfinished(path, ck):
+    """A warning on stderr if the checkpoint is an unfinished pretrain.py run (only those keep
+    their optimizer)."""
+    if "optimizer" in ck:
+        training = ck["training"]
+        of = f" of {training['total_steps']:,}" if "total_steps" in training else ""
+        step = (training.get("progress") or training["state"])["step"]  # "state" in older files
+        print(f"warning: {path} is an unfinished pretrain.py run (stopped after step {step:,}{of}); "
+              "its weights are used as they are", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- public texts and downloads

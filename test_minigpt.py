@@ -1268,7 +1268,7 @@ def write_folder(model, folder):
 
 def test_qlora_quantizes_each_weight_as_it_streams_from_npy_files(tmp_path):
     write_folder(tiny_model(seed=4), tmp_path / "base")
-    cfg, tensors = minigpt.model_tensors(tmp_path / "base", dropout=0.0)
+    cfg, tensors = minigpt.model_tensors(tmp_path / "base")
     seen = []  # weak references to the Dense weights read so far
 
     def watched(tensors):

@@ -10,15 +10,16 @@ to a trained model, and leaves the plumbing for last.
   4. data          texts as padded token ids, for classifying (pretrain.py cuts windows from token files)
   5. training      the loss, AdamW and its parameter groups, one optimizer step, the learning rate
   6. checkpoints   save and load a model, with a digest that tells a damaged file
-  7. GPT-2         read OpenAI's weights (safetensors, with numpy), convert them, load them by name
-  8. plumbing      device and dtype, SVG plots, files (atomic writes, downloads), command-line flags
+  7. loading       a model by name: GPT-2's weights (the map of their names), a folder, a checkpoint
+  8. plumbing      device and dtype, SVG plots, files (atomic writes, model files, downloads),
+                   command-line flags
 
 `python minigpt.py --model gpt2-small --prompt "Every effort moves you"` generates text.
 pretrain.py, finetune.py and classify.py build on the pieces below.
 
 The names, beside those of Raschka's "Build a Large Language Model (From Scratch)" (the book) and
 of Karpathy's nanoGPT. The modules are named as in OpenAI's GPT-2 checkpoint, so its weights load
-by name (section 7 lists them):
+by name (gpt2_tensors lists them):
 
   the book                        nanoGPT                    minigpt
   GPT_CONFIG_124M["emb_dim"] ...  GPTConfig.n_embd ...       GPTConfig.emb_dim, n_heads, n_layers,
@@ -654,82 +655,55 @@ def load_checkpoint(path, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. GPT-2's weights. OpenAI's weights are published by Hugging Face as one `model.safetensors`
-#    file per size. We read that format with numpy, convert once to one .npy file per minigpt
-#    parameter, and load from those from then on. The names are the same on both sides, so they
-#    load by name, with no transposes (Dense keeps GPT-2's (in, out) layout). Per block N:
-#
-#      h.N.ln_1.weight, .bias             (C,)        LayerNorm before attention (the book: norm1)
-#      h.N.attn.c_attn.weight, .bias      (C, 3C)     query, key, value side by side (W_query ...)
-#      h.N.attn.c_proj.weight, .bias      (C, C)      mixes the heads (out_proj)
-#      h.N.ln_2.weight, .bias             (C,)        LayerNorm before the MLP (norm2)
-#      h.N.mlp.c_fc.weight, .bias         (C, 4C)     widens (FeedForward's first layer)
-#      h.N.mlp.c_proj.weight, .bias       (4C, C)     narrows (its last layer)
-#
-#    and wte.weight (vocab, C) (tok_emb), wpe.weight (context, C) (pos_emb), ln_f.weight, .bias
-#    (final_norm); the output layer is wte.weight again (tied; the book's out_head).
+# 7. Loading a model: GPT-2's weights (OpenAI's, published by Hugging Face as one model.safetensors
+#    file per size, converted once to one .npy file per parameter), a folder, or a checkpoint.
+#    The names in OpenAI's file are minigpt's own (gpt2_tensors has the map); the files
+#    themselves are read in the plumbing section ("model files").
 # ----------------------------------------------------------------------------------------------
 
-HF_URL = "https://huggingface.co/openai-community/{repo}/resolve/{revision}/model.safetensors"
-# Model name -> (Hugging Face repo, revision, sha256). Only gpt2-small's revision and digest are
-# pinned (published). For the others we take the current file ("main") and check what can be
-# checked without a published digest: that the file is complete (its size equals the header
-# plus every tensor's bytes) and that every tensor has the shape the preset demands.
-GPT2_FILES = {
-    "gpt2-small": ("gpt2", "607a30d783dfa663caf39e06633721c8d4cfcd7e",
-                   "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707"),
-    "gpt2-medium": ("gpt2-medium", "main", None),
-    "gpt2-large": ("gpt2-large", "main", None),
-    "gpt2-xl": ("gpt2-xl", "main", None),
-}
-SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # BF16: see below
+def load_model(spec, device="cpu", **config_changes):
+    """A GPT from `spec`: a GPT-2 name (gpt2-small, ...), a converted folder (config.json + .npy),
+    a folder written by transformers' save_pretrained (config.json + model.safetensors), or a
+    checkpoint written by pretrain.py (.pt). config_changes: e.g. dropout=0.1 (pretrain.py --init)."""
+    cfg, tensors = model_tensors(spec, device)
+    return load_weights(replace(cfg, **config_changes), tensors, device)
 
 
-def read_safetensors(path):
-    """Yield (name, float32 array) for each tensor of a .safetensors file.
-
-    Format: 8 bytes little-endian header length N, N bytes of JSON {name: {dtype, shape,
-    data_offsets: [begin, end]}} (plus an optional "__metadata__"), then the raw little-endian
-    tensor bytes, offsets counted from the end of the header. The file is memory-mapped, so
-    only the tensor being converted is in memory.
-    """
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 2 <= n <= size - 8:
-            raise DataError(f"{path} is not a safetensors file (or is truncated)")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise DataError(f"{path}: the safetensors header is not valid JSON ({e})") from e
-    header.pop("__metadata__", None)
-    end = 8 + n + max((t["data_offsets"][1] for t in header.values()), default=0)
-    if end != size:
-        raise DataError(f"{path} is {size:,} bytes but its header describes {end:,}: "
-                        "truncated or corrupted; delete it and download it again")
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
-    for name, t in header.items():
-        if t["dtype"] not in SAFETENSORS_DTYPES:
-            raise DataError(f"{path}: tensor {name} has dtype {t['dtype']}; we read {list(SAFETENSORS_DTYPES)}")
-        begin, stop = t["data_offsets"]
-        dtype = np.dtype(SAFETENSORS_DTYPES[t["dtype"]])
-        if stop - begin != math.prod(t["shape"]) * dtype.itemsize:
-            raise DataError(f"{path}: tensor {name} has {stop - begin} bytes for shape {t['shape']}: corrupted")
-        a = data[begin:stop].view(dtype).reshape(t["shape"])
-        if t["dtype"] == "BF16":  # bfloat16 is the top half of a float32's bits
-            a = (a.astype(np.uint32) << 16).view(np.float32)
-        yield name, a.astype(np.float32)
+def model_tensors(spec, device="cpu"):
+    """(config, (name, array) pairs) of the model `spec` names (see load_model). From files of
+    .npy or safetensors the arrays are read one at a time, as the pairs are asked for."""
+    path = gpt2_dir(spec) if spec in GPT2_FILES else Path(spec)
+    if path.is_file():  # a checkpoint written by pretrain.py (save_checkpoint)
+        cfg, ck = read_checkpoint(path, device)
+        warn_if_unfinished(path, ck)
+        return cfg, ck["model"].items()
+    if (path / "model.safetensors").exists():  # transformers' save_pretrained: OpenAI's names
+        return config_from_hf(path / "config.json"), gpt2_tensors(path / "model.safetensors")
+    if (path / "config.json").exists():  # converted (gpt2_dir): one <minigpt name>.npy per parameter
+        return read_config(path / "config.json"), ((p.stem, read_npy(p)) for p in path.glob("*.npy"))
+    raise DataError(f"{spec}: not a GPT-2 name ({', '.join(GPT2_FILES)}), a model folder or a checkpoint file")
 
 
 def gpt2_tensors(path):
-    """Yield (minigpt name, float32 array) from a GPT-2 safetensors file.
+    """Yield (minigpt name, float32 array) from a GPT-2 safetensors file. The names are OpenAI's;
+    minigpt's modules have the same names, and Dense keeps OpenAI's (in, out) layout, so nothing
+    is transposed. Per block N, and beside them the book's load_weights_into_gpt:
 
-    Two layouts exist. OpenAI's file on the Hub names tensors `wte.weight`, `h.0.attn.c_attn.weight`,
-    ..., and stores each layer's causal mask as a buffer `h.N.attn.bias` (1, 1, 1024, 1024).
-    `save_pretrained` in today's transformers prefixes every name with `transformer.` and stores no
-    masks. Masks are skipped: the attention masks by itself. `lm_head.weight`, where a file has
-    it, is `wte.weight` again (tied); load_weights ignores it.
+      in the file (OpenAI's names)     minigpt            shape     the book
+      [transformer.]wte.weight         wte.weight         (V, C)    tok_emb.weight
+      [transformer.]wpe.weight         wpe.weight         (ctx, C)  pos_emb.weight
+      h.N.ln_1.weight, .bias           h.N.ln_1.*         (C,)      trf_blocks[N].norm1.scale, .shift
+      h.N.attn.c_attn.weight, .bias    h.N.attn.c_attn.*  (C, 3C)   att.W_query, W_key, W_value: split in 3, transposed
+      h.N.attn.c_proj.weight, .bias    h.N.attn.c_proj.*  (C, C)    att.out_proj (transposed)
+      h.N.ln_2.weight, .bias           h.N.ln_2.*         (C,)      norm2.scale, .shift
+      h.N.mlp.c_fc.weight, .bias       h.N.mlp.c_fc.*     (C, 4C)   ff.layers[0] (transposed)
+      h.N.mlp.c_proj.weight, .bias     h.N.mlp.c_proj.*   (4C, C)   ff.layers[2] (transposed)
+      ln_f.weight, .bias               ln_f.*             (C,)      final_norm.scale, .shift
+      lm_head.weight (some files)      skipped: wte.weight (V, C)   out_head, a copy of wte
+      h.N.attn.bias, .masked_bias      skipped: the causal mask (the attention masks by itself)
+
+    The prefix `transformer.` is in files written by today's transformers' save_pretrained, the
+    masks (1, 1, 1024, 1024) in OpenAI's file on the Hub. load_weights checks every shape.
     """
     for name, a in read_safetensors(path):
         name = name.removeprefix("transformer.")
@@ -738,25 +712,11 @@ def gpt2_tensors(path):
         yield name, a
 
 
-def config_from_hf(path):
-    """A GPTConfig from a Hugging Face GPT-2 config.json (the head count is not in the weights)."""
-    try:
-        c = json.loads(Path(path).read_text(encoding="utf-8"))
-        if c.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise DataError(f"{path}: activation {c['activation_function']}, but minigpt uses tanh GELU")
-        return GPTConfig(vocab_size=c["vocab_size"], context_length=c["n_positions"],
-                         emb_dim=c["n_embd"], n_heads=c["n_head"], n_layers=c["n_layer"])
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
-        raise DataError(f"{path}: not a GPT-2 config.json ({type(e).__name__}: {e})") from e
-
-
 def load_weights(cfg, tensors, device="cpu", model=None):
-    """Build a GPT from (name, array) pairs, checking that every parameter comes once, with its shape.
-
-    The model is first built on the "meta" device (shapes only, no memory, no random init), then
-    each array becomes the parameter itself: peak memory is about one model, not two.
-    model: a GPT already built on "meta" to fill instead (finetune.py's QLoRA passes one whose
-    layers hold buffers, which are filled and checked like the parameters).
+    """Build a GPT from (name, array) pairs, checking that every parameter comes once, with its
+    shape (the table in gpt2_tensors). The model is built on the meta device: no memory until
+    each array becomes its parameter. model: a GPT already built on "meta" to fill instead
+    (finetune.py's QLoRA passes one whose layers hold buffers, filled and checked the same way).
     """
     if model is None:
         with torch.device("meta"):
@@ -780,79 +740,6 @@ def load_weights(cfg, tensors, device="cpu", model=None):
     if cfg.tied_head:
         model.lm_head.weight = model.wte.weight  # assign=True replaced the parameters: tie them again
     return model.eval()
-
-
-def convert(safetensors_path, cfg, out_dir):
-    """Write the converted model to out_dir: config.json plus one <name>.npy per parameter.
-
-    Why one .npy per parameter: the format is numpy's own (no pickle, safe to load), each file
-    loads with one read straight into the array that becomes the parameter, and a reader can
-    inspect any tensor with np.load. The folder is written beside out_dir and renamed into place.
-    """
-    def save(tensors, folder):
-        for name, a in tensors:
-            np.save(folder / f"{name}.npy", a)
-            yield name, a
-
-    with atomic_folder(out_dir, exclusive=True) as tmp:  # loading onto "meta" checks every name and shape
-        load_weights(cfg, save(gpt2_tensors(safetensors_path), tmp), device="meta")  # as they stream past
-        (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    return Path(out_dir)
-
-
-def read_config(path):
-    """The GPTConfig of a converted folder's config.json, or a DataError that says what is wrong."""
-    try:
-        return GPTConfig(**json.loads(Path(path).read_text(encoding="utf-8")))
-    except (ValueError, TypeError) as e:  # not JSON, not an object, an unknown key, an impossible shape
-        raise DataError(f"{path}: not a minigpt model config ({e})") from e
-
-
-def read_npy(path):
-    """One converted parameter as a float32 array. The .npy format is a small header (dtype, shape)
-    and the raw numbers; np.load refuses pickled Python objects (they could run code) by default."""
-    try:
-        a = np.load(path)
-    except (ValueError, OSError, EOFError) as e:  # truncated, pickled, or not a .npy file at all
-        raise DataError(f"{path}: not a readable .npy file ({e}); convert the model again") from e
-    if a.dtype != np.float32:
-        raise DataError(f"{path} holds {a.dtype} numbers; converted weights are float32 (convert the model again)")
-    return a
-
-
-def gpt2_dir(name):
-    """data/gpt2/<name>/ with converted weights: downloaded (or mirrored) and converted if needed.
-    The mirror holds `$MINIGPT_MIRROR/<name>/model.safetensors`."""
-    out = DATA_DIR / "gpt2" / name
-    if not (out / "config.json").exists():
-        repo, revision, sha = GPT2_FILES[name]
-        path = fetch(f"{name}/model.safetensors", HF_URL.format(repo=repo, revision=revision), sha)
-        print(f"converting {path} to {out}", file=sys.stderr)
-        convert(path, PRESETS[name], out)
-    return out
-
-
-def load_model(spec, device="cpu", **config_changes):
-    """A GPT from `spec`: a GPT-2 name (gpt2-small, ...), a converted folder (config.json + .npy),
-    a folder written by transformers' save_pretrained (config.json + model.safetensors), or a
-    checkpoint written by pretrain.py (.pt). config_changes: e.g. dropout=0.1 (pretrain.py --init)."""
-    cfg, tensors = model_tensors(spec, device)
-    return load_weights(replace(cfg, **config_changes), tensors, device)
-
-
-def model_tensors(spec, device="cpu"):
-    """(config, (name, array) pairs) of the model `spec` names (see load_model). From files of
-    .npy or safetensors the arrays are read one at a time, as the pairs are asked for."""
-    path = gpt2_dir(spec) if spec in GPT2_FILES else Path(spec)
-    if path.is_file():
-        cfg, ck = read_checkpoint(path, device)
-        warn_if_unfinished(path, ck)
-        return cfg, ck["model"].items()
-    if (path / "model.safetensors").exists():
-        return config_from_hf(path / "config.json"), gpt2_tensors(path / "model.safetensors")
-    if (path / "config.json").exists():
-        return read_config(path / "config.json"), ((p.stem, read_npy(p)) for p in path.glob("*.npy"))
-    raise DataError(f"{spec}: not a GPT-2 name ({', '.join(GPT2_FILES)}), a model folder or a checkpoint file")
 
 
 # ==============================================================================================
@@ -1360,6 +1247,121 @@ class Progress:
 
 
 # ---------------------------------------------------------------- model files: checkpoints and GPT-2's
+
+# The GPT-2 files: OpenAI's weights on Hugging Face's Hub (or a mirror), converted once to .npy.
+HF_URL = "https://huggingface.co/openai-community/{repo}/resolve/{revision}/model.safetensors"
+# Model name -> (Hugging Face repo, revision, sha256). Only gpt2-small's revision and digest are
+# pinned (published). For the others we take the current file ("main") and check what can be
+# checked without a published digest: that the file is complete (its size equals the header
+# plus every tensor's bytes) and that every tensor has the shape the preset demands.
+GPT2_FILES = {
+    "gpt2-small": ("gpt2", "607a30d783dfa663caf39e06633721c8d4cfcd7e",
+                   "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707"),
+    "gpt2-medium": ("gpt2-medium", "main", None),
+    "gpt2-large": ("gpt2-large", "main", None),
+    "gpt2-xl": ("gpt2-xl", "main", None),
+}
+SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # BF16: see below
+
+
+def gpt2_dir(name):
+    """data/gpt2/<name>/ with converted weights: downloaded (or mirrored) and converted if needed.
+    The mirror holds `$MINIGPT_MIRROR/<name>/model.safetensors`."""
+    out = DATA_DIR / "gpt2" / name
+    if not (out / "config.json").exists():
+        repo, revision, sha = GPT2_FILES[name]
+        path = fetch(f"{name}/model.safetensors", HF_URL.format(repo=repo, revision=revision), sha)
+        print(f"converting {path} to {out}", file=sys.stderr)
+        convert(path, PRESETS[name], out)
+    return out
+
+
+def convert(safetensors_path, cfg, out_dir):
+    """Write the converted model to out_dir: config.json plus one <name>.npy per parameter.
+
+    Why one .npy per parameter: the format is numpy's own (no pickle, safe to load), each file
+    loads with one read straight into the array that becomes the parameter, and a reader can
+    inspect any tensor with np.load. The folder is written beside out_dir and renamed into place.
+    """
+    def save(tensors, folder):
+        for name, a in tensors:
+            np.save(folder / f"{name}.npy", a)
+            yield name, a
+
+    with atomic_folder(out_dir, exclusive=True) as tmp:  # loading onto "meta" checks every name and shape
+        load_weights(cfg, save(gpt2_tensors(safetensors_path), tmp), device="meta")  # as they stream past
+        (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    return Path(out_dir)
+
+
+def read_safetensors(path):
+    """Yield (name, float32 array) for each tensor of a .safetensors file.
+
+    Format: 8 bytes little-endian header length N, N bytes of JSON {name: {dtype, shape,
+    data_offsets: [begin, end]}} (plus an optional "__metadata__"), then the raw little-endian
+    tensor bytes, offsets counted from the end of the header. The file is memory-mapped, so
+    only the tensor being converted is in memory.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= n <= size - 8:
+            raise DataError(f"{path} is not a safetensors file (or is truncated)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise DataError(f"{path}: the safetensors header is not valid JSON ({e})") from e
+    header.pop("__metadata__", None)
+    end = 8 + n + max((t["data_offsets"][1] for t in header.values()), default=0)
+    if end != size:
+        raise DataError(f"{path} is {size:,} bytes but its header describes {end:,}: "
+                        "truncated or corrupted; delete it and download it again")
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+    for name, t in header.items():
+        if t["dtype"] not in SAFETENSORS_DTYPES:
+            raise DataError(f"{path}: tensor {name} has dtype {t['dtype']}; we read {list(SAFETENSORS_DTYPES)}")
+        begin, stop = t["data_offsets"]
+        dtype = np.dtype(SAFETENSORS_DTYPES[t["dtype"]])
+        if stop - begin != math.prod(t["shape"]) * dtype.itemsize:
+            raise DataError(f"{path}: tensor {name} has {stop - begin} bytes for shape {t['shape']}: corrupted")
+        a = data[begin:stop].view(dtype).reshape(t["shape"])
+        if t["dtype"] == "BF16":  # bfloat16 is the top half of a float32's bits
+            a = (a.astype(np.uint32) << 16).view(np.float32)
+        yield name, a.astype(np.float32)
+
+
+def config_from_hf(path):
+    """A GPTConfig from a Hugging Face GPT-2 config.json (the head count is not in the weights)."""
+    try:
+        c = json.loads(Path(path).read_text(encoding="utf-8"))
+        if c.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise DataError(f"{path}: activation {c['activation_function']}, but minigpt uses tanh GELU")
+        return GPTConfig(vocab_size=c["vocab_size"], context_length=c["n_positions"],
+                         emb_dim=c["n_embd"], n_heads=c["n_head"], n_layers=c["n_layer"])
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise DataError(f"{path}: not a GPT-2 config.json ({type(e).__name__}: {e})") from e
+
+
+def read_config(path):
+    """The GPTConfig of a converted folder's config.json, or a DataError that says what is wrong."""
+    try:
+        return GPTConfig(**json.loads(Path(path).read_text(encoding="utf-8")))
+    except (ValueError, TypeError) as e:  # not JSON, not an object, an unknown key, an impossible shape
+        raise DataError(f"{path}: not a minigpt model config ({e})") from e
+
+
+def read_npy(path):
+    """One converted parameter as a float32 array. The .npy format is a small header (dtype, shape)
+    and the raw numbers; np.load refuses pickled Python objects (they could run code) by default."""
+    try:
+        a = np.load(path)
+    except (ValueError, OSError, EOFError) as e:  # truncated, pickled, or not a .npy file at all
+        raise DataError(f"{path}: not a readable .npy file ({e}); convert the model again") from e
+    if a.dtype != np.float32:
+        raise DataError(f"{path} holds {a.dtype} numbers; converted weights are float32 (convert the model again)")
+    return a
+
 
 def warn_if_unfinished(path, ck):
     """A warning on stderr if the checkpoint is an unfinished pretrain.py run (only those keep

@@ -4,7 +4,7 @@ This one file holds what the scripts share. Read it from the top: it follows the
 to a trained model, and leaves the plumbing for last.
 
   1. tokens        text <-> GPT-2's token ids (tiktoken)
-  2. the model     config, attention (the maths, then the fused kernel), MLP, block, the GPT, and a
+  2. the model     config, attention (the maths, in the fused kernel), MLP, block, the GPT, and a
                    key/value cache for generating
   3. generation    greedy, temperature and top-k sampling
   4. data          texts as padded token ids, for classifying (pretrain.py cuts windows from token files)
@@ -162,25 +162,22 @@ def causal_mask(T, past, device=None):
     """(T, past + T) booleans: True where query i (at position past + i) may see key j, j <= past + i.
 
     Without a cache past = 0 and this is the lower triangle: each position sees itself and what
-    came before, never what comes after. That is all "causal" means.
+    came before, never what comes after. That is all "causal" means. True = may see, SDPA's
+    convention. The book's mask is the opposite: triu(..., diagonal=1), True where hidden, then
+    masked_fill(mask, -inf).
     """
     return torch.ones(T, past + T, dtype=torch.bool, device=device).tril(past)
 
 
 class CausalSelfAttention(nn.Module):
     """Each position mixes in the values of the positions up to itself, weighted by how well its
-    query matches their keys. Nothing too scary, per head:
+    query matches their keys. Per head:
 
         weights = softmax(q kᵀ / √hs, with the future masked out)    # (T, T), each row sums to 1
         output  = weights @ v                                        # (T, hs)
 
-    nh heads do this side by side on slices of hs = C // nh channels, and c_proj mixes their
-    outputs. `explicit_attention` spells this out line by line; by default the same maths runs
-    as PyTorch's fused kernel, which never stores the (T, T) weights (test_minigpt.py checks the
-    two agree, in training and with a cache).
+    nh heads do this side by side on slices of hs = C // nh channels; c_proj mixes their outputs.
     """
-
-    fused = True  # False: run explicit_attention instead of F.scaled_dot_product_attention
 
     def __init__(self, cfg, layer):
         super().__init__()
@@ -213,24 +210,12 @@ class CausalSelfAttention(nn.Module):
         return [t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v)]
 
     def attend(self, q, k, v, sees=None, causal=False):
-        """Each query's weighted sum of values, (B, nh, Tq, hs). q: (B, nh, Tq, hs); k, v: (B, nh,
-        Tk, hs). sees: booleans broadcast to (B, nh, Tq, Tk), True where a query may see a key
-        (None: every key); causal: the lower triangle instead (Tq = Tk, no cache)."""
-        if not self.fused:
-            return self.explicit_attention(q, k, v, causal_mask(q.shape[2], 0, q.device) if causal else sees)
+        """(B, nh, Tq, hs): weights = dropout(softmax(q kᵀ / √hs, masked where `sees` is False)),
+        then weights @ v, in PyTorch's fused kernel, which never stores the (Tq, Tk) weights.
+        q: (B, nh, Tq, hs); k, v: (B, nh, Tk, hs). sees: booleans broadcast to (B, nh, Tq, Tk),
+        True where a query may see a key (None: every key); causal: the lower triangle (Tq = Tk)."""
         return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else sees, is_causal=causal,
                                               dropout_p=self.dropout if self.training else 0.0)
-
-    def explicit_attention(self, q, k, v, sees):
-        """The maths, one step per line."""
-        hs = q.shape[-1]
-        scores = q @ k.transpose(-2, -1)                      # (B, nh, Tq, Tk): query i . key j
-        scores = scores / math.sqrt(hs)                       # keeps the softmax soft as hs grows
-        if sees is not None:
-            scores = scores.masked_fill(~sees, float("-inf"))  # exp(-inf) = 0: no weight on the future
-        weights = torch.softmax(scores, dim=-1)               # (B, nh, Tq, Tk), rows sum to 1
-        weights = F.dropout(weights, self.dropout, self.training)
-        return weights @ v                                    # (B, nh, Tq, hs): weighted sum of values
 
 
 class MLP(nn.Module):

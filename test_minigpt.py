@@ -16,6 +16,7 @@ import hashlib
 import http.client
 import http.server
 import json
+import math
 import os
 import re
 import shutil
@@ -36,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import minigpt
 
@@ -97,14 +99,25 @@ def test_causal_a_later_token_never_changes_earlier_logits():
     assert not torch.allclose(a[:, 9:], b[:, 9:])
 
 
+def book_attend(self, q, k, v, sees=None, causal=False):
+    """CausalSelfAttention.attend's maths one step per line, as the book writes it."""
+    if causal:
+        sees = minigpt.causal_mask(q.shape[2], 0, q.device)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])    # (B, nh, Tq, Tk)
+    if sees is not None:
+        scores = scores.masked_fill(~sees, float("-inf"))        # exp(-inf) = 0: no weight on the future
+    weights = F.dropout(torch.softmax(scores, dim=-1), self.dropout, self.training)
+    return weights @ v                                           # (B, nh, Tq, hs)
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_explicit_attention_equals_the_fused_kernel_in_training(monkeypatch, dropout):
     """Same logits and same gradients; with dropout (random masks differ), the same in eval mode."""
     model = tiny_model(dropout=dropout).train(dropout == 0.0)
     idx = torch.randint(0, TINY.vocab_size, (3, 20))
     results = []
-    for fused in (True, False):
-        monkeypatch.setattr(minigpt.CausalSelfAttention, "fused", fused)
+    for attend in (minigpt.CausalSelfAttention.attend, book_attend):
+        monkeypatch.setattr(minigpt.CausalSelfAttention, "attend", attend)
         model.zero_grad()
         logits = model(idx)
         logits.square().mean().backward()
@@ -119,8 +132,8 @@ def test_explicit_attention_equals_the_fused_kernel_with_a_cache(monkeypatch):
     model = tiny_model()
     prompt = torch.randint(0, TINY.vocab_size, (2, 7))
     outputs = {}
-    for fused in (True, False):
-        monkeypatch.setattr(minigpt.CausalSelfAttention, "fused", fused)
+    for fused, attend in ((True, minigpt.CausalSelfAttention.attend), (False, book_attend)):
+        monkeypatch.setattr(minigpt.CausalSelfAttention, "attend", attend)
         cache = minigpt.KVCache(TINY, 2, 20)
         with torch.no_grad():
             first = model(prompt, cache)                  # fills 7 positions (causal, no past)

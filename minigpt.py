@@ -4,9 +4,8 @@ This one file holds what the scripts share. Read it from the top: it follows the
 to a trained model, and leaves the plumbing for last.
 
   1. tokens        text <-> GPT-2's token ids (tiktoken)
-  2. the model     config, attention (the maths, in the fused kernel), MLP, block, the GPT, and a
-                   key/value cache for generating
-  3. generation    greedy, temperature and top-k sampling
+  2. the model     config, attention (the maths, in the fused kernel), MLP, block, the GPT
+  3. generation    a key/value cache; greedy, temperature and top-k sampling
   4. data          texts as padded token ids, for classifying (pretrain.py cuts windows from token files)
   5. training      the loss, AdamW and its parameter groups, one optimizer step, the learning rate
   6. checkpoints   save and load a model, with a digest that tells a damaged file
@@ -292,23 +291,25 @@ class GPT(nn.Module):
         return self.drop(self.wte(idx) + self.wpe(positions))                   # (B, T, C)
 
     def forward(self, idx, cache=None, targets=None):
-        """The logits (B, T, vocab_size); given targets (B, T), the mean cross-entropy of them
-        instead, computed without the whole logits (ChunkedCrossEntropy, section 5)."""
-        x = self.hidden(idx, cache)                                    # (B, T, C)
+        """Token ids (B, T) -> logits (B, T, vocab_size); given targets (B, T), the loss instead
+        (ChunkedCrossEntropy, section 5). With a KVCache, idx holds only the new positions."""
+        x = self.embed(idx, cache.length if cache is not None else 0)  # (B, T, C)
+        for block in self.h:
+            x = block(x, cache)                                        # (B, T, C)
+        if cache is not None:
+            cache.length += idx.shape[1]                               # every layer has appended its T positions
+        x = self.ln_f(x)                                               # (B, T, C)
         if targets is None:
             return self.lm_head(x)                                     # (B, T, vocab_size)
         return ChunkedCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten(),
                                          torch.is_grad_enabled())
 
-    def hidden(self, idx, cache=None):
-        """The final hidden states, (B, T, C): what the output layer reads at every position."""
-        x = self.embed(idx, cache.length if cache is not None else 0)  # (B, T, C)
-        for block in self.h:
-            x = block(x, cache)                                        # (B, T, C)
-        if cache is not None:
-            cache.length += idx.shape[1]
-        return self.ln_f(x)                                            # (B, T, C)
 
+# ----------------------------------------------------------------------------------------------
+# 3. Generation: repeatedly append the next token. Greedy takes the most likely one; sampling
+#    draws from softmax(logits / temperature), optionally among the top_k most likely only. The
+#    key/value cache that makes each new token cost one position comes first.
+# ----------------------------------------------------------------------------------------------
 
 class KVCache:
     """Keys and values of every position seen so far, for every layer.
@@ -322,7 +323,7 @@ class KVCache:
         shape = (cfg.n_layers, batch_size, cfg.n_heads, max_len, hs)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (layers, B, nh, max_len, hs)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # positions filled; GPT.hidden advances it after the last layer
+        self.length = 0  # positions filled; GPT.forward advances it after the last layer
 
     def append(self, layer, k, v):
         """Store the (B, nh, T, hs) keys and values of T new positions; return all so far."""
@@ -330,22 +331,6 @@ class KVCache:
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, end, hs)
-
-
-# ----------------------------------------------------------------------------------------------
-# 3. Generation: repeatedly append the next token. Greedy takes the most likely one; sampling
-#    draws from softmax(logits / temperature), optionally among the top_k most likely only.
-# ----------------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def eval_mode(model):
-    """model.eval() for the block (no dropout), then back to the mode it was in."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 @torch.inference_mode()
@@ -754,6 +739,17 @@ HERE = Path(__file__).resolve().parent
 DATA_DIR = Path(os.environ.get("MINIGPT_DATA") or HERE / "data")
 
 # ---------------------------------------------------------------- where the numbers run
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """model.eval() for the block (no dropout), then back to the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
 
 def pick_device(name=None):
     """The fastest device here (CUDA, then Apple's MPS, then the CPU), unless one is named."""

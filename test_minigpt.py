@@ -211,8 +211,9 @@ def test_float32_autocast_is_exactly_the_plain_model():
         with minigpt.autocast("cpu", torch.float32):
             inside = model(idx)
         assert torch.equal(inside, model(idx))
-        assert minigpt.lm_loss(model, *batch, torch.float32).item() == \
-            torch.nn.functional.cross_entropy(model(batch[0]).flatten(0, 1), batch[1].flatten()).item()
+        with minigpt.autocast("cpu", torch.float32):
+            inside = model(batch[0], targets=batch[1])
+        assert torch.equal(inside, model(batch[0], targets=batch[1]))
 
 
 def test_bfloat16_logits_are_within_tolerance_of_float32():
@@ -231,12 +232,25 @@ def test_bfloat16_logits_are_within_tolerance_of_float32():
     assert 0 < relative_error(weights, expected)  # it really ran in bfloat16
 
 
+def lm_loss(model, x, y, dtype):
+    """The training loss, GPT.forward's, with the forward pass in dtype."""
+    with minigpt.autocast("cpu", dtype):
+        return model(x, targets=y)
+
+
+def book_loss(model, x, y, dtype):
+    """The book's calc_loss_batch: F.cross_entropy over the whole logits, the softmax in float32."""
+    with minigpt.autocast("cpu", dtype):
+        logits = model(x)                                                  # (B, T, vocab)
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+
 def test_bfloat16_training_keeps_float32_weights_gradients_and_optimizer_state():
     model = tiny_model().train()
     optimizer = minigpt.adamw(model, 1e-3, 0.1)
     batch = (torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16)))
-    loss = minigpt.lm_loss(model, *batch, torch.bfloat16)
-    expected = minigpt.lm_loss(model, *batch, torch.float32)
+    loss = lm_loss(model, *batch, torch.bfloat16)
+    expected = lm_loss(model, *batch, torch.float32)
     assert loss.dtype == torch.float32 and abs(loss.item() - expected.item()) < 0.02 * expected.item()
     loss.backward()
     optimizer.step()
@@ -344,14 +358,14 @@ def test_optimizer_steps_overfit_a_tiny_batch_and_accumulate_exactly():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_loss_and_gradients_equal_the_plain_cross_entropy(monkeypatch, dtype):
-    """lm_loss_chunked against lm_loss (F.cross_entropy over the whole logits), chunks of 7 of 60
+    """GPT.forward's loss against the book's (F.cross_entropy over the whole logits), chunks of 7 of 60
     positions: the loss and every gradient to 1e-6 in float32 (the order of sums differs), and
     within bfloat16's rounding (1 %, relative norm) in bfloat16. Without gradients, the loss."""
     model = tiny_model()
     x, y = torch.randint(0, TINY.vocab_size, (3, 20)), torch.randint(0, TINY.vocab_size, (3, 20))
     results = []
     monkeypatch.setattr(minigpt.ChunkedCrossEntropy, "chunk", 7)
-    for loss_fn in (minigpt.lm_loss, minigpt.lm_loss_chunked):
+    for loss_fn in (book_loss, lm_loss):
         model.zero_grad()
         loss = loss_fn(model, x, y, dtype)
         loss.backward()
@@ -365,7 +379,7 @@ def test_chunked_loss_and_gradients_equal_the_plain_cross_entropy(monkeypatch, d
         assert chunked == pytest.approx(plain, rel=1e-2)
         assert all(relative_error(a, b) < 1e-2 for a, b in zip(chunked_grads, plain_grads))
     with torch.no_grad():
-        assert minigpt.lm_loss_chunked(model, x, y, dtype).item() == pytest.approx(chunked, abs=1e-6)
+        assert lm_loss(model, x, y, dtype).item() == pytest.approx(chunked, abs=1e-6)
 
 
 def test_cosine_learning_rate_counts_steps_from_1():
@@ -820,20 +834,17 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(small_corpus, tmp_p
             "--eval-every", "2", "--eval-windows", "4"]
     assert pretrain.main(plan + ["--dtype", dtype, "--out", str(tmp_path / "whole")]) is None
 
-    lm_loss = minigpt.lm_loss_chunked
-    calls = []
+    micro_batches = pretrain.Windows.micro_batches
 
-    def ctrl_c_in_step_2(*a, **k):
-        if torch.is_grad_enabled():  # a training micro-batch; 2 per step
-            calls.append(1)
-            if len(calls) == 3:
-                os.kill(os.getpid(), signal.SIGINT)
-        return lm_loss(*a, **k)
+    def ctrl_c_in_step_2(windows, step):  # called once per training step, before it runs
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return micro_batches(windows, step)
 
     out = ["--out", str(tmp_path / "sessions")]
-    monkeypatch.setattr(minigpt, "lm_loss_chunked", ctrl_c_in_step_2)
+    monkeypatch.setattr(pretrain.Windows, "micro_batches", ctrl_c_in_step_2)
     assert pretrain.main(plan + ["--dtype", dtype] + out) == 130
-    monkeypatch.setattr(minigpt, "lm_loss_chunked", lm_loss)
+    monkeypatch.setattr(pretrain.Windows, "micro_batches", micro_batches)
     training = minigpt.load_checkpoint(tmp_path / "sessions" / "model.pt")[1]["training"]
     assert training["progress"]["step"] == 2 and training["args"]["dtype"] == dtype
     with pytest.raises(minigpt.DataError, match="trained with --lr 0.002, not 0.01"):

@@ -356,8 +356,7 @@ def train(args, model, optimizer, windows, progress, plan, eval_sets, tokenizer,
     # and saved. The GPT has no buffers, so the wrapper's forward pass needs no talk between
     # processes (it would broadcast buffers) and process 0 can evaluate alone.
     trained = DistributedDataParallel(model) if dist.is_initialized() else model
-    flops = flops_per_token(model, args.context_length)[0]
-    reported = progress["seen"], progress["seconds"]  # at the last speed report
+    meter = progress["seen"], progress["seconds"]  # at the last speed report
     model.train()
     total = steps_to_run(args, progress, plan)
     with StopRequests() as stop:
@@ -370,24 +369,35 @@ def train(args, model, optimizer, windows, progress, plan, eval_sets, tokenizer,
             progress.update(step=step, seen=progress["seen"] + windows.global_batch * args.context_length,
                             seconds=progress["seconds"] + time.perf_counter() - start)
             total = steps_to_run(args, progress, plan)  # (with --minutes, the time left may end the run here)
-            if eval_sets and ((step - 1) % args.eval_every == 0 or step == total):
-                losses = evaluate(model, eval_sets, progress, dtype)
-                speed = (progress["seen"] - reported[0]) / max(progress["seconds"] - reported[1], 1e-9)
-                reported = progress["seen"], progress["seconds"]
-                print(f"Ep {(step - 1) // windows.steps_per_epoch + 1} (Step {step:06d}): "
-                      + ", ".join(f"{name.capitalize()} loss {loss:.3f}" for name, loss in losses.items()))
-                print(f"    {speed:,.0f} tokens/s, {speed * flops / 1e9:.1f} GFLOP/s, lr {lr:.2e}, "
-                      f"{progress['seen']:,} tokens seen")
-            if eval_sets and step % windows.steps_per_epoch == 0:  # greedy: runs can be compared
-                with minigpt.autocast(model.wte.weight.device, dtype):
-                    text = minigpt.complete(model, tokenizer, args.prompt, 50, eos_id=minigpt.EOT)
-                print(f"Sample after epoch {step // windows.steps_per_epoch}: {text!r}")
+            if eval_sets:  # process 0: the losses and the speed, a sample, when due
+                meter = show_progress(args, model, eval_sets, progress, windows, total, lr, tokenizer, dtype, meter)
             if agree(stop.requested or step == args.stop_at):  # every process stops after the same step
                 return stop.requested, total
             if args.save_every and step % args.save_every == 0 and step < total:
                 save(args, model, optimizer, progress, total, finished=False)
                 print(f"Saved step {step:,} to {args.out / 'model.pt'}")
     return False, total
+
+
+def show_progress(args, model, eval_sets, progress, windows, total, lr, tokenizer, dtype, meter):
+    """After step progress["step"]: every --eval-every steps (and the last), the losses on the
+    fixed samples and the speed since the last report (meter: its (seen, seconds)); at the end of
+    an epoch, a greedy sample (so that runs can be compared). Returns the meter."""
+    step = progress["step"]
+    if (step - 1) % args.eval_every == 0 or step == total:
+        losses = evaluate(model, eval_sets, progress, dtype)
+        speed = (progress["seen"] - meter[0]) / max(progress["seconds"] - meter[1], 1e-9)
+        meter = progress["seen"], progress["seconds"]
+        flops = flops_per_token(model, args.context_length)[0]
+        print(f"Ep {(step - 1) // windows.steps_per_epoch + 1} (Step {step:06d}): "
+              + ", ".join(f"{name.capitalize()} loss {loss:.3f}" for name, loss in losses.items()))
+        print(f"    {speed:,.0f} tokens/s, {speed * flops / 1e9:.1f} GFLOP/s, lr {lr:.2e}, "
+              f"{progress['seen']:,} tokens seen")
+    if step % windows.steps_per_epoch == 0:
+        with minigpt.autocast(model.wte.weight.device, dtype):
+            text = minigpt.complete(model, tokenizer, args.prompt, 50, eos_id=minigpt.EOT)
+        print(f"Sample after epoch {step // windows.steps_per_epoch}: {text!r}")
+    return meter
 
 
 def evaluate(model, eval_sets, progress, dtype):

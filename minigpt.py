@@ -7,7 +7,7 @@ to a trained model, and leaves the plumbing for last.
   2. the model     config, attention (the maths, in the fused kernel), MLP, block, the GPT
   3. generation    a key/value cache; greedy, temperature and top-k sampling
   4. data          texts as padded token ids, for classifying (pretrain.py cuts windows from token files)
-  5. training      the loss, AdamW and its parameter groups, one optimizer step, the learning rate
+  5. training      the loss, AdamW and its parameter groups, the learning rate
   6. checkpoints   save and load a model, with a digest that tells a damaged file
   7. loading       a model by name: GPT-2's weights (the map of their names), a folder, a checkpoint
   8. plumbing      device and dtype, SVG plots, files (atomic writes, model files, downloads),
@@ -480,31 +480,6 @@ def lm_evaluate(model, batches, dtype=torch.float32):
             total += loss.item() * len(x)
             windows += len(x)
     return total / max(windows, 1)
-
-
-def optimizer_step(model, optimizer, micro_batches, dtype=torch.float32, clip=0.0):
-    """One optimizer step of language modelling (GPT.forward's loss); returns its mean loss (a tensor).
-
-    The gradients of the micro-batches (x, y) are summed, each loss divided by their number, so
-    the sum is their mean: the same gradient as one batch that many times as big, in a fraction
-    of the memory. `model` may be a DistributedDataParallel wrapper: its processes then share
-    gradients once, after the last micro-batch (no_sync before).
-    """
-    device = next(model.parameters()).device
-    optimizer.zero_grad(set_to_none=True)
-    total = 0.0
-    for i, (x, y) in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
-            with autocast(device, dtype):
-                loss = model(x.to(device), targets=y.to(device))
-            loss = loss / len(micro_batches)
-            loss.backward()
-        total = total + loss.detach()  # a tensor: reading it (.item()) would wait for the device
-    if clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    optimizer.step()
-    return total
 
 
 def cosine_lr(step, total_steps, peak_lr, warmup_steps, min_lr=0.0):

@@ -21,6 +21,7 @@ it also holds everything --resume needs), loss.svg and history.json to --out.
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -356,6 +357,7 @@ def train(args, model, optimizer, windows, progress, plan, eval_sets, tokenizer,
     # and saved. The GPT has no buffers, so the wrapper's forward pass needs no talk between
     # processes (it would broadcast buffers) and process 0 can evaluate alone.
     trained = DistributedDataParallel(model) if dist.is_initialized() else model
+    device = model.wte.weight.device
     meter = progress["seen"], progress["seconds"]  # at the last speed report
     model.train()
     total = steps_to_run(args, progress, plan)
@@ -365,7 +367,17 @@ def train(args, model, optimizer, windows, progress, plan, eval_sets, tokenizer,
             lr = minigpt.cosine_lr(step, total, args.lr, args.warmup) if args.warmup else args.lr
             minigpt.set_lr(optimizer, lr)
             start = time.perf_counter()
-            minigpt.optimizer_step(trained, optimizer, windows.micro_batches(step), dtype, args.clip)
+            optimizer.zero_grad(set_to_none=True)
+            micro_batches = windows.micro_batches(step)  # grad_accum pairs (x, y), (B, T) each; y is x shifted by one
+            for i, (x, y) in enumerate(micro_batches):
+                last = i == len(micro_batches) - 1       # under torchrun, gradients are shared once, after the last
+                with contextlib.nullcontext() if last or trained is model else trained.no_sync():
+                    with minigpt.autocast(device, dtype):
+                        loss = trained(x.to(device), targets=y.to(device))  # mean cross-entropy of B*T next tokens
+                    (loss / len(micro_batches)).backward()  # summed: the gradient of the micro-batches' mean
+            if args.clip:                                # --clip (the book's ch5 setting: 0, none)
+                torch.nn.utils.clip_grad_norm_(trained.parameters(), args.clip)
+            optimizer.step()
             progress.update(step=step, seen=progress["seen"] + windows.global_batch * args.context_length,
                             seconds=progress["seconds"] + time.perf_counter() - start)
             total = steps_to_run(args, progress, plan)  # (with --minutes, the time left may end the run here)

@@ -2489,6 +2489,22 @@ def test_init_goes_on_from_a_pretrained_model(small_corpus, tmp_path, capsys):
     assert "the model's shape comes from --init" in capsys.readouterr().err
 
 
+def test_a_setting_changes_only_the_flags_not_given():
+    """Each flag's default is the default run's; a setting changes some of them; a flag given wins;
+    args.given holds exactly what the command line says."""
+    args = pretrain.parse_args([])
+    assert (args.setting, args.clip, args.eval_windows, args.lr, args.model) == ("default", 1.0, 10, 2e-3, {})
+    assert args.given == {}
+    args = pretrain.parse_args(["--setting", "ch5", "--clip", "0.5"])
+    assert (args.lr, args.clip, args.preset, args.model["tied_head"]) == (4e-4, 0.5, "gpt2-small", False)
+    assert args.given == {"setting": "ch5", "clip": 0.5}
+    args = pretrain.parse_args(["--corpus", "books"])
+    assert (args.setting, args.eval_windows, args.epochs, args.max_steps) == ("corpus", 40, None, 1200)
+    assert pretrain.parse_args(["--setting", "book"]).setting == "ch5"  # the older name
+    args = pretrain.parse_args(["--text", "a.txt", "--resume"])
+    assert args.corpus is None and args.setting == "default" and set(args.given) == {"text", "resume"}
+
+
 def test_unlabelled_text_leaves_out_every_text_that_is_measured(tmp_path, capsys):
     messages = synthetic_messages(200, 60, seed=9)
     messages += [messages[0], messages[-1], ("spam", messages[0][1])]  # duplicates, one with another label

@@ -6,10 +6,10 @@ everything up to it. To classify, we replace the 50,257-way next-token head with
 little of the model ("parameter-efficient"): by default the new head, the last transformer block
 and the final LayerNorm, as the book's chapter 6 does (the reference).
 
-Read section 1 first: it is the book's classifier, model(x) read at the last token. Section 2
-computes the same numbers for a fraction of the work: the frozen blocks never change, so their
-output for a message is computed once and reused in every epoch, and the last block runs only at
-the position the head reads (test_minigpt.py checks both paths agree).
+The classifier is class_logits (section 1): the book's model(x) read at one position. Its two
+savings are steps inside it: the frozen blocks never change, so their output for a message is
+computed once (frozen_features) and reused in every epoch, and the last block runs only at the
+position the head reads (block_at).
 
 --trainable lora trains low-rank adapters on every layer of every block instead, and qlora does
 the same on a base whose frozen layers are stored in 4 bits (NF4, from QLoRA, section 8): GPT-2
@@ -107,28 +107,52 @@ class LoRA(nn.Module):
         return self.dense(x) + self.scale * ((x @ self.A) @ self.B)  # (..., in) -> (..., out)
 
 
-def class_logits(model, ids, lengths, pool="last_real"):
-    """The classifier: class logits (B, classes) of right-padded token ids (B, T).
+def class_logits(model, x, lengths, pool, frozen=0, dtype=torch.float32):
+    """The classifier: class logits (B, classes) of texts padded on the right, read at one position.
 
-    As in the book, the model runs over the whole text and its new head gives class logits at
-    every position; the classifier reads one of them. In a causal model the position of a text's
-    last real token is the only one that has seen every token of it, and padding after it never
-    reaches it. pool: where to read: 'last' the last position of the padded row (the book's
-    model(x)[:, -1, :]), 'last_real' the last real token (lengths (B,) real tokens per row), 'mean'
-    the mean over the real positions.
+    x: token ids (B, T); or, when blocks h[:frozen] never change, their output (B, T, C), computed
+    once (frozen_features). lengths: (B,) real tokens. pool: 'last_real' the last real token (in a
+    causal model the only position that has seen the whole text; padding after it never reaches
+    it), 'last' the padded row's last position (the book's model(x)[:, -1]), 'mean' the mean over
+    the real positions. The forward pass runs in dtype (minigpt.autocast), on the model's device.
     """
-    logits = model(ids)                                  # (B, T, classes): the head at every position
-    return read_at(logits, lengths, pool)                # (B, classes)
+    device = model.lm_head.weight.device
+    x, lengths = x.to(device), lengths.to(device)
+    with minigpt.autocast(device, dtype):
+        if frozen == 0:
+            x = model.embed(x)                                 # (B, T, C)
+        else:  # cached features may be stored in bfloat16; go on in the trainable part's own dtype
+            x = x.to(model.ln_f.weight.dtype)
+        blocks = model.h[frozen:]
+        if pool == "mean":  # every position is read
+            for block in blocks:
+                x = block(x)                                   # (B, T, C)
+            real = torch.arange(x.shape[1], device=device) < lengths[:, None]  # (B, T): the real positions
+            return model.lm_head((model.ln_f(x) * real[..., None]).sum(1) / lengths[:, None])
+        positions = lengths - 1 if pool == "last_real" else torch.full_like(lengths, x.shape[1] - 1)  # (B,)
+        for block in blocks[:-1]:
+            x = block(x)                                       # (B, T, C)
+        # The head reads one position, so the last block runs only there: about a third of its work.
+        x = block_at(blocks[-1], x, positions) if len(blocks) else x[torch.arange(len(x), device=device), positions]
+        return model.lm_head(model.ln_f(x))                    # (B, classes)
 
 
-def read_at(x, lengths, pool):
-    """(B, ...) from (B, T, ...): the position(s) that `pool` reads (see class_logits)."""
-    if pool == "last":
-        return x[:, -1]
-    if pool == "last_real":
-        return x[torch.arange(len(x), device=x.device), lengths - 1]
-    real = torch.arange(x.shape[1], device=x.device) < lengths[:, None]   # (B, T): the real positions
-    return (x * real[..., None]).sum(1) / lengths[:, None]
+def block_at(block, x, positions):
+    """What block(x) gives at one position per row, (B, C), for a fraction of the work.
+
+    The last block needs the keys and values of every position up to the one read (attention
+    looks back), but the query, the attention, c_proj and the MLP only at that position. It runs
+    the block's own attention (heads, attend) with one query per row.
+    x: (B, T, C); positions: (B,) the position to compute in each row.
+    """
+    B, T, C = x.shape
+    rows = torch.arange(B, device=x.device)
+    q, k, v = block.attn.heads(block.ln_1(x))                  # (B, nh, T, hs) each
+    q = q[rows, :, positions].unsqueeze(2)                     # (B, nh, 1, hs): the one query per row
+    sees = torch.arange(T, device=x.device) <= positions[:, None]  # (B, T): keys up to the position
+    y = block.attn.attend(q, k, v, sees[:, None, None, :])     # (B, nh, 1, hs)
+    x = x[rows, positions] + block.drop(block.attn.c_proj(y.reshape(B, C)))  # (B, C)
+    return x + block.drop(block.mlp(block.ln_2(x)))            # (B, C)
 
 
 @torch.no_grad()
@@ -158,55 +182,9 @@ def model_inputs(ids, pool, max_length):
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. The same maths, faster. Three savings, each exact: the frozen blocks' output for a text is
-#    computed once (frozen_features), the last block runs only at the position the head reads
-#    (block_at), and batches hold texts of similar length, padded only to their own longest
-#    (Batches), so little work goes to padding. fast_logits gives class_logits's numbers.
+# 2. Batches: texts of similar length together, padded only to their own longest, so little work
+#    goes to padding; and the frozen blocks' output for each text, computed once.
 # ----------------------------------------------------------------------------------------------
-
-def fast_logits(model, x, lengths, pool, frozen=0):
-    """class_logits's answer (B, classes), for less work.
-
-    x: the output (B, T, C) of the frozen blocks h[:frozen] (frozen_features), or, when nothing
-    is frozen, the token ids (B, T). lengths: (B,) real tokens per row.
-    """
-    if frozen == 0:
-        x = model.embed(x)                                     # (B, T, C)
-    else:  # cached features may be stored in bfloat16; go on in the trainable part's own dtype
-        x = x.to(model.ln_f.weight.dtype)
-    blocks = model.h[frozen:]
-    if pool == "mean":  # every position is read
-        for block in blocks:
-            x = block(x)                                       # (B, T, C)
-        return model.lm_head(read_at(model.ln_f(x), lengths, pool))
-    positions = lengths - 1 if pool == "last_real" else torch.full_like(lengths, x.shape[1] - 1)  # (B,)
-    for block in blocks[:-1]:
-        x = block(x)                                           # (B, T, C)
-    if len(blocks):
-        x = block_at(blocks[-1], x, positions)                 # (B, C): just the position read
-    else:
-        x = read_at(x, lengths, pool)                          # (B, C)
-    return model.lm_head(model.ln_f(x))                        # (B, classes)
-
-
-def block_at(block, x, positions):
-    """What block(x) gives at one position per row, (B, C), for a fraction of the work.
-
-    The head reads one position, so the last block needs the keys and values of every position
-    up to it (attention looks back), but the query, the attention, c_proj and the MLP only at
-    that position: about a third of the block's work for a typical message. It runs the block's
-    own attention (heads, attend) with one query per row.
-    x: (B, T, C); positions: (B,) the position to compute in each row.
-    """
-    B, T, C = x.shape
-    rows = torch.arange(B, device=x.device)
-    q, k, v = block.attn.heads(block.ln_1(x))                  # (B, nh, T, hs) each
-    q = q[rows, :, positions].unsqueeze(2)                     # (B, nh, 1, hs): the one query per row
-    sees = torch.arange(T, device=x.device) <= positions[:, None]  # (B, T): keys up to the position
-    y = block.attn.attend(q, k, v, sees[:, None, None, :])     # (B, nh, 1, hs)
-    x = x[rows, positions] + block.drop(block.attn.c_proj(y.reshape(B, C)))  # (B, C)
-    return x + block.drop(block.mlp(block.ln_2(x)))            # (B, C)
-
 
 class Batches:
     """Re-iterable batches (index, x, lengths) of rows: index (B,) says which rows, x is the rows
@@ -491,7 +469,7 @@ def train(model, batches, labels, frozen, args, dtype):
     for epoch in range(1, args.epochs + 1):
         for index, x, lengths in batches["train_shuffled"]:
             optimizer.zero_grad(set_to_none=True)
-            logits = logits_of(model, x, lengths, args.pool, frozen, dtype)  # (B, classes)
+            logits = class_logits(model, x, lengths, args.pool, frozen, dtype)  # (B, classes)
             F.cross_entropy(logits.float(), labels["train"][index].to(logits.device)).backward()
             optimizer.step()
             step += 1
@@ -522,20 +500,13 @@ def train(model, batches, labels, frozen, args, dtype):
     return history, accuracies, seconds, seen
 
 
-def logits_of(model, x, lengths, pool, frozen, dtype):
-    """fast_logits on the model's device, the forward pass in dtype (see minigpt.autocast)."""
-    device = model.lm_head.weight.device
-    with minigpt.autocast(device, dtype):
-        return fast_logits(model, x.to(device), lengths.to(device), pool, frozen)
-
-
 @torch.no_grad()
 def mean_loss(model, batches, labels, pool, frozen, dtype):
     """Mean cross-entropy per example over `batches`, in eval mode (no dropout)."""
     total, examples = 0.0, 0
     with minigpt.eval_mode(model):
         for index, x, lengths in batches:
-            logits = logits_of(model, x, lengths, pool, frozen, dtype)
+            logits = class_logits(model, x, lengths, pool, frozen, dtype)
             total += F.cross_entropy(logits.float(), labels[index].to(logits.device)).item() * len(index)
             examples += len(index)
     return total / max(examples, 1)
@@ -548,7 +519,7 @@ def predict(model, batches, pool, frozen, dtype=torch.float32):
     probs = None
     with minigpt.eval_mode(model):
         for index, x, lengths in batches:
-            p = torch.softmax(logits_of(model, x, lengths, pool, frozen, dtype).float(), dim=-1).cpu()
+            p = torch.softmax(class_logits(model, x, lengths, pool, frozen, dtype).float(), dim=-1).cpu()
             probs = torch.zeros(len(batches.rows), p.shape[1]) if probs is None else probs
             probs[index] = p
     return probs

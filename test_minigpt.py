@@ -1153,11 +1153,11 @@ def test_lora_starts_as_an_exact_no_op():
     lora.lm_head.load_state_dict(plain.lm_head.state_dict())
     ids, lengths = torch.randint(0, TINY.vocab_size, (3, 10)), torch.tensor([10, 4, 7])
     with torch.no_grad():
-        assert torch.equal(finetune.fast_logits(lora, ids, lengths, "last_real"),
-                           finetune.fast_logits(plain, ids, lengths, "last_real"))
+        assert torch.equal(finetune.class_logits(lora, ids, lengths, "last_real"),
+                           finetune.class_logits(plain, ids, lengths, "last_real"))
         lora.h[0].attn.c_attn.B.fill_(0.1)  # once B moves, the output moves
-        assert not torch.equal(finetune.fast_logits(lora, ids, lengths, "last_real"),
-                               finetune.fast_logits(plain, ids, lengths, "last_real"))
+        assert not torch.equal(finetune.class_logits(lora, ids, lengths, "last_real"),
+                               finetune.class_logits(plain, ids, lengths, "last_real"))
 
 
 NF4_VALUES = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -1259,13 +1259,13 @@ def test_fresh_qlora_model_equals_the_model_with_dequantized_weights():
     ids, lengths = torch.randint(0, TINY.vocab_size, (3, 10)), torch.tensor([10, 4, 7])
     for pool in finetune.POOLS:
         with torch.no_grad():
-            assert torch.equal(finetune.fast_logits(qlora, ids, lengths, pool), finetune.fast_logits(plain, ids, lengths, pool))
+            assert torch.equal(finetune.class_logits(qlora, ids, lengths, pool), finetune.class_logits(plain, ids, lengths, pool))
     # Trained, the adapters move: the output and the gradients stay those of the dequantized model
     # (through NF4Matmul's own backward and the blocks' recomputation).
     for model in (qlora, plain):
         model.h[1].mlp.c_fc.B.data.fill_(0.1)
         model.train()
-        finetune.fast_logits(model, ids, lengths, "last_real").square().sum().backward()
+        finetune.class_logits(model, ids, lengths, "last_real").square().sum().backward()
     assert isinstance(qlora.h[0], finetune.CheckpointedBlock) and type(plain.h[0]) is minigpt.Block
     plain_parameters = dict(plain.named_parameters())
     assert trainable_names(qlora) == trainable_names(plain)
@@ -1281,10 +1281,10 @@ def test_qlora_in_bfloat16_dequantizes_to_bfloat16_and_trains_float32_adapters()
     model.h[0].attn.c_attn.B.data.normal_(0, 0.1)
     ids, lengths = torch.randint(0, TINY.vocab_size, (3, 10)), torch.tensor([10, 4, 7])
     with torch.no_grad():
-        expected = finetune.fast_logits(model, ids, lengths, "last_real")
+        expected = finetune.class_logits(model, ids, lengths, "last_real")
     with minigpt.autocast("cpu", torch.bfloat16):
         assert finetune.compute_dtype(torch.zeros(1)) == torch.bfloat16
-        got = finetune.fast_logits(model.train(), ids, lengths, "last_real")
+        got = finetune.class_logits(model.train(), ids, lengths, "last_real")
     assert relative_error(got.detach(), expected) < BF16_TOLERANCE
     got.float().sum().backward()
     assert model.h[0].attn.c_attn.A.grad.dtype == torch.float32 and model.h[0].attn.c_attn.A.grad.abs().sum() > 0
@@ -1328,12 +1328,22 @@ def test_qlora_quantizes_each_weight_as_it_streams_from_npy_files(tmp_path):
 TEXTS = ["hello there", "WIN a free prize now, call 0800 123", "ok", "see you at lunch tomorrow then"]
 
 
+def book_classifier(model, ids, lengths, pool):
+    """The book's classifier: the whole model over the padded ids (B, T), its head read at the
+    last position ('last'), the last real token ('last_real') or the mean of the real ones."""
+    logits = model(ids)                                               # (B, T, classes)
+    if pool == "mean":
+        real = torch.arange(ids.shape[1]) < lengths[:, None]          # (B, T)
+        return (logits * real[..., None]).sum(1) / lengths[:, None]
+    return logits[torch.arange(len(ids)), lengths - 1 if pool == "last_real" else ids.shape[1] - 1]
+
+
 @pytest.mark.parametrize("pool", finetune.POOLS)
 @pytest.mark.parametrize("trainable", ["head", "last_block", "last_two_blocks", "lora"])
 def test_the_fast_path_gives_the_book_classifiers_logits_and_loss(tokenizer, pool, trainable):
-    """class_logits (the whole model over padded ids, read at one position) against fast_logits:
-    the frozen blocks' cached output, the last block at the read position only, and batches of
-    similar length padded to their own longest."""
+    """The book's classifier (the whole model over padded ids, read at one position) against
+    class_logits: the frozen blocks' cached output, the last block at the read position only,
+    and batches of similar length padded to their own longest."""
     torch.manual_seed(0)
     model = finetune.make_classifier(minigpt.GPT(replace(TINY, n_layers=3)).eval(), trainable)
     ids, _ = minigpt.encode(TEXTS, tokenizer)
@@ -1343,8 +1353,8 @@ def test_the_fast_path_gives_the_book_classifiers_logits_and_loss(tokenizer, poo
     if frozen:
         rows = finetune.frozen_features(model, rows, frozen, "cpu", batch_size=3)
     with torch.no_grad():
-        plain = finetune.class_logits(model, data.ids, data.lengths, pool)
-        fast = finetune.fast_logits(model, torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), data.lengths,
+        plain = book_classifier(model, data.ids, data.lengths, pool)
+        fast = finetune.class_logits(model, torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), data.lengths,
                                     pool, frozen)
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
     loss = lambda logits: torch.nn.functional.cross_entropy(logits, data.labels).item()
@@ -1359,14 +1369,14 @@ def test_bfloat16_frozen_blocks_and_cache_give_the_float32_logits(tokenizer):
     ids, _ = minigpt.encode(TEXTS[:3], tokenizer)
     data = minigpt.PaddedDataset(ids, [0, 1, 0])
     with torch.no_grad():
-        expected = finetune.class_logits(model, data.ids, data.lengths, "last_real")
+        expected = book_classifier(model, data.ids, data.lengths, "last_real")
     frozen = finetune.frozen_blocks(model, "last_block")
     model.h[:frozen].to(torch.bfloat16)  # as finetune.py does in bfloat16: the frozen blocks cast once
     features = finetune.frozen_features(model, finetune.model_inputs(ids, "last_real", None), frozen, "cpu")
     assert features[0].dtype == torch.bfloat16  # stored in half the memory
     x = torch.nn.utils.rnn.pad_sequence(features, batch_first=True)
     with torch.no_grad(), minigpt.autocast("cpu", torch.bfloat16):
-        got = finetune.fast_logits(model, x, data.lengths, "last_real", frozen)
+        got = finetune.class_logits(model, x, data.lengths, "last_real", frozen)
     assert relative_error(got, expected) < BF16_TOLERANCE
 
 
@@ -1378,7 +1388,7 @@ def test_padding_does_not_change_last_real_or_mean(tokenizer):
     n = torch.tensor([len(ids)])
     with torch.no_grad():
         for pool in ("last_real", "mean"):
-            for logits in (finetune.class_logits, finetune.fast_logits):
+            for logits in (book_classifier, finetune.class_logits):
                 torch.testing.assert_close(logits(model, padded, n, pool), logits(model, short, n, pool),
                                            atol=1e-6, rtol=0)
 
@@ -2400,13 +2410,13 @@ def test_prefix_probabilities_are_the_verdict_on_each_prefix(tokenizer, pool):
     data = minigpt.PaddedDataset(ids, [0] * len(ids))
     steps = finetune.prefix_probabilities(model, data.ids, pool)                     # (B, T, classes)
     with torch.no_grad():
-        answer = torch.softmax(finetune.class_logits(model, data.ids, data.lengths, pool), dim=-1)
+        answer = torch.softmax(book_classifier(model, data.ids, data.lengths, pool), dim=-1)
     read = data.lengths - 1 if pool != "last" else torch.full_like(data.lengths, data.max_length - 1)
     torch.testing.assert_close(steps[torch.arange(len(ids)), read], answer, atol=1e-6, rtol=0)
     if pool != "last":  # and any shorter prefix: the answer for the text cut there
         cut = torch.tensor([ids[1][:3]])
         with torch.no_grad():
-            short = torch.softmax(finetune.class_logits(model, cut, torch.tensor([3]), pool), dim=-1)[0]
+            short = torch.softmax(book_classifier(model, cut, torch.tensor([3]), pool), dim=-1)[0]
         torch.testing.assert_close(steps[1, 2], short, atol=1e-6, rtol=0)
 
 

@@ -155,24 +155,6 @@ def block_at(block, x, positions):
     return x + block.drop(block.mlp(block.ln_2(x)))            # (B, C)
 
 
-@torch.no_grad()
-def prefix_probabilities(model, ids, pool="last_real"):
-    """The classifier's verdict on every prefix of the texts: class probabilities (B, T, classes),
-    row t after the first t + 1 positions, all from one forward pass.
-
-    In a causal model the hidden state at position t depends on positions 0..t only, so the head
-    read at t is what the classifier would answer had the text ended there. For 'last_real' and
-    'last' that is the head at t itself; row lengths - 1 (for 'last', the padded row's last) is
-    the classifier's answer. For 'mean' it is the running mean of the head's logits (the mean of
-    a prefix's positions; the head is linear, so that is the head applied to their mean): row
-    lengths - 1 is again the answer.
-    """
-    logits = model(ids).float()                                        # (B, T, classes)
-    if pool == "mean":
-        logits = logits.cumsum(1) / torch.arange(1, ids.shape[1] + 1, device=ids.device)[:, None]
-    return torch.softmax(logits, dim=-1)
-
-
 def model_inputs(ids, pool, max_length):
     """One tensor of token ids per text, as the classifier reads it: its real tokens, or for
     pool 'last' (which reads the last padded position) padded to max_length, as in the book."""

@@ -2408,7 +2408,7 @@ def test_prefix_probabilities_are_the_verdict_on_each_prefix(tokenizer, pool):
     model = finetune.make_classifier(minigpt.GPT(replace(TINY, n_layers=3)).eval(), "last_block")
     ids, _ = minigpt.encode(TEXTS, tokenizer)
     data = minigpt.PaddedDataset(ids, [0] * len(ids))
-    steps = finetune.prefix_probabilities(model, data.ids, pool)                     # (B, T, classes)
+    steps = classify.prefix_probabilities(model, data.ids, pool)                     # (B, T, classes)
     with torch.no_grad():
         answer = torch.softmax(book_classifier(model, data.ids, data.lengths, pool), dim=-1)
     read = data.lengths - 1 if pool != "last" else torch.full_like(data.lengths, data.max_length - 1)

@@ -438,33 +438,23 @@ def train(model, batches, labels, frozen, args, dtype):
     """AdamW on the trainable parameters (float32, the forward pass in dtype) over shuffled
     batches for --epochs (or --max-steps); steps are counted from 1. The loss every --eval-every
     steps, the accuracies after every epoch. Returns (loss history, accuracies, seconds, examples)."""
-    if len(batches["train_shuffled"]) == 0:
-        raise minigpt.DataError(f"{len(batches['train'].rows)} training texts make no batch of {args.batch_size}; "
-                                "give more data or a smaller --batch-size")
     optimizer = minigpt.adamw(model, args.lr, args.weight_decay)
     history = {"seen": [], "train": [], "validation": []}
     accuracies = {"epoch": [], "train": [], "validation": []}
     total = min(args.epochs * len(batches["train_shuffled"]), args.max_steps or math.inf)
     step = seen = 0
     start = time.time()
-    model.train()
+    model.train()  # dropout is 0 while finetuning (base_model)
     for epoch in range(1, args.epochs + 1):
         for index, x, lengths in batches["train_shuffled"]:
             optimizer.zero_grad(set_to_none=True)
             logits = class_logits(model, x, lengths, args.pool, frozen, dtype)  # (B, classes)
             F.cross_entropy(logits.float(), labels["train"][index].to(logits.device)).backward()
-            optimizer.step()
+            optimizer.step()  # no clipping, as in the book's loop
             step += 1
             seen += len(index)
-            if (step - 1) % args.eval_every == 0 or step == total:  # on at most 5 batches of each
-                losses = {"train": mean_loss(model, itertools.islice(batches["train_sample"], 5), labels["train"],
-                                             args.pool, frozen, dtype),
-                          "validation": mean_loss(model, itertools.islice(batches["validation"], 5),
-                                                  labels["validation"], args.pool, frozen, dtype)}
-                for key, value in {"seen": seen, **losses}.items():
-                    history[key].append(value)
-                print(f"Ep {epoch} (Step {step:06d}): Train loss {losses['train']:.3f}, "
-                      f"Validation loss {losses['validation']:.3f}")
+            if (step - 1) % args.eval_every == 0 or step == total:
+                record_losses(model, batches, labels, history, seen, epoch, step, args, frozen, dtype)
             if step == total:
                 break
         if step % len(batches["train_shuffled"]):  # --max-steps ended the run within an epoch
@@ -480,6 +470,19 @@ def train(model, batches, labels, frozen, args, dtype):
     print(f"Trained in {seconds:.1f} s ({seen / seconds:,.1f} examples/s, {seen} examples seen, "
           f"{minigpt.dtype_name(dtype)})")
     return history, accuracies, seconds, seen
+
+
+def record_losses(model, batches, labels, history, seen, epoch, step, args, frozen, dtype):
+    """The mean loss on at most 5 batches of training and of validation texts, kept in history
+    and printed."""
+    losses = {"train": mean_loss(model, itertools.islice(batches["train_sample"], 5), labels["train"],
+                                 args.pool, frozen, dtype),
+              "validation": mean_loss(model, itertools.islice(batches["validation"], 5), labels["validation"],
+                                      args.pool, frozen, dtype)}
+    for key, value in {"seen": seen, **losses}.items():
+        history[key].append(value)
+    print(f"Ep {epoch} (Step {step:06d}): Train loss {losses['train']:.3f}, "
+          f"Validation loss {losses['validation']:.3f}")
 
 
 @torch.no_grad()
@@ -857,6 +860,9 @@ def make_batches(model, recipe, splits, tokenizer, args, device, dtype):
     batches = {name: Batches(rows[name], lengths[name], eval_batch_size) for name in rows}
     batches["train_shuffled"] = Batches(rows["train"], lengths["train"], args.batch_size, shuffle=True,
                                         seed=args.seed, drop_last=True)
+    if len(batches["train_shuffled"]) == 0:
+        raise minigpt.DataError(f"{len(rows['train'])} training texts make no batch of {args.batch_size}; "
+                                "give more data or a smaller --batch-size")
     # Random training batches for the periodic loss, with their own random order, so that
     # measuring never changes the order the model trains in.
     batches["train_sample"] = Batches(rows["train"], lengths["train"], args.batch_size, shuffle=True,

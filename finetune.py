@@ -156,10 +156,11 @@ def block_at(block, x, positions):
 
 
 def model_inputs(ids, pool, max_length):
-    """One tensor of token ids per text, as the classifier reads it: its real tokens, or for
-    pool 'last' (which reads the last padded position) padded to max_length, as in the book."""
+    """One tensor of token ids per text, as the classifier reads it: its real tokens; for pool
+    'last', the book's SpamDataset: right-padded with <|endoftext|> to max_length, the padding
+    that 'last' reads."""
     if pool == "last":
-        return list(minigpt.PaddedDataset(ids, [0] * len(ids), max_length).ids)
+        ids = [i + [minigpt.EOT] * (max_length - len(i)) for i in ids]
     return [torch.tensor(i, dtype=torch.long) for i in ids]
 
 
@@ -170,8 +171,10 @@ def model_inputs(ids, pool, max_length):
 
 class Batches:
     """Re-iterable batches (index, x, lengths) of rows: index (B,) says which rows, x is the rows
-    padded to the batch's longest ((B, T) token ids or (B, T, C) features), lengths (B,) their
-    real lengths. Rows of similar length go together; shuffled anew on every pass if `shuffle`."""
+    padded with zeros to the batch's longest ((B, T) token ids or (B, T, C) features), lengths (B,)
+    their real lengths. The filler after a row's last real position is never read (attention is
+    causal; 'mean' masks it), so its value does not matter. Rows of similar length go together;
+    shuffled anew on every pass if `shuffle`."""
 
     def __init__(self, rows, lengths, batch_size, shuffle=False, seed=0, drop_last=False):
         self.rows, self.lengths = rows, torch.as_tensor(lengths)
@@ -197,8 +200,7 @@ class Batches:
         if self.shuffle:
             batches = [batches[i] for i in self.rng.permutation(len(batches))]
         for index in batches:
-            x = nn.utils.rnn.pad_sequence([self.rows[i] for i in index], batch_first=True,
-                                          padding_value=minigpt.EOT if self.rows[0].dim() == 1 else 0)
+            x = nn.utils.rnn.pad_sequence([self.rows[i] for i in index], batch_first=True)
             yield torch.as_tensor(index), x, self.lengths[index]
 
 

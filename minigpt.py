@@ -6,7 +6,7 @@ to a trained model, and leaves the plumbing for last.
   1. tokens        text <-> GPT-2's token ids (tiktoken)
   2. the model     config, attention (the maths, in the fused kernel), MLP, block, the GPT
   3. generation    a key/value cache; greedy, temperature and top-k sampling
-  4. data          texts as padded token ids, for classifying (pretrain.py cuts windows from token files)
+  4. data          texts as token ids, for classifying (pretrain.py cuts windows from token files)
   5. training      the loss, AdamW and its parameter groups, the learning rate
   6. checkpoints   save and load a model, with a digest that tells a damaged file
   7. loading       a model by name: GPT-2's weights (the map of their names), a folder, a checkpoint
@@ -34,7 +34,7 @@ by name (gpt2_tensors lists them):
   generate_text_simple, generate  generate                   generate
   calc_loss_batch                 (in train.py)              GPT.forward(x, targets=y)
   train_model_simple              (train.py's loop)          pretrain.py's train() loop
-  SpamDataset                     -                          PaddedDataset
+  SpamDataset                     -                          finetune.model_inputs + Batches
   train_classifier_simple         -                          finetune.py's train() loop
   classify_review                 -                          classify.Classifier
   load_weights_into_gpt           GPT.from_pretrained        load_model
@@ -389,7 +389,7 @@ def complete(model, tokenizer, prompt, max_new_tokens, **kwargs):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Data for classifying: texts as token ids, padded into one tensor.
+# 4. Data for classifying: texts as token ids (finetune.py pads them into batches).
 # ----------------------------------------------------------------------------------------------
 
 def encode(texts, tokenizer, max_length=None):
@@ -399,26 +399,6 @@ def encode(texts, tokenizer, max_length=None):
     ids = [tokenizer.encode(t, disallowed_special=()) for t in texts]
     counts = [len(i) for i in ids]
     return [i[:max_length] or [EOT] for i in ids], counts
-
-
-class PaddedDataset(torch.utils.data.Dataset):
-    """Classification examples (the book's SpamDataset): token ids padded on the right with
-    <|endoftext|> to `max_length` (default: the longest), their labels, and their real lengths.
-    The lengths say where each text ends, so a classifier can read its last real token."""
-
-    def __init__(self, ids, labels, max_length=None):
-        self.max_length = max_length or max((len(i) for i in ids), default=1)
-        self.lengths = torch.tensor([len(i) for i in ids], dtype=torch.long)  # (N,); N may be 0
-        self.ids = torch.full((len(ids), self.max_length), EOT, dtype=torch.long)  # (N, max_length)
-        for row, i in zip(self.ids, ids):
-            row[:len(i)] = torch.tensor(i, dtype=torch.long)
-        self.labels = torch.as_tensor(labels, dtype=torch.long)  # (N,)
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.ids[i], self.labels[i], self.lengths[i]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -333,10 +333,10 @@ def test_encode_and_padded_dataset(tokenizer):
     ids, counts = minigpt.encode(["hi there", "a much longer message than that", "", "<|endoftext|>"], tokenizer, 5)
     assert counts == [2, 6, 0, 7] and [len(i) for i in ids] == [2, 5, 1, 5]  # "" reads as one <|endoftext|>
     assert ids[2] == [minigpt.EOT] and minigpt.EOT not in ids[3]              # the text, not the token
-    ds = minigpt.PaddedDataset(ids, [0, 1, 0, 1], 6)
-    assert ds.ids.shape == (4, 6) and ds.lengths.tolist() == [2, 5, 1, 5]
-    assert ds.ids[0, :2].tolist() == ids[0] and ds.ids[0, 2:].tolist() == [minigpt.EOT] * 4
-    assert minigpt.PaddedDataset([[1, 2, 3], [4]], [0, 1]).max_length == 3
+    rows = finetune.model_inputs(ids, "last", 6)  # the book's SpamDataset: padded with <|endoftext|>
+    assert [r.dtype for r in rows] == [torch.long] * 4 and [len(r) for r in rows] == [6] * 4
+    assert rows[0][:2].tolist() == ids[0] and rows[0][2:].tolist() == [minigpt.EOT] * 4
+    assert [r.tolist() for r in finetune.model_inputs(ids, "last_real", 6)] == ids  # the real tokens only
 
 
 def test_optimizer_steps_overfit_a_tiny_batch():
@@ -1328,6 +1328,13 @@ def test_qlora_quantizes_each_weight_as_it_streams_from_npy_files(tmp_path):
 TEXTS = ["hello there", "WIN a free prize now, call 0800 123", "ok", "see you at lunch tomorrow then"]
 
 
+def padded(ids):
+    """(ids (N, T), lengths (N,)): lists of token ids padded on the right with <|endoftext|> to the
+    longest, as the book's SpamDataset pads them."""
+    longest = max(len(i) for i in ids)
+    return torch.tensor([i + [minigpt.EOT] * (longest - len(i)) for i in ids]), torch.tensor([len(i) for i in ids])
+
+
 def book_classifier(model, ids, lengths, pool):
     """The book's classifier: the whole model over the padded ids (B, T), its head read at the
     last position ('last'), the last real token ('last_real') or the mean of the real ones."""
@@ -1347,19 +1354,20 @@ def test_the_fast_path_gives_the_book_classifiers_logits_and_loss(tokenizer, poo
     torch.manual_seed(0)
     model = finetune.make_classifier(minigpt.GPT(replace(TINY, n_layers=3)).eval(), trainable)
     ids, _ = minigpt.encode(TEXTS, tokenizer)
-    data = minigpt.PaddedDataset(ids, [0, 1, 0, 0])
+    padded_ids, lengths = padded(ids)
+    labels = torch.tensor([0, 1, 0, 0])
     frozen = finetune.frozen_blocks(model, trainable)
-    rows = finetune.model_inputs(ids, pool, data.max_length)
+    rows = finetune.model_inputs(ids, pool, padded_ids.shape[1])
     if frozen:
         rows = finetune.frozen_features(model, rows, frozen, "cpu", batch_size=3)
     with torch.no_grad():
-        plain = book_classifier(model, data.ids, data.lengths, pool)
-        fast = finetune.class_logits(model, torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), data.lengths,
+        plain = book_classifier(model, padded_ids, lengths, pool)
+        fast = finetune.class_logits(model, torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), lengths,
                                     pool, frozen)
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
-    loss = lambda logits: torch.nn.functional.cross_entropy(logits, data.labels).item()
+    loss = lambda logits: torch.nn.functional.cross_entropy(logits, labels).item()
     assert loss(fast) == pytest.approx(loss(plain), abs=1e-5)
-    probs = finetune.predict(model, finetune.Batches(rows, data.lengths, 3), pool, frozen)  # in batches of 3
+    probs = finetune.predict(model, finetune.Batches(rows, lengths, 3), pool, frozen)  # in batches of 3
     torch.testing.assert_close(probs, torch.softmax(plain, dim=-1), atol=1e-6, rtol=0)
 
 
@@ -1367,16 +1375,16 @@ def test_bfloat16_frozen_blocks_and_cache_give_the_float32_logits(tokenizer):
     torch.manual_seed(0)
     model = finetune.make_classifier(minigpt.GPT(replace(TINY, n_layers=3)).eval(), "last_block")
     ids, _ = minigpt.encode(TEXTS[:3], tokenizer)
-    data = minigpt.PaddedDataset(ids, [0, 1, 0])
+    padded_ids, lengths = padded(ids)
     with torch.no_grad():
-        expected = book_classifier(model, data.ids, data.lengths, "last_real")
+        expected = book_classifier(model, padded_ids, lengths, "last_real")
     frozen = finetune.frozen_blocks(model, "last_block")
     model.h[:frozen].to(torch.bfloat16)  # as finetune.py does in bfloat16: the frozen blocks cast once
     features = finetune.frozen_features(model, finetune.model_inputs(ids, "last_real", None), frozen, "cpu")
     assert features[0].dtype == torch.bfloat16  # stored in half the memory
     x = torch.nn.utils.rnn.pad_sequence(features, batch_first=True)
     with torch.no_grad(), minigpt.autocast("cpu", torch.bfloat16):
-        got = finetune.class_logits(model, x, data.lengths, "last_real", frozen)
+        got = finetune.class_logits(model, x, lengths, "last_real", frozen)
     assert relative_error(got, expected) < BF16_TOLERANCE
 
 
@@ -2407,11 +2415,11 @@ def test_prefix_probabilities_are_the_verdict_on_each_prefix(tokenizer, pool):
     torch.manual_seed(0)
     model = finetune.make_classifier(minigpt.GPT(replace(TINY, n_layers=3)).eval(), "last_block")
     ids, _ = minigpt.encode(TEXTS, tokenizer)
-    data = minigpt.PaddedDataset(ids, [0] * len(ids))
-    steps = classify.prefix_probabilities(model, data.ids, pool)                     # (B, T, classes)
+    padded_ids, lengths = padded(ids)
+    steps = classify.prefix_probabilities(model, padded_ids, pool)                     # (B, T, classes)
     with torch.no_grad():
-        answer = torch.softmax(book_classifier(model, data.ids, data.lengths, pool), dim=-1)
-    read = data.lengths - 1 if pool != "last" else torch.full_like(data.lengths, data.max_length - 1)
+        answer = torch.softmax(book_classifier(model, padded_ids, lengths, pool), dim=-1)
+    read = lengths - 1 if pool != "last" else torch.full_like(lengths, padded_ids.shape[1] - 1)
     torch.testing.assert_close(steps[torch.arange(len(ids)), read], answer, atol=1e-6, rtol=0)
     if pool != "last":  # and any shorter prefix: the answer for the text cut there
         cut = torch.tensor([ids[1][:3]])

@@ -318,29 +318,42 @@ def checked_example(path, line, label, text):
 
 
 def split_examples(examples, seed, balance, dedupe=False):
-    """{"train", "validation", "test", "unseen"}: lists of (label, text), split 70/10/20.
+    """{"train", "validation", "test", "unseen"}: lists of (label, text), shuffled with
+    np.random.default_rng(seed) and split 70/10/20 (int() cuts, cut_70_10_20).
 
-    balance: as many examples of each class as the smallest class has (the larger classes are
-             sampled), shuffled together and split; "unseen" holds what sampling left out: real
-             examples, never trained on (for the SMS data: ham, for a false-positive rate).
-    else:    stratified: each class is shuffled and split 70/10/20 on its own, so each split has
-             the classes in the proportions of the whole file; "unseen" is empty.
+    balance (the SMS data's default; the book's create_balanced_dataset): every class down-sampled
+    to the size of the smallest, then shuffled together and split: the SMS data's 747 + 747 =
+    1,494 become 1,045 / 149 / 300. "unseen" holds what sampling left out: real examples, never
+    trained on (for the SMS data: ham, for a false-positive rate). Else stratified_split.
     """
     if dedupe:
         examples = list(dict.fromkeys(examples))  # first of each exact duplicate, order kept
     rng = np.random.default_rng(seed)
-    classes = sorted({label for label, _ in examples})
     if balance:
         kept, unseen = balance_classes(examples, rng)
         splits = dict(zip(SPLITS, cut_70_10_20(kept)), unseen=unseen)
     else:
-        splits = {name: [] for name in SPLITS}
-        for members in by_class(examples).values():
-            members = [members[i] for i in rng.permutation(len(members))]
-            for name, part in zip(SPLITS, cut_70_10_20(members)):
-                splits[name] += part
-        splits = {name: [part[i] for i in rng.permutation(len(part))] for name, part in splits.items()}
-        splits["unseen"] = []
+        splits = stratified_split(examples, rng)
+    check_every_class_in_every_split(splits, examples, balance)
+    return splits
+
+
+def stratified_split(examples, rng):
+    """Each class shuffled and split 70/10/20 on its own, so each split has the classes in the
+    proportions of the whole file; then each split shuffled. "unseen" is empty."""
+    splits = {name: [] for name in SPLITS}
+    for members in by_class(examples).values():
+        members = [members[i] for i in rng.permutation(len(members))]
+        for name, part in zip(SPLITS, cut_70_10_20(members)):
+            splits[name] += part
+    splits = {name: [part[i] for i in rng.permutation(len(part))] for name, part in splits.items()}
+    splits["unseen"] = []
+    return splits
+
+
+def check_every_class_in_every_split(splits, examples, balance):
+    """A DataError naming the first class that some split lacks."""
+    classes = sorted({label for label, _ in examples})
     for name in SPLITS:
         present = {label for label, _ in splits[name]}
         if absent := [c for c in classes if c not in present]:
@@ -349,7 +362,6 @@ def split_examples(examples, seed, balance, dedupe=False):
                 f"class {absent[0]!r} has {counts[absent[0]]} examples{' after balancing' if balance else ''}: "
                 f"too few to appear in the {name} split (70/10/20 needs at least 10 of each class). "
                 "Add examples, or give your own --validation-data and --test-data")
-    return splits
 
 
 def by_class(examples):
@@ -377,6 +389,7 @@ def balance_classes(examples, rng):
 
 
 def cut_70_10_20(items):
+    """The first 70 % (int() rounds down), the next 10 %, the rest."""
     n_train = int(0.7 * len(items))
     n_validation = int(0.1 * len(items))
     return items[:n_train], items[n_train:n_train + n_validation], items[n_train + n_validation:]
@@ -747,6 +760,16 @@ def load_splits(args, examples=None):
     else:
         splits = split_examples(examples, args.split_seed, args.balance, args.dedupe)
     classes = sorted({label for label, _ in splits["train"]})
+    if args.unseen != "all":  # a sample of --unseen of them
+        rng = np.random.default_rng(args.split_seed)
+        pick = rng.permutation(len(splits["unseen"]))[:args.unseen]
+        splits["unseen"] = [splits["unseen"][i] for i in sorted(pick)]
+    print_splits(splits, classes, args)
+    return splits, classes
+
+
+def print_splits(splits, classes, args):
+    """The classes, each split's size and class counts, and how many texts also occur in train."""
     print(f"classes (in this order): {fit(classes)}; {'balanced, then split' if args.balance else 'stratified split'}")
     train_texts = {text for _, text in splits["train"]}
     for name in SPLITS:
@@ -754,14 +777,9 @@ def load_splits(args, examples=None):
         overlap = "" if name == "train" else \
             f", {sum(text in train_texts for _, text in splits[name])} texts also in train"
         print(f"  {name}: {len(splits[name])} ({counts_text(part, classes)}){overlap}")
-    if args.unseen != "all":
-        rng = np.random.default_rng(args.split_seed)
-        pick = rng.permutation(len(splits["unseen"]))[:args.unseen]
-        splits["unseen"] = [splits["unseen"][i] for i in sorted(pick)]
     if splits["unseen"]:
         part = Counter(label for label, _ in splits["unseen"])
         print(f"  unseen: {len(splits['unseen'])} of the examples balancing left out ({counts_text(part, sorted(part))})")
-    return splits, classes
 
 
 def write_unlabelled(args, splits, examples):
@@ -998,9 +1016,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if (args.validation_data is None) != (args.test_data is None):
         p.error("give --validation-data and --test-data together (or neither: then --data is split 70/10/20)")
-    if args.balance is None:
+    if args.balance is None:  # --balance's default: on for the SMS data, as in the book
         args.balance = args.data == "sms"
-    args.split_seed = args.seed if args.split_seed is None else args.split_seed
+    args.split_seed = args.seed if args.split_seed is None else args.split_seed  # --split-seed's default: --seed
     return args
 
 

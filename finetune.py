@@ -651,7 +651,16 @@ def baselines(train, test, classes):
 # ----------------------------------------------------------------------------------------------
 
 def save_classifier(out, model, recipe):
-    """classifier.pt: the recipe + the trainable parameters (megabytes, not the whole model)."""
+    """classifier.pt, a dict (minigpt.save_pt), megabytes, not the whole model:
+
+      "recipe"  how load_classifier rebuilds the model: init (a GPT-2 name, a file, or random),
+                init_sha256 (a file's), config (the GPTConfig; dropout 0), seed, trainable, pool,
+                labels (class names, by id), lora_rank, lora_alpha, max_length (tokens read per
+                text), title and sample_texts (classify.py's page)
+      "state"   the parameters that trained, by name: for last_block h.<last>.*, ln_f.* and
+                lm_head.* (the new head, weight (classes, C)); the frozen rest comes back from init
+      "sha256"  the digest of both, checked by load_pt
+    """
     state = {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
     minigpt.save_pt(Path(out) / "classifier.pt", {"recipe": recipe, "state": state})
 
@@ -729,8 +738,10 @@ def main(argv=None):
     with minigpt.atomic_folder(args.out, exclusive=True) as out:
         splits, classes = load_splits(args)                                                  # 1. data
         model, recipe = build_model(args, device, classes)                                   # 2. model
-        recipe["title"], recipe["sample_texts"] = page_text(args, splits, classes)
-        batches, labels, frozen = make_batches(model, recipe, splits, tokenizer, args, device, dtype)  # 3.
+        batches, labels, frozen, max_length = make_batches(model, classes, splits, tokenizer, args, device,
+                                                           dtype)                             # 3. batches
+        title, sample_texts = page_text(args, splits, classes)
+        recipe.update(title=title, sample_texts=sample_texts, max_length=max_length)   # the recipe, complete
         print(f"Before finetuning: " + ", ".join(
             f"{name} {accuracy(model, batches[name], labels[name], args.pool, frozen, dtype):.2%}"
             for name in SPLITS))
@@ -852,21 +863,22 @@ def build_model(args, device, classes):
     return model, recipe
 
 
-def make_batches(model, recipe, splits, tokenizer, args, device, dtype):
+def make_batches(model, classes, splits, tokenizer, args, device, dtype):
     """Step 3, batches: token ids, cut to the longest training text (or --max-length) and the
     context; then, once, the frozen blocks' output for every text, in dtype (the blocks' weights
     cast once, inference being fastest that way; in bfloat16 the output takes half the memory).
-    Returns the batches of every split, their labels, and the number of frozen blocks."""
-    index = {c: i for i, c in enumerate(recipe["labels"])}
+    Returns the batches of every split, their labels, the number of frozen blocks and the
+    tokens read per text."""
+    index = {c: i for i, c in enumerate(classes)}
     whole = {name: minigpt.encode([t for _, t in part], tokenizer)[0] for name, part in splits.items()}  # uncut
-    recipe["max_length"] = min(args.max_length or max(map(len, whole["train"])), model.cfg.context_length)
-    ids = {name: [i[:recipe["max_length"]] for i in part] for name, part in whole.items()}
+    max_length = min(args.max_length or max(map(len, whole["train"])), model.cfg.context_length)
+    ids = {name: [i[:max_length] for i in part] for name, part in whole.items()}
     labels = {name: torch.tensor([index[label] for label, _ in part], dtype=torch.long) for name, part in splits.items()}
     lengths = {name: [len(i) for i in part] for name, part in ids.items()}
-    print(f"max length {recipe['max_length']} tokens; {sum(map(sum, lengths.values())):,} tokens in all, "
+    print(f"max length {max_length} tokens; {sum(map(sum, lengths.values())):,} tokens in all, "
           f"pooling '{args.pool}'")
     frozen = frozen_blocks(model, args.trainable)  # all, lora, qlora: nothing is frozen, 0
-    rows = {name: model_inputs(part, args.pool, recipe["max_length"]) for name, part in ids.items()}
+    rows = {name: model_inputs(part, args.pool, max_length) for name, part in ids.items()}
     if frozen > 0:
         t0 = time.time()
         model.h[:frozen].to(dtype)
@@ -887,7 +899,7 @@ def make_batches(model, recipe, splits, tokenizer, args, device, dtype):
     # measuring never changes the order the model trains in.
     batches["train_sample"] = Batches(rows["train"], lengths["train"], args.batch_size, shuffle=True,
                                       seed=args.seed + 1)
-    return batches, labels, frozen
+    return batches, labels, frozen, max_length
 
 
 def evaluate(model, splits, classes, batches, labels, frozen, accuracies, args, dtype):

@@ -704,7 +704,8 @@ def settings_help():
             shown = ", ".join(f"--{key.replace('_', '-')} {value}" for key, value in values.items()
                               if key != "model" and value is not None)
             model = f"; model {values['model']}" if values.get("model") else ""
-            lines.append(textwrap.fill(shown + model, 100, initial_indent=f"  {name}: ", subsequent_indent="    "))
+            lines.append(textwrap.fill(shown + model, 100, initial_indent=f"  {name}: ", subsequent_indent="    ",
+                                       break_on_hyphens=False))
     return "\n".join(lines)
 
 

@@ -38,7 +38,7 @@ class Classifier:
 
     Classifying is finetune.py's: the same tokens, cut to the same length, read at the same
     position. It runs the book's way, the whole model over the padded texts
-    (finetune.prefix_probabilities), so the verdict after every token comes with the answer.
+    (prefix_probabilities), so the verdict after every token comes with the answer.
     Forward passes are serialised: on a CPU one already uses every core, so two at once only
     make both slower.
     """
@@ -78,7 +78,7 @@ class Classifier:
         answers, steps = [None] * len(rows), [None] * len(rows)
         with self.lock, torch.inference_mode():  # the weights are in self.dtype already: no autocast
             for index, x, _ in finetune.Batches(rows, lengths, batch_size or max(len(rows), 1)):
-                probs = finetune.prefix_probabilities(self.model, x.to(self.device), self.pool).cpu()  # (B, T, classes)
+                probs = prefix_probabilities(self.model, x.to(self.device), self.pool).cpu()  # (B, T, classes)
                 for i, p in zip(index.tolist(), probs):
                     steps[i] = p[:len(rows[i])]  # the row's positions (for 'last', its padding too), (T_i, classes)
                     answers[i] = steps[i][-1].tolist()
@@ -116,6 +116,25 @@ class Classifier:
         return {"explanation": [{"text": piece, "probabilities": self.likely(p.tolist())}
                                 for piece, p in zip(pieces, steps)],
                 "changed_at": changed[-1] if changed else None}
+
+
+@torch.no_grad()
+def prefix_probabilities(model, ids, pool="last_real"):
+    """The classifier's verdict on every prefix of the texts: class probabilities (B, T, classes),
+    row t after the first t + 1 positions, all from one forward pass.
+
+    The head at every position of one pass of the whole model. In a causal model the hidden
+    state at position t depends on positions 0..t only, so the head read at t is what the
+    classifier would answer had the text ended there. For 'last_real' and 'last' that is the head
+    at t itself; row lengths - 1 (for 'last', the padded row's last) is finetune.class_logits'
+    answer (test_minigpt.py checks it). For 'mean' it is the running mean of the head's logits
+    (the head is linear, so that is the head applied to the prefix's mean): row lengths - 1 is
+    again the answer.
+    """
+    logits = model(ids).float()                                        # (B, T, classes)
+    if pool == "mean":
+        logits = logits.cumsum(1) / torch.arange(1, ids.shape[1] + 1, device=ids.device)[:, None]
+    return torch.softmax(logits, dim=-1)
 
 
 def describe(model_dir, recipe, cfg, dtype):

@@ -6,10 +6,10 @@ everything up to it. To classify, we replace the 50,257-way next-token head with
 little of the model ("parameter-efficient"): by default the new head, the last transformer block
 and the final LayerNorm, as the book's chapter 6 does (the reference).
 
-Read section 1 first: it is the book's classifier, model(x) read at the last token. Section 2
-computes the same numbers for a fraction of the work: the frozen blocks never change, so their
-output for a message is computed once and reused in every epoch, and the last block runs only at
-the position the head reads (test_minigpt.py checks both paths agree).
+The classifier is class_logits (section 1): the book's model(x) read at one position. Its two
+savings are steps inside it: the frozen blocks never change, so their output for a message is
+computed once (frozen_features) and reused in every epoch, and the last block runs only at the
+position the head reads (block_at).
 
 --trainable lora trains low-rank adapters on every layer of every block instead, and qlora does
 the same on a base whose frozen layers are stored in 4 bits (NF4, from QLoRA, section 8): GPT-2
@@ -56,12 +56,13 @@ POOLS = ("last", "last_real", "mean")
 # ----------------------------------------------------------------------------------------------
 
 def make_classifier(model, trainable, n_classes=2, lora_rank=16, lora_alpha=16):
-    """Turn a GPT into a classifier in place: a new head with one output per class (the book's
-    out_head = Linear(emb_dim, 2)), and only `trainable` parts train. For qlora, `model` comes
-    with NF4Dense layers (load_nf4); LoRA goes around them as for lora."""
+    """Turn a GPT into a classifier in place: replace lm_head (the book's out_head) with
+    Linear(emb_dim, classes), one output per class, and only `trainable` parts train. For qlora,
+    `model` comes with NF4Dense layers (load_nf4); LoRA goes around them as for lora."""
     model.lm_head = nn.Linear(model.cfg.emb_dim, n_classes).to(model.wte.weight.device)  # untied, new
     model.requires_grad_(trainable == "all")
-    if trainable in ("lora", "qlora"):  # low-rank updates on every Dense (or NF4Dense) layer of every block
+    if trainable in ("lora", "qlora"):  # low-rank updates on every Dense (or NF4Dense) layer of every block:
+        # attn.c_attn (C, 3C), attn.c_proj (C, C), mlp.c_fc (C, 4C), mlp.c_proj (4C, C)
         for block in model.h:
             for parent, name in minigpt.dense_layers(block):
                 setattr(parent, name, LoRA(getattr(parent, name), lora_rank, lora_alpha))
@@ -86,6 +87,7 @@ class LoRA(nn.Module):
 
     which is x @ (W + (alpha / rank) * A @ B) + bias. B starts at zero, so at first the layer is
     exactly the old one. Only rank * (in + out) numbers train instead of in * out.
+    n_in, n_out = dense.shape: (in, out), GPT-2's layout (minigpt.Dense).
     """
 
     def __init__(self, dense, rank, alpha):
@@ -105,95 +107,42 @@ class LoRA(nn.Module):
         return self.dense(x) + self.scale * ((x @ self.A) @ self.B)  # (..., in) -> (..., out)
 
 
-def class_logits(model, ids, lengths, pool="last_real"):
-    """The classifier: class logits (B, classes) of right-padded token ids (B, T).
+def class_logits(model, x, lengths, pool, frozen=0, dtype=torch.float32):
+    """The classifier: class logits (B, classes) of texts padded on the right, read at one position.
 
-    As in the book, the model runs over the whole text and its new head gives class logits at
-    every position; the classifier reads one of them. In a causal model the position of a text's
-    last real token is the only one that has seen every token of it, and padding after it never
-    reaches it. pool: where to read: 'last' the last position of the padded row (the book's
-    model(x)[:, -1, :]), 'last_real' the last real token (lengths (B,) real tokens per row), 'mean'
-    the mean over the real positions.
+    x: token ids (B, T); or, when blocks h[:frozen] never change, their output (B, T, C), computed
+    once (frozen_features). lengths: (B,) real tokens. pool: 'last_real' the last real token (in a
+    causal model the only position that has seen the whole text; padding after it never reaches
+    it), 'last' the padded row's last position (the book's model(x)[:, -1]), 'mean' the mean over
+    the real positions. The forward pass runs in dtype (minigpt.autocast), on the model's device.
     """
-    logits = model(ids)                                  # (B, T, classes): the head at every position
-    return read_at(logits, lengths, pool)                # (B, classes)
-
-
-def read_at(x, lengths, pool):
-    """(B, ...) from (B, T, ...): the position(s) that `pool` reads (see class_logits)."""
-    if pool == "last":
-        return x[:, -1]
-    if pool == "last_real":
-        return x[torch.arange(len(x), device=x.device), lengths - 1]
-    real = torch.arange(x.shape[1], device=x.device) < lengths[:, None]   # (B, T): the real positions
-    return (x * real[..., None]).sum(1) / lengths[:, None]
-
-
-@torch.no_grad()
-def prefix_probabilities(model, ids, pool="last_real"):
-    """The classifier's verdict on every prefix of the texts: class probabilities (B, T, classes),
-    row t after the first t + 1 positions, all from one forward pass.
-
-    In a causal model the hidden state at position t depends on positions 0..t only, so the head
-    read at t is what the classifier would answer had the text ended there. For 'last_real' and
-    'last' that is the head at t itself; row lengths - 1 (for 'last', the padded row's last) is
-    the classifier's answer. For 'mean' it is the running mean of the head's logits (the mean of
-    a prefix's positions; the head is linear, so that is the head applied to their mean): row
-    lengths - 1 is again the answer.
-    """
-    logits = model(ids).float()                                        # (B, T, classes)
-    if pool == "mean":
-        logits = logits.cumsum(1) / torch.arange(1, ids.shape[1] + 1, device=ids.device)[:, None]
-    return torch.softmax(logits, dim=-1)
-
-
-def model_inputs(ids, pool, max_length):
-    """One tensor of token ids per text, as the classifier reads it: its real tokens, or for
-    pool 'last' (which reads the last padded position) padded to max_length, as in the book."""
-    if pool == "last":
-        return list(minigpt.PaddedDataset(ids, [0] * len(ids), max_length).ids)
-    return [torch.tensor(i, dtype=torch.long) for i in ids]
-
-
-# ----------------------------------------------------------------------------------------------
-# 2. The same maths, faster. Three savings, each exact: the frozen blocks' output for a text is
-#    computed once (frozen_features), the last block runs only at the position the head reads
-#    (block_at), and batches hold texts of similar length, padded only to their own longest
-#    (Batches), so little work goes to padding. fast_logits gives class_logits's numbers.
-# ----------------------------------------------------------------------------------------------
-
-def fast_logits(model, x, lengths, pool, frozen=0):
-    """class_logits's answer (B, classes), for less work.
-
-    x: the output (B, T, C) of the frozen blocks h[:frozen] (frozen_features), or, when nothing
-    is frozen, the token ids (B, T). lengths: (B,) real tokens per row.
-    """
-    if frozen == 0:
-        x = model.embed(x)                                     # (B, T, C)
-    else:  # cached features may be stored in bfloat16; go on in the trainable part's own dtype
-        x = x.to(model.ln_f.weight.dtype)
-    blocks = model.h[frozen:]
-    if pool == "mean":  # every position is read
-        for block in blocks:
+    device = model.lm_head.weight.device
+    x, lengths = x.to(device), lengths.to(device)
+    with minigpt.autocast(device, dtype):
+        if frozen == 0:
+            x = model.embed(x)                                 # (B, T, C)
+        else:  # cached features may be stored in bfloat16; go on in the trainable part's own dtype
+            x = x.to(model.ln_f.weight.dtype)
+        blocks = model.h[frozen:]
+        if pool == "mean":  # every position is read
+            for block in blocks:
+                x = block(x)                                   # (B, T, C)
+            real = torch.arange(x.shape[1], device=device) < lengths[:, None]  # (B, T): the real positions
+            return model.lm_head((model.ln_f(x) * real[..., None]).sum(1) / lengths[:, None])
+        positions = lengths - 1 if pool == "last_real" else torch.full_like(lengths, x.shape[1] - 1)  # (B,)
+        for block in blocks[:-1]:
             x = block(x)                                       # (B, T, C)
-        return model.lm_head(read_at(model.ln_f(x), lengths, pool))
-    positions = lengths - 1 if pool == "last_real" else torch.full_like(lengths, x.shape[1] - 1)  # (B,)
-    for block in blocks[:-1]:
-        x = block(x)                                           # (B, T, C)
-    if len(blocks):
-        x = block_at(blocks[-1], x, positions)                 # (B, C): just the position read
-    else:
-        x = read_at(x, lengths, pool)                          # (B, C)
-    return model.lm_head(model.ln_f(x))                        # (B, classes)
+        # The head reads one position, so the last block runs only there: about a third of its work.
+        x = block_at(blocks[-1], x, positions) if len(blocks) else x[torch.arange(len(x), device=device), positions]
+        return model.lm_head(model.ln_f(x))                    # (B, classes)
 
 
 def block_at(block, x, positions):
     """What block(x) gives at one position per row, (B, C), for a fraction of the work.
 
-    The head reads one position, so the last block needs the keys and values of every position
-    up to it (attention looks back), but the query, the attention, c_proj and the MLP only at
-    that position: about a third of the block's work for a typical message. It runs the block's
-    own attention (heads, attend) with one query per row.
+    The last block needs the keys and values of every position up to the one read (attention
+    looks back), but the query, the attention, c_proj and the MLP only at that position. It runs
+    the block's own attention (heads, attend) with one query per row.
     x: (B, T, C); positions: (B,) the position to compute in each row.
     """
     B, T, C = x.shape
@@ -206,10 +155,26 @@ def block_at(block, x, positions):
     return x + block.drop(block.mlp(block.ln_2(x)))            # (B, C)
 
 
+def model_inputs(ids, pool, max_length):
+    """One tensor of token ids per text, as the classifier reads it: its real tokens; for pool
+    'last', the book's SpamDataset: right-padded with <|endoftext|> to max_length, the padding
+    that 'last' reads."""
+    if pool == "last":
+        ids = [i + [minigpt.EOT] * (max_length - len(i)) for i in ids]
+    return [torch.tensor(i, dtype=torch.long) for i in ids]
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Batches: texts of similar length together, padded only to their own longest, so little work
+#    goes to padding; and the frozen blocks' output for each text, computed once.
+# ----------------------------------------------------------------------------------------------
+
 class Batches:
     """Re-iterable batches (index, x, lengths) of rows: index (B,) says which rows, x is the rows
-    padded to the batch's longest ((B, T) token ids or (B, T, C) features), lengths (B,) their
-    real lengths. Rows of similar length go together; shuffled anew on every pass if `shuffle`."""
+    padded with zeros to the batch's longest ((B, T) token ids or (B, T, C) features), lengths (B,)
+    their real lengths. The filler after a row's last real position is never read (attention is
+    causal; 'mean' masks it), so its value does not matter. Rows of similar length go together;
+    shuffled anew on every pass if `shuffle`."""
 
     def __init__(self, rows, lengths, batch_size, shuffle=False, seed=0, drop_last=False):
         self.rows, self.lengths = rows, torch.as_tensor(lengths)
@@ -235,8 +200,7 @@ class Batches:
         if self.shuffle:
             batches = [batches[i] for i in self.rng.permutation(len(batches))]
         for index in batches:
-            x = nn.utils.rnn.pad_sequence([self.rows[i] for i in index], batch_first=True,
-                                          padding_value=minigpt.EOT if self.rows[0].dim() == 1 else 0)
+            x = nn.utils.rnn.pad_sequence([self.rows[i] for i in index], batch_first=True)
             yield torch.as_tensor(index), x, self.lengths[index]
 
 
@@ -354,29 +318,42 @@ def checked_example(path, line, label, text):
 
 
 def split_examples(examples, seed, balance, dedupe=False):
-    """{"train", "validation", "test", "unseen"}: lists of (label, text), split 70/10/20.
+    """{"train", "validation", "test", "unseen"}: lists of (label, text), shuffled with
+    np.random.default_rng(seed) and split 70/10/20 (int() cuts, cut_70_10_20).
 
-    balance: as many examples of each class as the smallest class has (the larger classes are
-             sampled), shuffled together and split; "unseen" holds what sampling left out: real
-             examples, never trained on (for the SMS data: ham, for a false-positive rate).
-    else:    stratified: each class is shuffled and split 70/10/20 on its own, so each split has
-             the classes in the proportions of the whole file; "unseen" is empty.
+    balance (the SMS data's default; the book's create_balanced_dataset): every class down-sampled
+    to the size of the smallest, then shuffled together and split: the SMS data's 747 + 747 =
+    1,494 become 1,045 / 149 / 300. "unseen" holds what sampling left out: real examples, never
+    trained on (for the SMS data: ham, for a false-positive rate). Else stratified_split.
     """
     if dedupe:
         examples = list(dict.fromkeys(examples))  # first of each exact duplicate, order kept
     rng = np.random.default_rng(seed)
-    classes = sorted({label for label, _ in examples})
     if balance:
         kept, unseen = balance_classes(examples, rng)
         splits = dict(zip(SPLITS, cut_70_10_20(kept)), unseen=unseen)
     else:
-        splits = {name: [] for name in SPLITS}
-        for members in by_class(examples).values():
-            members = [members[i] for i in rng.permutation(len(members))]
-            for name, part in zip(SPLITS, cut_70_10_20(members)):
-                splits[name] += part
-        splits = {name: [part[i] for i in rng.permutation(len(part))] for name, part in splits.items()}
-        splits["unseen"] = []
+        splits = stratified_split(examples, rng)
+    check_every_class_in_every_split(splits, examples, balance)
+    return splits
+
+
+def stratified_split(examples, rng):
+    """Each class shuffled and split 70/10/20 on its own, so each split has the classes in the
+    proportions of the whole file; then each split shuffled. "unseen" is empty."""
+    splits = {name: [] for name in SPLITS}
+    for members in by_class(examples).values():
+        members = [members[i] for i in rng.permutation(len(members))]
+        for name, part in zip(SPLITS, cut_70_10_20(members)):
+            splits[name] += part
+    splits = {name: [part[i] for i in rng.permutation(len(part))] for name, part in splits.items()}
+    splits["unseen"] = []
+    return splits
+
+
+def check_every_class_in_every_split(splits, examples, balance):
+    """A DataError naming the first class that some split lacks."""
+    classes = sorted({label for label, _ in examples})
     for name in SPLITS:
         present = {label for label, _ in splits[name]}
         if absent := [c for c in classes if c not in present]:
@@ -385,7 +362,6 @@ def split_examples(examples, seed, balance, dedupe=False):
                 f"class {absent[0]!r} has {counts[absent[0]]} examples{' after balancing' if balance else ''}: "
                 f"too few to appear in the {name} split (70/10/20 needs at least 10 of each class). "
                 "Add examples, or give your own --validation-data and --test-data")
-    return splits
 
 
 def by_class(examples):
@@ -413,6 +389,7 @@ def balance_classes(examples, rng):
 
 
 def cut_70_10_20(items):
+    """The first 70 % (int() rounds down), the next 10 %, the rest."""
     n_train = int(0.7 * len(items))
     n_validation = int(0.1 * len(items))
     return items[:n_train], items[n_train:n_train + n_validation], items[n_train + n_validation:]
@@ -476,33 +453,23 @@ def train(model, batches, labels, frozen, args, dtype):
     """AdamW on the trainable parameters (float32, the forward pass in dtype) over shuffled
     batches for --epochs (or --max-steps); steps are counted from 1. The loss every --eval-every
     steps, the accuracies after every epoch. Returns (loss history, accuracies, seconds, examples)."""
-    if len(batches["train_shuffled"]) == 0:
-        raise minigpt.DataError(f"{len(batches['train'].rows)} training texts make no batch of {args.batch_size}; "
-                                "give more data or a smaller --batch-size")
     optimizer = minigpt.adamw(model, args.lr, args.weight_decay)
     history = {"seen": [], "train": [], "validation": []}
     accuracies = {"epoch": [], "train": [], "validation": []}
     total = min(args.epochs * len(batches["train_shuffled"]), args.max_steps or math.inf)
     step = seen = 0
     start = time.time()
-    model.train()
+    model.train()  # dropout is 0 while finetuning (base_model)
     for epoch in range(1, args.epochs + 1):
         for index, x, lengths in batches["train_shuffled"]:
             optimizer.zero_grad(set_to_none=True)
-            logits = logits_of(model, x, lengths, args.pool, frozen, dtype)  # (B, classes)
+            logits = class_logits(model, x, lengths, args.pool, frozen, dtype)  # (B, classes)
             F.cross_entropy(logits.float(), labels["train"][index].to(logits.device)).backward()
-            optimizer.step()
+            optimizer.step()  # no clipping, as in the book's loop
             step += 1
             seen += len(index)
-            if (step - 1) % args.eval_every == 0 or step == total:  # on at most 5 batches of each
-                losses = {"train": mean_loss(model, itertools.islice(batches["train_sample"], 5), labels["train"],
-                                             args.pool, frozen, dtype),
-                          "validation": mean_loss(model, itertools.islice(batches["validation"], 5),
-                                                  labels["validation"], args.pool, frozen, dtype)}
-                for key, value in {"seen": seen, **losses}.items():
-                    history[key].append(value)
-                print(f"Ep {epoch} (Step {step:06d}): Train loss {losses['train']:.3f}, "
-                      f"Validation loss {losses['validation']:.3f}")
+            if (step - 1) % args.eval_every == 0 or step == total:
+                record_losses(model, batches, labels, history, seen, epoch, step, args, frozen, dtype)
             if step == total:
                 break
         if step % len(batches["train_shuffled"]):  # --max-steps ended the run within an epoch
@@ -520,11 +487,17 @@ def train(model, batches, labels, frozen, args, dtype):
     return history, accuracies, seconds, seen
 
 
-def logits_of(model, x, lengths, pool, frozen, dtype):
-    """fast_logits on the model's device, the forward pass in dtype (see minigpt.autocast)."""
-    device = model.lm_head.weight.device
-    with minigpt.autocast(device, dtype):
-        return fast_logits(model, x.to(device), lengths.to(device), pool, frozen)
+def record_losses(model, batches, labels, history, seen, epoch, step, args, frozen, dtype):
+    """The mean loss on at most 5 batches of training and of validation texts, kept in history
+    and printed."""
+    losses = {"train": mean_loss(model, itertools.islice(batches["train_sample"], 5), labels["train"],
+                                 args.pool, frozen, dtype),
+              "validation": mean_loss(model, itertools.islice(batches["validation"], 5), labels["validation"],
+                                      args.pool, frozen, dtype)}
+    for key, value in {"seen": seen, **losses}.items():
+        history[key].append(value)
+    print(f"Ep {epoch} (Step {step:06d}): Train loss {losses['train']:.3f}, "
+          f"Validation loss {losses['validation']:.3f}")
 
 
 @torch.no_grad()
@@ -533,7 +506,7 @@ def mean_loss(model, batches, labels, pool, frozen, dtype):
     total, examples = 0.0, 0
     with minigpt.eval_mode(model):
         for index, x, lengths in batches:
-            logits = logits_of(model, x, lengths, pool, frozen, dtype)
+            logits = class_logits(model, x, lengths, pool, frozen, dtype)
             total += F.cross_entropy(logits.float(), labels[index].to(logits.device)).item() * len(index)
             examples += len(index)
     return total / max(examples, 1)
@@ -546,7 +519,7 @@ def predict(model, batches, pool, frozen, dtype=torch.float32):
     probs = None
     with minigpt.eval_mode(model):
         for index, x, lengths in batches:
-            p = torch.softmax(logits_of(model, x, lengths, pool, frozen, dtype).float(), dim=-1).cpu()
+            p = torch.softmax(class_logits(model, x, lengths, pool, frozen, dtype).float(), dim=-1).cpu()
             probs = torch.zeros(len(batches.rows), p.shape[1]) if probs is None else probs
             probs[index] = p
     return probs
@@ -678,7 +651,16 @@ def baselines(train, test, classes):
 # ----------------------------------------------------------------------------------------------
 
 def save_classifier(out, model, recipe):
-    """classifier.pt: the recipe + the trainable parameters (megabytes, not the whole model)."""
+    """classifier.pt, a dict (minigpt.save_pt), megabytes, not the whole model:
+
+      "recipe"  how load_classifier rebuilds the model: init (a GPT-2 name, a file, or random),
+                init_sha256 (a file's), config (the GPTConfig; dropout 0), seed, trainable, pool,
+                labels (class names, by id), lora_rank, lora_alpha, max_length (tokens read per
+                text), title and sample_texts (classify.py's page)
+      "state"   the parameters that trained, by name: for last_block h.<last>.*, ln_f.* and
+                lm_head.* (the new head, weight (classes, C)); the frozen rest comes back from init
+      "sha256"  the digest of both, checked by load_pt
+    """
     state = {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
     minigpt.save_pt(Path(out) / "classifier.pt", {"recipe": recipe, "state": state})
 
@@ -707,22 +689,29 @@ def load_classifier(out, device="cpu"):
 
 
 def base_model(recipe, device):
-    """The model finetuning started from, before its head was replaced. For qlora, its blocks'
-    Dense layers are NF4, quantized as the weights stream in (see load_nf4)."""
-    qlora = recipe["trainable"] == "qlora"
-    if recipe["init"] == "random":  # no file: rebuild the same random weights from the seed
+    """The model finetuning started from, before its head was replaced. Dropout is off while
+    finetuning (the book's drop_rate 0.0): set here, for every init. For qlora, its blocks' Dense
+    layers are NF4, quantized as the weights stream in (see load_nf4)."""
+    if recipe["init"] == "random":  # no file: the same random weights again, from the seed
         torch.manual_seed(recipe["seed"])
-        cfg = minigpt.GPTConfig(**recipe["config"])
-        return load_nf4(cfg, random_tensors(cfg), device) if qlora else minigpt.GPT(cfg).to(device)
+        cfg, tensors = minigpt.GPTConfig(**recipe["config"]), None
+    else:
+        check_base_file(recipe)
+        cfg, tensors = minigpt.model_tensors(recipe["init"], device)
+    cfg = replace(cfg, dropout=0.0)
+    if recipe["trainable"] == "qlora":
+        return load_nf4(cfg, random_tensors(cfg) if tensors is None else tensors, device)
+    return minigpt.GPT(cfg).to(device) if tensors is None else minigpt.load_weights(cfg, tensors, device)
+
+
+def check_base_file(recipe):
+    """A DataError if the checkpoint a classifier was trained on is gone or has changed since."""
     if recipe.get("init_sha256") and not Path(recipe["init"]).is_file():
         raise minigpt.DataError(f"this classifier's base model {recipe['init']} is missing; put it back, "
                                 "or run finetune.py again")
     if recipe.get("init_sha256") and minigpt.sha256_of(recipe["init"]) != recipe["init_sha256"]:
         raise minigpt.DataError(f"{recipe['init']} changed since this classifier was trained on it; "
                                 "run finetune.py again")
-    if qlora:
-        return load_nf4(*minigpt.model_tensors(recipe["init"], device, dropout=0.0), device)
-    return minigpt.load_model(recipe["init"], device, dropout=0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -749,8 +738,10 @@ def main(argv=None):
     with minigpt.atomic_folder(args.out, exclusive=True) as out:
         splits, classes = load_splits(args)                                                  # 1. data
         model, recipe = build_model(args, device, classes)                                   # 2. model
-        recipe["title"], recipe["sample_texts"] = page_text(args, splits, classes)
-        batches, labels, frozen = make_batches(model, recipe, splits, tokenizer, args, device, dtype)  # 3.
+        batches, labels, frozen, max_length = make_batches(model, classes, splits, tokenizer, args, device,
+                                                           dtype)                             # 3. batches
+        title, sample_texts = page_text(args, splits, classes)
+        recipe.update(title=title, sample_texts=sample_texts, max_length=max_length)   # the recipe, complete
         print(f"Before finetuning: " + ", ".join(
             f"{name} {accuracy(model, batches[name], labels[name], args.pool, frozen, dtype):.2%}"
             for name in SPLITS))
@@ -780,6 +771,16 @@ def load_splits(args, examples=None):
     else:
         splits = split_examples(examples, args.split_seed, args.balance, args.dedupe)
     classes = sorted({label for label, _ in splits["train"]})
+    if args.unseen != "all":  # a sample of --unseen of them
+        rng = np.random.default_rng(args.split_seed)
+        pick = rng.permutation(len(splits["unseen"]))[:args.unseen]
+        splits["unseen"] = [splits["unseen"][i] for i in sorted(pick)]
+    print_splits(splits, classes, args)
+    return splits, classes
+
+
+def print_splits(splits, classes, args):
+    """The classes, each split's size and class counts, and how many texts also occur in train."""
     print(f"classes (in this order): {fit(classes)}; {'balanced, then split' if args.balance else 'stratified split'}")
     train_texts = {text for _, text in splits["train"]}
     for name in SPLITS:
@@ -787,14 +788,9 @@ def load_splits(args, examples=None):
         overlap = "" if name == "train" else \
             f", {sum(text in train_texts for _, text in splits[name])} texts also in train"
         print(f"  {name}: {len(splits[name])} ({counts_text(part, classes)}){overlap}")
-    if args.unseen != "all":
-        rng = np.random.default_rng(args.split_seed)
-        pick = rng.permutation(len(splits["unseen"]))[:args.unseen]
-        splits["unseen"] = [splits["unseen"][i] for i in sorted(pick)]
     if splits["unseen"]:
         part = Counter(label for label, _ in splits["unseen"])
         print(f"  unseen: {len(splits['unseen'])} of the examples balancing left out ({counts_text(part, sorted(part))})")
-    return splits, classes
 
 
 def write_unlabelled(args, splits, examples):
@@ -843,7 +839,7 @@ def build_model(args, device, classes):
     """Step 2, model: the base GPT (random, GPT-2 or a checkpoint) with its new head, and its
     recipe, everything needed to rebuild it later (see load_classifier)."""
     if args.init == "random":
-        recipe = dict(init="random", config=asdict(replace(minigpt.PRESETS[args.preset], dropout=0.0)))
+        recipe = dict(init="random", config=asdict(minigpt.PRESETS[args.preset]))
     else:
         recipe = dict(init=args.init if args.init in minigpt.GPT2_FILES else str(Path(args.init).resolve()))
     recipe.update(seed=args.seed, trainable=args.trainable, pool=args.pool, labels=classes,
@@ -867,21 +863,22 @@ def build_model(args, device, classes):
     return model, recipe
 
 
-def make_batches(model, recipe, splits, tokenizer, args, device, dtype):
+def make_batches(model, classes, splits, tokenizer, args, device, dtype):
     """Step 3, batches: token ids, cut to the longest training text (or --max-length) and the
     context; then, once, the frozen blocks' output for every text, in dtype (the blocks' weights
     cast once, inference being fastest that way; in bfloat16 the output takes half the memory).
-    Returns the batches of every split, their labels, and the number of frozen blocks."""
-    index = {c: i for i, c in enumerate(recipe["labels"])}
+    Returns the batches of every split, their labels, the number of frozen blocks and the
+    tokens read per text."""
+    index = {c: i for i, c in enumerate(classes)}
     whole = {name: minigpt.encode([t for _, t in part], tokenizer)[0] for name, part in splits.items()}  # uncut
-    recipe["max_length"] = min(args.max_length or max(map(len, whole["train"])), model.cfg.context_length)
-    ids = {name: [i[:recipe["max_length"]] for i in part] for name, part in whole.items()}
+    max_length = min(args.max_length or max(map(len, whole["train"])), model.cfg.context_length)
+    ids = {name: [i[:max_length] for i in part] for name, part in whole.items()}
     labels = {name: torch.tensor([index[label] for label, _ in part], dtype=torch.long) for name, part in splits.items()}
     lengths = {name: [len(i) for i in part] for name, part in ids.items()}
-    print(f"max length {recipe['max_length']} tokens; {sum(map(sum, lengths.values())):,} tokens in all, "
+    print(f"max length {max_length} tokens; {sum(map(sum, lengths.values())):,} tokens in all, "
           f"pooling '{args.pool}'")
     frozen = frozen_blocks(model, args.trainable)  # all, lora, qlora: nothing is frozen, 0
-    rows = {name: model_inputs(part, args.pool, recipe["max_length"]) for name, part in ids.items()}
+    rows = {name: model_inputs(part, args.pool, max_length) for name, part in ids.items()}
     if frozen > 0:
         t0 = time.time()
         model.h[:frozen].to(dtype)
@@ -895,11 +892,14 @@ def make_batches(model, recipe, splits, tokenizer, args, device, dtype):
     batches = {name: Batches(rows[name], lengths[name], eval_batch_size) for name in rows}
     batches["train_shuffled"] = Batches(rows["train"], lengths["train"], args.batch_size, shuffle=True,
                                         seed=args.seed, drop_last=True)
+    if len(batches["train_shuffled"]) == 0:
+        raise minigpt.DataError(f"{len(rows['train'])} training texts make no batch of {args.batch_size}; "
+                                "give more data or a smaller --batch-size")
     # Random training batches for the periodic loss, with their own random order, so that
     # measuring never changes the order the model trains in.
     batches["train_sample"] = Batches(rows["train"], lengths["train"], args.batch_size, shuffle=True,
                                       seed=args.seed + 1)
-    return batches, labels, frozen
+    return batches, labels, frozen, max_length
 
 
 def evaluate(model, splits, classes, batches, labels, frozen, accuracies, args, dtype):
@@ -986,8 +986,8 @@ def parse_args(argv=None):
     p.add_argument("--trainable", default="last_block", choices=TRAINABLE,
                    help="what trains besides the new head (last_block: last block + final LayerNorm)")
     p.add_argument("--pool", default="last_real", choices=POOLS,
-                   help="last: final padded position (as the reference); last_real: last real token; "
-                        "mean: average over real tokens")
+                   help="last_real: the last real token; last: the final padded position (the book's "
+                        "model(x)[:, -1]); mean: the average over the real tokens")
     p.add_argument("--lora-rank", type=minigpt.positive_int, default=16, help="rank of each LoRA update")
     p.add_argument("--lora-alpha", type=minigpt.positive_float, default=16, help="LoRA's scale is alpha / rank")
     p.add_argument("--epochs", type=minigpt.positive_int, default=5, help="passes over the training split")
@@ -1028,9 +1028,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if (args.validation_data is None) != (args.test_data is None):
         p.error("give --validation-data and --test-data together (or neither: then --data is split 70/10/20)")
-    if args.balance is None:
+    if args.balance is None:  # --balance's default: on for the SMS data, as in the book
         args.balance = args.data == "sms"
-    args.split_seed = args.seed if args.split_seed is None else args.split_seed
+    args.split_seed = args.seed if args.split_seed is None else args.split_seed  # --split-seed's default: --seed
     return args
 
 

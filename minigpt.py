@@ -4,21 +4,21 @@ This one file holds what the scripts share. Read it from the top: it follows the
 to a trained model, and leaves the plumbing for last.
 
   1. tokens        text <-> GPT-2's token ids (tiktoken)
-  2. the model     config, attention (the maths, then the fused kernel), MLP, block, the GPT, and a
-                   key/value cache for generating
-  3. generation    greedy, temperature and top-k sampling
-  4. data          texts as padded token ids, for classifying (pretrain.py cuts windows from token files)
-  5. training      the loss, AdamW and its parameter groups, one optimizer step, the learning rate
+  2. the model     config, attention (the maths, in the fused kernel), MLP, block, the GPT
+  3. generation    a key/value cache; greedy, temperature and top-k sampling
+  4. data          texts as token ids, for classifying (pretrain.py cuts windows from token files)
+  5. training      the loss, AdamW and its parameter groups, the learning rate
   6. checkpoints   save and load a model, with a digest that tells a damaged file
-  7. GPT-2         read OpenAI's weights (safetensors, with numpy), convert them, load them by name
-  8. plumbing      device and dtype, SVG plots, files (atomic writes, downloads), command-line flags
+  7. loading       a model by name: GPT-2's weights (the map of their names), a folder, a checkpoint
+  8. plumbing      device and dtype, SVG plots, files (atomic writes, model files, downloads),
+                   command-line flags
 
 `python minigpt.py --model gpt2-small --prompt "Every effort moves you"` generates text.
 pretrain.py, finetune.py and classify.py build on the pieces below.
 
 The names, beside those of Raschka's "Build a Large Language Model (From Scratch)" (the book) and
 of Karpathy's nanoGPT. The modules are named as in OpenAI's GPT-2 checkpoint, so its weights load
-by name (section 7 lists them):
+by name (gpt2_tensors lists them):
 
   the book                        nanoGPT                    minigpt
   GPT_CONFIG_124M["emb_dim"] ...  GPTConfig.n_embd ...       GPTConfig.emb_dim, n_heads, n_layers,
@@ -32,9 +32,9 @@ by name (section 7 lists them):
   FeedForward                     MLP: c_fc, c_proj          MLP: c_fc, c_proj
   final_norm, out_head            ln_f, lm_head              ln_f, lm_head
   generate_text_simple, generate  generate                   generate
-  calc_loss_batch                 (in train.py)              lm_loss
+  calc_loss_batch                 (in train.py)              GPT.forward(x, targets=y)
   train_model_simple              (train.py's loop)          pretrain.py's train() loop
-  SpamDataset                     -                          PaddedDataset
+  SpamDataset                     -                          finetune.model_inputs + Batches
   train_classifier_simple         -                          finetune.py's train() loop
   classify_review                 -                          classify.Classifier
   load_weights_into_gpt           GPT.from_pretrained        load_model
@@ -162,25 +162,22 @@ def causal_mask(T, past, device=None):
     """(T, past + T) booleans: True where query i (at position past + i) may see key j, j <= past + i.
 
     Without a cache past = 0 and this is the lower triangle: each position sees itself and what
-    came before, never what comes after. That is all "causal" means.
+    came before, never what comes after. That is all "causal" means. True = may see, SDPA's
+    convention. The book's mask is the opposite: triu(..., diagonal=1), True where hidden, then
+    masked_fill(mask, -inf).
     """
     return torch.ones(T, past + T, dtype=torch.bool, device=device).tril(past)
 
 
 class CausalSelfAttention(nn.Module):
     """Each position mixes in the values of the positions up to itself, weighted by how well its
-    query matches their keys. Nothing too scary, per head:
+    query matches their keys. Per head:
 
         weights = softmax(q kᵀ / √hs, with the future masked out)    # (T, T), each row sums to 1
         output  = weights @ v                                        # (T, hs)
 
-    nh heads do this side by side on slices of hs = C // nh channels, and c_proj mixes their
-    outputs. `explicit_attention` spells this out line by line; by default the same maths runs
-    as PyTorch's fused kernel, which never stores the (T, T) weights (test_minigpt.py checks the
-    two agree, in training and with a cache).
+    nh heads do this side by side on slices of hs = C // nh channels; c_proj mixes their outputs.
     """
-
-    fused = True  # False: run explicit_attention instead of F.scaled_dot_product_attention
 
     def __init__(self, cfg, layer):
         super().__init__()
@@ -213,24 +210,12 @@ class CausalSelfAttention(nn.Module):
         return [t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v)]
 
     def attend(self, q, k, v, sees=None, causal=False):
-        """Each query's weighted sum of values, (B, nh, Tq, hs). q: (B, nh, Tq, hs); k, v: (B, nh,
-        Tk, hs). sees: booleans broadcast to (B, nh, Tq, Tk), True where a query may see a key
-        (None: every key); causal: the lower triangle instead (Tq = Tk, no cache)."""
-        if not self.fused:
-            return self.explicit_attention(q, k, v, causal_mask(q.shape[2], 0, q.device) if causal else sees)
+        """(B, nh, Tq, hs): weights = dropout(softmax(q kᵀ / √hs, masked where `sees` is False)),
+        then weights @ v, in PyTorch's fused kernel, which never stores the (Tq, Tk) weights.
+        q: (B, nh, Tq, hs); k, v: (B, nh, Tk, hs). sees: booleans broadcast to (B, nh, Tq, Tk),
+        True where a query may see a key (None: every key); causal: the lower triangle (Tq = Tk)."""
         return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else sees, is_causal=causal,
                                               dropout_p=self.dropout if self.training else 0.0)
-
-    def explicit_attention(self, q, k, v, sees):
-        """The maths, one step per line."""
-        hs = q.shape[-1]
-        scores = q @ k.transpose(-2, -1)                      # (B, nh, Tq, Tk): query i . key j
-        scores = scores / math.sqrt(hs)                       # keeps the softmax soft as hs grows
-        if sees is not None:
-            scores = scores.masked_fill(~sees, float("-inf"))  # exp(-inf) = 0: no weight on the future
-        weights = torch.softmax(scores, dim=-1)               # (B, nh, Tq, Tk), rows sum to 1
-        weights = F.dropout(weights, self.dropout, self.training)
-        return weights @ v                                    # (B, nh, Tq, hs): weighted sum of values
 
 
 class MLP(nn.Module):
@@ -308,23 +293,28 @@ class GPT(nn.Module):
         return self.drop(self.wte(idx) + self.wpe(positions))                   # (B, T, C)
 
     def forward(self, idx, cache=None, targets=None):
-        """The logits (B, T, vocab_size); given targets (B, T), the mean cross-entropy of them
-        instead, computed without the whole logits (ChunkedCrossEntropy, section 5)."""
-        x = self.hidden(idx, cache)                                    # (B, T, C)
+        """Token ids (B, T) -> logits (B, T, vocab_size). Given targets (B, T), the loss instead: the
+        book's F.cross_entropy(logits.flatten(0, 1), targets.flatten()), the mean over all B·T
+        positions, computed a chunk of positions at a time without the whole logits
+        (ChunkedCrossEntropy, section 5). It is inside forward so that a DistributedDataParallel
+        wrapper sees the whole computation. With a KVCache, idx holds only the new positions."""
+        x = self.embed(idx, cache.length if cache is not None else 0)  # (B, T, C)
+        for block in self.h:
+            x = block(x, cache)                                        # (B, T, C)
+        if cache is not None:
+            cache.length += idx.shape[1]                               # every layer has appended its T positions
+        x = self.ln_f(x)                                               # (B, T, C)
         if targets is None:
             return self.lm_head(x)                                     # (B, T, vocab_size)
         return ChunkedCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten(),
                                          torch.is_grad_enabled())
 
-    def hidden(self, idx, cache=None):
-        """The final hidden states, (B, T, C): what the output layer reads at every position."""
-        x = self.embed(idx, cache.length if cache is not None else 0)  # (B, T, C)
-        for block in self.h:
-            x = block(x, cache)                                        # (B, T, C)
-        if cache is not None:
-            cache.length += idx.shape[1]
-        return self.ln_f(x)                                            # (B, T, C)
 
+# ----------------------------------------------------------------------------------------------
+# 3. Generation: repeatedly append the next token. Greedy takes the most likely one; sampling
+#    draws from softmax(logits / temperature), optionally among the top_k most likely only. The
+#    key/value cache that makes each new token cost one position comes first.
+# ----------------------------------------------------------------------------------------------
 
 class KVCache:
     """Keys and values of every position seen so far, for every layer.
@@ -338,7 +328,7 @@ class KVCache:
         shape = (cfg.n_layers, batch_size, cfg.n_heads, max_len, hs)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (layers, B, nh, max_len, hs)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # positions filled; GPT.hidden advances it after the last layer
+        self.length = 0  # positions filled; GPT.forward advances it after the last layer
 
     def append(self, layer, k, v):
         """Store the (B, nh, T, hs) keys and values of T new positions; return all so far."""
@@ -346,22 +336,6 @@ class KVCache:
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, end, hs)
-
-
-# ----------------------------------------------------------------------------------------------
-# 3. Generation: repeatedly append the next token. Greedy takes the most likely one; sampling
-#    draws from softmax(logits / temperature), optionally among the top_k most likely only.
-# ----------------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def eval_mode(model):
-    """model.eval() for the block (no dropout), then back to the mode it was in."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 @torch.inference_mode()
@@ -417,7 +391,7 @@ def complete(model, tokenizer, prompt, max_new_tokens, **kwargs):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Data for classifying: texts as token ids, padded into one tensor.
+# 4. Data for classifying: texts as token ids (finetune.py pads them into batches).
 # ----------------------------------------------------------------------------------------------
 
 def encode(texts, tokenizer, max_length=None):
@@ -429,54 +403,20 @@ def encode(texts, tokenizer, max_length=None):
     return [i[:max_length] or [EOT] for i in ids], counts
 
 
-class PaddedDataset(torch.utils.data.Dataset):
-    """Classification examples (the book's SpamDataset): token ids padded on the right with
-    <|endoftext|> to `max_length` (default: the longest), their labels, and their real lengths.
-    The lengths say where each text ends, so a classifier can read its last real token."""
-
-    def __init__(self, ids, labels, max_length=None):
-        self.max_length = max_length or max((len(i) for i in ids), default=1)
-        self.lengths = torch.tensor([len(i) for i in ids], dtype=torch.long)  # (N,); N may be 0
-        self.ids = torch.full((len(ids), self.max_length), EOT, dtype=torch.long)  # (N, max_length)
-        for row, i in zip(self.ids, ids):
-            row[:len(i)] = torch.tensor(i, dtype=torch.long)
-        self.labels = torch.as_tensor(labels, dtype=torch.long)  # (N,)
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.ids[i], self.labels[i], self.lengths[i]
-
-
 # ----------------------------------------------------------------------------------------------
 # 5. Training. The loops themselves are in pretrain.py and finetune.py, where they can be seen;
 #    here are their pieces.
 # ----------------------------------------------------------------------------------------------
 
-def lm_loss(model, x, y, dtype=torch.float32):
-    """Mean cross-entropy of predicting each next token: inputs x and targets y, (B, T) each.
-    The forward pass runs in `dtype` (see autocast); the loss's softmax always in float32."""
-    with autocast(x.device, dtype):
-        logits = model(x)                                              # (B, T, vocab)
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # (B*T, vocab) against (B*T,)
-
-
-# The same maths, in bounded memory. In a small model most of the work is the output layer: for
-# the 'mini' shape, 38.6 of the 44.1 MFLOP a token are its 50,257 x 128 product, and the float32
-# logits of a batch of 32 x 128 positions hold 206 M numbers (824 MB), several copies of them at
-# once in a step. lm_loss_chunked gives lm_loss's loss and gradients without ever holding more
-# than a chunk of them, whatever the batch (docs/pretraining-pays-off.md has its speed and memory).
-
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of the logits h @ weightᵀ against the targets, a chunk of positions at
-    a time. h: (N, C) hidden states, weight: (vocab, C), targets: (N,).
-
-    The gradient of cross-entropy with respect to the logits is softmax(logits) - one_hot(target),
-    so each chunk's gradients for h and the weight are computed right after its loss, and its
-    logits are dropped: the forward pass returns the loss, the backward pass only scales the
-    gradients it kept. Under autocast the matrix products run in its dtype, as in lm_loss; the
-    softmax always in float32. grads: False (no backward pass will follow) skips the gradients.
+    """The book's F.cross_entropy(logits.flatten(0, 1), targets.flatten()), with logits = h @ weightᵀ,
+    a chunk of positions at a time, so the whole (N, vocab) logits never exist. h: (N, C) hidden
+    states, weight: (vocab, C), targets: (N,). The gradient with respect to the logits is
+    softmax(logits) - one_hot(target), so each chunk's gradients for h and the weight are computed
+    right after its loss and its logits dropped; backward only scales them. Under autocast the
+    products run in its dtype, the softmax in float32. grads False: no backward follows, none kept.
+    Measured (docs/pretraining-pays-off.md): batch 8, the same speed in 15-30 % less memory;
+    batch 32, 1.8x the tokens/s in float32, 1.4x in bfloat16, in half the memory.
     """
 
     chunk = 1024  # positions at a time: at most 1024 x 50,257 float32 logits (206 MB) exist at once
@@ -507,50 +447,21 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return grad_h * (grad_loss / ctx.n), grad_w * (grad_loss / ctx.n), None, None
 
 
-def lm_loss_chunked(model, x, y, dtype=torch.float32):
-    """lm_loss's loss (and, in backward, its gradients), the output layer and the softmax computed
-    a chunk of positions at a time: model(x, targets=y). model may be a DistributedDataParallel
-    wrapper (its forward pass must see the whole computation)."""
-    with autocast(x.device, dtype):
-        return model(x, targets=y)
-
-
 @torch.no_grad()
 def lm_evaluate(model, batches, dtype=torch.float32):
-    """Mean lm_loss per window over batches of (x, y) (computed by lm_loss_chunked), in eval mode
-    (no dropout). Each batch's mean is weighted by its size, so the result does not depend on how
-    windows were batched."""
+    """Mean next-token cross-entropy per window over batches of (x, y) (GPT.forward's loss), in eval
+    mode (no dropout). Each batch's mean is weighted by its size, so the result does not depend on
+    how windows were batched."""
     total = 0.0
     windows = 0
     device = next(model.parameters()).device
     with eval_mode(model):
         for x, y in batches:
-            total += lm_loss_chunked(model, x.to(device), y.to(device), dtype).item() * len(x)
+            with autocast(device, dtype):
+                loss = model(x.to(device), targets=y.to(device))
+            total += loss.item() * len(x)
             windows += len(x)
     return total / max(windows, 1)
-
-
-def optimizer_step(model, optimizer, micro_batches, dtype=torch.float32, clip=0.0):
-    """One optimizer step of language modelling (lm_loss_chunked); returns its mean loss (a tensor).
-
-    The gradients of the micro-batches (x, y) are summed, each loss divided by their number, so
-    the sum is their mean: the same gradient as one batch that many times as big, in a fraction
-    of the memory. `model` may be a DistributedDataParallel wrapper: its processes then share
-    gradients once, after the last micro-batch (no_sync before).
-    """
-    device = next(model.parameters()).device
-    optimizer.zero_grad(set_to_none=True)
-    total = 0.0
-    for i, (x, y) in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
-            loss = lm_loss_chunked(model, x.to(device), y.to(device), dtype) / len(micro_batches)
-            loss.backward()
-        total = total + loss.detach()  # a tensor: reading it (.item()) would wait for the device
-    if clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    optimizer.step()
-    return total
 
 
 def cosine_lr(step, total_steps, peak_lr, warmup_steps, min_lr=0.0):
@@ -640,98 +551,71 @@ def save_checkpoint(path, model, **extra):
     save_pt(path, {"config": asdict(model.cfg), "model": model.state_dict(), **extra})
 
 
-def read_checkpoint(path, device="cpu", **config_changes):
+def read_checkpoint(path, device="cpu"):
     """(config, checkpoint dict)."""
     ck = load_pt(path, device)
     try:
-        return replace(GPTConfig(**ck["config"]), **config_changes), ck
+        return GPTConfig(**ck["config"]), ck
     except Exception as e:
         raise DataError(f"{path} is not a minigpt checkpoint ({type(e).__name__}: {e})") from e
 
 
-def load_checkpoint(path, device="cpu", **config_changes):
+def load_checkpoint(path, device="cpu"):
     """(model, checkpoint dict)."""
-    cfg, ck = read_checkpoint(path, device, **config_changes)
+    cfg, ck = read_checkpoint(path, device)
     return load_weights(cfg, ck["model"].items(), device), ck
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. GPT-2's weights. OpenAI's weights are published by Hugging Face as one `model.safetensors`
-#    file per size. We read that format with numpy, convert once to one .npy file per minigpt
-#    parameter, and load from those from then on. The names are the same on both sides, so they
-#    load by name, with no transposes (Dense keeps GPT-2's (in, out) layout). Per block N:
-#
-#      h.N.ln_1.weight, .bias             (C,)        LayerNorm before attention (the book: norm1)
-#      h.N.attn.c_attn.weight, .bias      (C, 3C)     query, key, value side by side (W_query ...)
-#      h.N.attn.c_proj.weight, .bias      (C, C)      mixes the heads (out_proj)
-#      h.N.ln_2.weight, .bias             (C,)        LayerNorm before the MLP (norm2)
-#      h.N.mlp.c_fc.weight, .bias         (C, 4C)     widens (FeedForward's first layer)
-#      h.N.mlp.c_proj.weight, .bias       (4C, C)     narrows (its last layer)
-#
-#    and wte.weight (vocab, C) (tok_emb), wpe.weight (context, C) (pos_emb), ln_f.weight, .bias
-#    (final_norm); the output layer is wte.weight again (tied; the book's out_head).
+# 7. Loading a model: GPT-2's weights (OpenAI's, published by Hugging Face as one model.safetensors
+#    file per size, converted once to one .npy file per parameter), a folder, or a checkpoint.
+#    The names in OpenAI's file are minigpt's own (gpt2_tensors has the map); the files
+#    themselves are read in the plumbing section ("model files").
 # ----------------------------------------------------------------------------------------------
 
-HF_URL = "https://huggingface.co/openai-community/{repo}/resolve/{revision}/model.safetensors"
-# Model name -> (Hugging Face repo, revision, sha256). Only gpt2-small's revision and digest are
-# pinned (published). For the others we take the current file ("main") and check what can be
-# checked without a published digest: that the file is complete (its size equals the header
-# plus every tensor's bytes) and that every tensor has the shape the preset demands.
-GPT2_FILES = {
-    "gpt2-small": ("gpt2", "607a30d783dfa663caf39e06633721c8d4cfcd7e",
-                   "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707"),
-    "gpt2-medium": ("gpt2-medium", "main", None),
-    "gpt2-large": ("gpt2-large", "main", None),
-    "gpt2-xl": ("gpt2-xl", "main", None),
-}
-SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # BF16: see below
+def load_model(spec, device="cpu", **config_changes):
+    """A GPT from `spec`: a GPT-2 name (gpt2-small, ...), a converted folder (config.json + .npy),
+    a folder written by transformers' save_pretrained (config.json + model.safetensors), or a
+    checkpoint written by pretrain.py (.pt). config_changes: e.g. dropout=0.1 (pretrain.py --init)."""
+    cfg, tensors = model_tensors(spec, device)
+    return load_weights(replace(cfg, **config_changes), tensors, device)
 
 
-def read_safetensors(path):
-    """Yield (name, float32 array) for each tensor of a .safetensors file.
-
-    Format: 8 bytes little-endian header length N, N bytes of JSON {name: {dtype, shape,
-    data_offsets: [begin, end]}} (plus an optional "__metadata__"), then the raw little-endian
-    tensor bytes, offsets counted from the end of the header. The file is memory-mapped, so
-    only the tensor being converted is in memory.
-    """
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 2 <= n <= size - 8:
-            raise DataError(f"{path} is not a safetensors file (or is truncated)")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise DataError(f"{path}: the safetensors header is not valid JSON ({e})") from e
-    header.pop("__metadata__", None)
-    end = 8 + n + max((t["data_offsets"][1] for t in header.values()), default=0)
-    if end != size:
-        raise DataError(f"{path} is {size:,} bytes but its header describes {end:,}: "
-                        "truncated or corrupted; delete it and download it again")
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
-    for name, t in header.items():
-        if t["dtype"] not in SAFETENSORS_DTYPES:
-            raise DataError(f"{path}: tensor {name} has dtype {t['dtype']}; we read {list(SAFETENSORS_DTYPES)}")
-        begin, stop = t["data_offsets"]
-        dtype = np.dtype(SAFETENSORS_DTYPES[t["dtype"]])
-        if stop - begin != math.prod(t["shape"]) * dtype.itemsize:
-            raise DataError(f"{path}: tensor {name} has {stop - begin} bytes for shape {t['shape']}: corrupted")
-        a = data[begin:stop].view(dtype).reshape(t["shape"])
-        if t["dtype"] == "BF16":  # bfloat16 is the top half of a float32's bits
-            a = (a.astype(np.uint32) << 16).view(np.float32)
-        yield name, a.astype(np.float32)
+def model_tensors(spec, device="cpu"):
+    """(config, (name, array) pairs) of the model `spec` names (see load_model). From files of
+    .npy or safetensors the arrays are read one at a time, as the pairs are asked for."""
+    path = gpt2_dir(spec) if spec in GPT2_FILES else Path(spec)
+    if path.is_file():  # a checkpoint written by pretrain.py (save_checkpoint)
+        cfg, ck = read_checkpoint(path, device)
+        warn_if_unfinished(path, ck)
+        return cfg, ck["model"].items()
+    if (path / "model.safetensors").exists():  # transformers' save_pretrained: OpenAI's names
+        return config_from_hf(path / "config.json"), gpt2_tensors(path / "model.safetensors")
+    if (path / "config.json").exists():  # converted (gpt2_dir): one <minigpt name>.npy per parameter
+        return read_config(path / "config.json"), ((p.stem, read_npy(p)) for p in path.glob("*.npy"))
+    raise DataError(f"{spec}: not a GPT-2 name ({', '.join(GPT2_FILES)}), a model folder or a checkpoint file")
 
 
 def gpt2_tensors(path):
-    """Yield (minigpt name, float32 array) from a GPT-2 safetensors file.
+    """Yield (minigpt name, float32 array) from a GPT-2 safetensors file. The names are OpenAI's;
+    minigpt's modules have the same names, and Dense keeps OpenAI's (in, out) layout, so nothing
+    is transposed. Per block N, and beside them the book's load_weights_into_gpt:
 
-    Two layouts exist. OpenAI's file on the Hub names tensors `wte.weight`, `h.0.attn.c_attn.weight`,
-    ..., and stores each layer's causal mask as a buffer `h.N.attn.bias` (1, 1, 1024, 1024).
-    `save_pretrained` in today's transformers prefixes every name with `transformer.` and stores no
-    masks. Masks are skipped: the attention masks by itself. `lm_head.weight`, where a file has
-    it, is `wte.weight` again (tied); load_weights ignores it.
+      in the file (OpenAI's names)     minigpt            shape     the book
+      [transformer.]wte.weight         wte.weight         (V, C)    tok_emb.weight
+      [transformer.]wpe.weight         wpe.weight         (ctx, C)  pos_emb.weight
+      h.N.ln_1.weight, .bias           h.N.ln_1.*         (C,)      trf_blocks[N].norm1.scale, .shift
+      h.N.attn.c_attn.weight, .bias    h.N.attn.c_attn.*  (C, 3C)   att.W_query, W_key, W_value: split in 3, transposed
+      h.N.attn.c_proj.weight, .bias    h.N.attn.c_proj.*  (C, C)    att.out_proj (transposed)
+      h.N.ln_2.weight, .bias           h.N.ln_2.*         (C,)      norm2.scale, .shift
+      h.N.mlp.c_fc.weight, .bias       h.N.mlp.c_fc.*     (C, 4C)   ff.layers[0] (transposed)
+      h.N.mlp.c_proj.weight, .bias     h.N.mlp.c_proj.*   (4C, C)   ff.layers[2] (transposed)
+      ln_f.weight, .bias               ln_f.*             (C,)      final_norm.scale, .shift
+      lm_head.weight (some files)      skipped: wte.weight (V, C)   out_head, a copy of wte
+      h.N.attn.bias, .masked_bias      skipped: the causal mask (the attention masks by itself)
+
+    The prefix `transformer.` is in files written by today's transformers' save_pretrained, the
+    masks (1, 1, 1024, 1024) in OpenAI's file on the Hub. load_weights checks every shape.
     """
     for name, a in read_safetensors(path):
         name = name.removeprefix("transformer.")
@@ -740,25 +624,11 @@ def gpt2_tensors(path):
         yield name, a
 
 
-def config_from_hf(path):
-    """A GPTConfig from a Hugging Face GPT-2 config.json (the head count is not in the weights)."""
-    try:
-        c = json.loads(Path(path).read_text(encoding="utf-8"))
-        if c.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise DataError(f"{path}: activation {c['activation_function']}, but minigpt uses tanh GELU")
-        return GPTConfig(vocab_size=c["vocab_size"], context_length=c["n_positions"],
-                         emb_dim=c["n_embd"], n_heads=c["n_head"], n_layers=c["n_layer"])
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
-        raise DataError(f"{path}: not a GPT-2 config.json ({type(e).__name__}: {e})") from e
-
-
 def load_weights(cfg, tensors, device="cpu", model=None):
-    """Build a GPT from (name, array) pairs, checking that every parameter comes once, with its shape.
-
-    The model is first built on the "meta" device (shapes only, no memory, no random init), then
-    each array becomes the parameter itself: peak memory is about one model, not two.
-    model: a GPT already built on "meta" to fill instead (finetune.py's QLoRA passes one whose
-    layers hold buffers, which are filled and checked like the parameters).
+    """Build a GPT from (name, array) pairs, checking that every parameter comes once, with its
+    shape (the table in gpt2_tensors). The model is built on the meta device: no memory until
+    each array becomes its parameter. model: a GPT already built on "meta" to fill instead
+    (finetune.py's QLoRA passes one whose layers hold buffers, filled and checked the same way).
     """
     if model is None:
         with torch.device("meta"):
@@ -782,85 +652,6 @@ def load_weights(cfg, tensors, device="cpu", model=None):
     if cfg.tied_head:
         model.lm_head.weight = model.wte.weight  # assign=True replaced the parameters: tie them again
     return model.eval()
-
-
-def convert(safetensors_path, cfg, out_dir):
-    """Write the converted model to out_dir: config.json plus one <name>.npy per parameter.
-
-    Why one .npy per parameter: the format is numpy's own (no pickle, safe to load), each file
-    loads with one read straight into the array that becomes the parameter, and a reader can
-    inspect any tensor with np.load. The folder is written beside out_dir and renamed into place.
-    """
-    def save(tensors, folder):
-        for name, a in tensors:
-            np.save(folder / f"{name}.npy", a)
-            yield name, a
-
-    with atomic_folder(out_dir, exclusive=True) as tmp:  # loading onto "meta" checks every name and shape
-        load_weights(cfg, save(gpt2_tensors(safetensors_path), tmp), device="meta")  # as they stream past
-        (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    return Path(out_dir)
-
-
-def read_config(path):
-    """The GPTConfig of a converted folder's config.json, or a DataError that says what is wrong."""
-    try:
-        return GPTConfig(**json.loads(Path(path).read_text(encoding="utf-8")))
-    except (ValueError, TypeError) as e:  # not JSON, not an object, an unknown key, an impossible shape
-        raise DataError(f"{path}: not a minigpt model config ({e})") from e
-
-
-def read_npy(path):
-    """One converted parameter as a float32 array. The .npy format is a small header (dtype, shape)
-    and the raw numbers; np.load refuses pickled Python objects (they could run code) by default."""
-    try:
-        a = np.load(path)
-    except (ValueError, OSError, EOFError) as e:  # truncated, pickled, or not a .npy file at all
-        raise DataError(f"{path}: not a readable .npy file ({e}); convert the model again") from e
-    if a.dtype != np.float32:
-        raise DataError(f"{path} holds {a.dtype} numbers; converted weights are float32 (convert the model again)")
-    return a
-
-
-def gpt2_dir(name):
-    """data/gpt2/<name>/ with converted weights: downloaded (or mirrored) and converted if needed.
-    The mirror holds `$MINIGPT_MIRROR/<name>/model.safetensors`."""
-    out = DATA_DIR / "gpt2" / name
-    if not (out / "config.json").exists():
-        repo, revision, sha = GPT2_FILES[name]
-        path = fetch(f"{name}/model.safetensors", HF_URL.format(repo=repo, revision=revision), sha)
-        print(f"converting {path} to {out}", file=sys.stderr)
-        convert(path, PRESETS[name], out)
-    return out
-
-
-def load_model(spec, device="cpu", **config_changes):
-    """A GPT from `spec`: a GPT-2 name (gpt2-small, ...), a converted folder (config.json + .npy),
-    a folder written by transformers' save_pretrained (config.json + model.safetensors), or a
-    checkpoint written by pretrain.py (.pt). config_changes: e.g. dropout=0.0."""
-    return load_weights(*model_tensors(spec, device, **config_changes), device)
-
-
-def model_tensors(spec, device="cpu", **config_changes):
-    """(config, (name, array) pairs) of the model `spec` names (see load_model). From files of
-    .npy or safetensors the arrays are read one at a time, as the pairs are asked for."""
-    path = gpt2_dir(spec) if spec in GPT2_FILES else Path(spec)
-    if path.is_file():
-        cfg, ck = read_checkpoint(path, device, **config_changes)
-        if "optimizer" in ck:  # pretrain.py keeps its optimizer only while the run is unfinished
-            training = ck["training"]
-            of = f" of {training['total_steps']:,}" if "total_steps" in training else ""
-            step = (training.get("progress") or training["state"])["step"]  # "state" in older files
-            print(f"warning: {path} is an unfinished pretrain.py run (stopped after step {step:,}{of}); "
-                  "its weights are used as they are", file=sys.stderr)
-        return cfg, ck["model"].items()
-    if (path / "model.safetensors").exists():
-        cfg = replace(config_from_hf(path / "config.json"), **config_changes)
-        return cfg, gpt2_tensors(path / "model.safetensors")
-    if (path / "config.json").exists():
-        cfg = replace(read_config(path / "config.json"), **config_changes)
-        return cfg, ((p.stem, read_npy(p)) for p in path.glob("*.npy"))
-    raise DataError(f"{spec}: not a GPT-2 name ({', '.join(GPT2_FILES)}), a model folder or a checkpoint file")
 
 
 # ==============================================================================================
@@ -890,6 +681,17 @@ HERE = Path(__file__).resolve().parent
 DATA_DIR = Path(os.environ.get("MINIGPT_DATA") or HERE / "data")
 
 # ---------------------------------------------------------------- where the numbers run
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """model.eval() for the block (no dropout), then back to the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
 
 def pick_device(name=None):
     """The fastest device here (CUDA, then Apple's MPS, then the CPU), unless one is named."""
@@ -1399,6 +1201,134 @@ class Progress:
 
     def done(self, text):
         print(f"\r{text}" if self.terminal else text, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- model files: checkpoints and GPT-2's
+
+# The GPT-2 files: OpenAI's weights on Hugging Face's Hub (or a mirror), converted once to .npy.
+HF_URL = "https://huggingface.co/openai-community/{repo}/resolve/{revision}/model.safetensors"
+# Model name -> (Hugging Face repo, revision, sha256). Only gpt2-small's revision and digest are
+# pinned (published). For the others we take the current file ("main") and check what can be
+# checked without a published digest: that the file is complete (its size equals the header
+# plus every tensor's bytes) and that every tensor has the shape the preset demands.
+GPT2_FILES = {
+    "gpt2-small": ("gpt2", "607a30d783dfa663caf39e06633721c8d4cfcd7e",
+                   "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707"),
+    "gpt2-medium": ("gpt2-medium", "main", None),
+    "gpt2-large": ("gpt2-large", "main", None),
+    "gpt2-xl": ("gpt2-xl", "main", None),
+}
+SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # BF16: see below
+
+
+def gpt2_dir(name):
+    """data/gpt2/<name>/ with converted weights: downloaded (or mirrored) and converted if needed.
+    The mirror holds `$MINIGPT_MIRROR/<name>/model.safetensors`."""
+    out = DATA_DIR / "gpt2" / name
+    if not (out / "config.json").exists():
+        repo, revision, sha = GPT2_FILES[name]
+        path = fetch(f"{name}/model.safetensors", HF_URL.format(repo=repo, revision=revision), sha)
+        print(f"converting {path} to {out}", file=sys.stderr)
+        convert(path, PRESETS[name], out)
+    return out
+
+
+def convert(safetensors_path, cfg, out_dir):
+    """Write the converted model to out_dir: config.json plus one <name>.npy per parameter.
+
+    Why one .npy per parameter: the format is numpy's own (no pickle, safe to load), each file
+    loads with one read straight into the array that becomes the parameter, and a reader can
+    inspect any tensor with np.load. The folder is written beside out_dir and renamed into place.
+    """
+    def save(tensors, folder):
+        for name, a in tensors:
+            np.save(folder / f"{name}.npy", a)
+            yield name, a
+
+    with atomic_folder(out_dir, exclusive=True) as tmp:  # loading onto "meta" checks every name and shape
+        load_weights(cfg, save(gpt2_tensors(safetensors_path), tmp), device="meta")  # as they stream past
+        (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    return Path(out_dir)
+
+
+def read_safetensors(path):
+    """Yield (name, float32 array) for each tensor of a .safetensors file.
+
+    Format: 8 bytes little-endian header length N, N bytes of JSON {name: {dtype, shape,
+    data_offsets: [begin, end]}} (plus an optional "__metadata__"), then the raw little-endian
+    tensor bytes, offsets counted from the end of the header. The file is memory-mapped, so
+    only the tensor being converted is in memory.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= n <= size - 8:
+            raise DataError(f"{path} is not a safetensors file (or is truncated)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise DataError(f"{path}: the safetensors header is not valid JSON ({e})") from e
+    header.pop("__metadata__", None)
+    end = 8 + n + max((t["data_offsets"][1] for t in header.values()), default=0)
+    if end != size:
+        raise DataError(f"{path} is {size:,} bytes but its header describes {end:,}: "
+                        "truncated or corrupted; delete it and download it again")
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+    for name, t in header.items():
+        if t["dtype"] not in SAFETENSORS_DTYPES:
+            raise DataError(f"{path}: tensor {name} has dtype {t['dtype']}; we read {list(SAFETENSORS_DTYPES)}")
+        begin, stop = t["data_offsets"]
+        dtype = np.dtype(SAFETENSORS_DTYPES[t["dtype"]])
+        if stop - begin != math.prod(t["shape"]) * dtype.itemsize:
+            raise DataError(f"{path}: tensor {name} has {stop - begin} bytes for shape {t['shape']}: corrupted")
+        a = data[begin:stop].view(dtype).reshape(t["shape"])
+        if t["dtype"] == "BF16":  # bfloat16 is the top half of a float32's bits
+            a = (a.astype(np.uint32) << 16).view(np.float32)
+        yield name, a.astype(np.float32)
+
+
+def config_from_hf(path):
+    """A GPTConfig from a Hugging Face GPT-2 config.json (the head count is not in the weights)."""
+    try:
+        c = json.loads(Path(path).read_text(encoding="utf-8"))
+        if c.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise DataError(f"{path}: activation {c['activation_function']}, but minigpt uses tanh GELU")
+        return GPTConfig(vocab_size=c["vocab_size"], context_length=c["n_positions"],
+                         emb_dim=c["n_embd"], n_heads=c["n_head"], n_layers=c["n_layer"])
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise DataError(f"{path}: not a GPT-2 config.json ({type(e).__name__}: {e})") from e
+
+
+def read_config(path):
+    """The GPTConfig of a converted folder's config.json, or a DataError that says what is wrong."""
+    try:
+        return GPTConfig(**json.loads(Path(path).read_text(encoding="utf-8")))
+    except (ValueError, TypeError) as e:  # not JSON, not an object, an unknown key, an impossible shape
+        raise DataError(f"{path}: not a minigpt model config ({e})") from e
+
+
+def read_npy(path):
+    """One converted parameter as a float32 array. The .npy format is a small header (dtype, shape)
+    and the raw numbers; np.load refuses pickled Python objects (they could run code) by default."""
+    try:
+        a = np.load(path)
+    except (ValueError, OSError, EOFError) as e:  # truncated, pickled, or not a .npy file at all
+        raise DataError(f"{path}: not a readable .npy file ({e}); convert the model again") from e
+    if a.dtype != np.float32:
+        raise DataError(f"{path} holds {a.dtype} numbers; converted weights are float32 (convert the model again)")
+    return a
+
+
+def warn_if_unfinished(path, ck):
+    """A warning on stderr if the checkpoint is an unfinished pretrain.py run (only those keep
+    their optimizer)."""
+    if "optimizer" in ck:
+        training = ck["training"]
+        of = f" of {training['total_steps']:,}" if "total_steps" in training else ""
+        step = (training.get("progress") or training["state"])["step"]  # "state" in older files
+        print(f"warning: {path} is an unfinished pretrain.py run (stopped after step {step:,}{of}); "
+              "its weights are used as they are", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- public texts and downloads

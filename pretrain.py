@@ -21,6 +21,7 @@ it also holds everything --resume needs), loss.svg and history.json to --out.
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -39,29 +40,21 @@ from torch.nn.parallel import DistributedDataParallel
 
 import minigpt
 
-# Named settings: each gives several flags their defaults (a flag on the command line wins).
+# Named settings: what each changes from the flags' defaults (a flag given on the command line wins).
 SETTINGS = {
-    # About 100 s of training on a 2-core CPU, and it memorises the story (train loss < 1.5).
-    # Small batches give more steps per epoch; dropout 0 because here we want memorising. Warmup +
-    # cosine decay, betas (0.9, 0.95) and gradient clipping make the loss fall much faster and more
-    # alike across seeds (docs/pretraining.md).
-    "default": dict(corpus="verdict", preset="mini", context_length=128, epochs=40, max_steps=None,
-                    batch_size=2, grad_accum=1, lr=2e-3, weight_decay=0.1, dropout=0.0, warmup=20, clip=1.0,
-                    windows="sliding", eval_every=50, eval_windows=10, out="runs/pretrain", model={}),
+    "default": {},
     # The book's run (Raschka, ch. 5): GPT-2 124M shape, 256 positions, 10 epochs. Its model
     # differs from GPT-2 in two ways that matter here: a separate output layer, and token and
     # position embeddings drawn from N(0, 1) (PyTorch's default), not N(0, 0.02). With GPT-2's
     # tied, small embeddings the same run stays at a train loss near 6; with the book's, the
     # token's own identity dominates the residual stream and the story is learnt fast.
-    "ch5": dict(corpus="verdict", preset="gpt2-small", context_length=256, epochs=10, max_steps=None,
-                batch_size=2, grad_accum=1, lr=4e-4, weight_decay=0.1, dropout=0.1, warmup=0, clip=0.0,
-                windows="sliding", eval_every=5, eval_windows=10, out="runs/pretrain-ch5",
-                model=dict(tied_head=False, embedding_std=1.0)),
+    "ch5": dict(preset="gpt2-small", context_length=256, epochs=10, lr=4e-4, dropout=0.1, warmup=0, clip=0.0,
+                eval_every=5, out="runs/pretrain-ch5", model=dict(tied_head=False, embedding_std=1.0)),
     # A corpus of novels (--corpus books or shakespeare picks this setting): the same small model,
-    # random windows, a budget in steps that takes 6-10 minutes on a 2-core CPU.
-    "corpus": dict(corpus="books", preset="mini", context_length=128, epochs=None, max_steps=1200,
-                   batch_size=8, grad_accum=1, lr=2e-3, weight_decay=0.1, dropout=0.0, warmup=50, clip=1.0,
-                   windows="random", eval_every=100, eval_windows=40, out="runs/pretrain-{corpus}", model={}),
+    # random windows, a budget in steps that takes 6-10 minutes on a 2-core CPU; a corpus needs a
+    # bigger evaluation sample.
+    "corpus": dict(corpus="books", epochs=None, max_steps=1200, batch_size=8, warmup=50, windows="random",
+                   eval_every=100, eval_windows=40, out="runs/pretrain-{corpus}"),
 }
 OLD_SETTING_NAMES = {"book": "ch5"}
 # The flags that decide what training computes: a resumed run keeps them (--resume takes them
@@ -356,8 +349,8 @@ def train(args, model, optimizer, windows, progress, plan, eval_sets, tokenizer,
     # and saved. The GPT has no buffers, so the wrapper's forward pass needs no talk between
     # processes (it would broadcast buffers) and process 0 can evaluate alone.
     trained = DistributedDataParallel(model) if dist.is_initialized() else model
-    flops = flops_per_token(model, args.context_length)[0]
-    reported = progress["seen"], progress["seconds"]  # at the last speed report
+    device = model.wte.weight.device
+    meter = progress["seen"], progress["seconds"]  # at the last speed report
     model.train()
     total = steps_to_run(args, progress, plan)
     with StopRequests() as stop:
@@ -366,28 +359,49 @@ def train(args, model, optimizer, windows, progress, plan, eval_sets, tokenizer,
             lr = minigpt.cosine_lr(step, total, args.lr, args.warmup) if args.warmup else args.lr
             minigpt.set_lr(optimizer, lr)
             start = time.perf_counter()
-            minigpt.optimizer_step(trained, optimizer, windows.micro_batches(step), dtype, args.clip)
+            optimizer.zero_grad(set_to_none=True)
+            micro_batches = windows.micro_batches(step)  # grad_accum pairs (x, y), (B, T) each; y is x shifted by one
+            for i, (x, y) in enumerate(micro_batches):
+                last = i == len(micro_batches) - 1       # under torchrun, gradients are shared once, after the last
+                with contextlib.nullcontext() if last or trained is model else trained.no_sync():
+                    with minigpt.autocast(device, dtype):
+                        loss = trained(x.to(device), targets=y.to(device))  # mean cross-entropy of B*T next tokens
+                    (loss / len(micro_batches)).backward()  # summed: the gradient of the micro-batches' mean
+            if args.clip:                                # --clip (the book's ch5 setting: 0, none)
+                torch.nn.utils.clip_grad_norm_(trained.parameters(), args.clip)
+            optimizer.step()
             progress.update(step=step, seen=progress["seen"] + windows.global_batch * args.context_length,
                             seconds=progress["seconds"] + time.perf_counter() - start)
             total = steps_to_run(args, progress, plan)  # (with --minutes, the time left may end the run here)
-            if eval_sets and ((step - 1) % args.eval_every == 0 or step == total):
-                losses = evaluate(model, eval_sets, progress, dtype)
-                speed = (progress["seen"] - reported[0]) / max(progress["seconds"] - reported[1], 1e-9)
-                reported = progress["seen"], progress["seconds"]
-                print(f"Ep {(step - 1) // windows.steps_per_epoch + 1} (Step {step:06d}): "
-                      + ", ".join(f"{name.capitalize()} loss {loss:.3f}" for name, loss in losses.items()))
-                print(f"    {speed:,.0f} tokens/s, {speed * flops / 1e9:.1f} GFLOP/s, lr {lr:.2e}, "
-                      f"{progress['seen']:,} tokens seen")
-            if eval_sets and step % windows.steps_per_epoch == 0:  # greedy: runs can be compared
-                with minigpt.autocast(model.wte.weight.device, dtype):
-                    text = minigpt.complete(model, tokenizer, args.prompt, 50, eos_id=minigpt.EOT)
-                print(f"Sample after epoch {step // windows.steps_per_epoch}: {text!r}")
+            if eval_sets:  # process 0: the losses and the speed, a sample, when due
+                meter = show_progress(args, model, eval_sets, progress, windows, total, lr, tokenizer, dtype, meter)
             if agree(stop.requested or step == args.stop_at):  # every process stops after the same step
                 return stop.requested, total
             if args.save_every and step % args.save_every == 0 and step < total:
                 save(args, model, optimizer, progress, total, finished=False)
                 print(f"Saved step {step:,} to {args.out / 'model.pt'}")
     return False, total
+
+
+def show_progress(args, model, eval_sets, progress, windows, total, lr, tokenizer, dtype, meter):
+    """After step progress["step"]: every --eval-every steps (and the last), the losses on the
+    fixed samples and the speed since the last report (meter: its (seen, seconds)); at the end of
+    an epoch, a greedy sample (so that runs can be compared). Returns the meter."""
+    step = progress["step"]
+    if (step - 1) % args.eval_every == 0 or step == total:
+        losses = evaluate(model, eval_sets, progress, dtype)
+        speed = (progress["seen"] - meter[0]) / max(progress["seconds"] - meter[1], 1e-9)
+        meter = progress["seen"], progress["seconds"]
+        flops = flops_per_token(model, args.context_length)[0]
+        print(f"Ep {(step - 1) // windows.steps_per_epoch + 1} (Step {step:06d}): "
+              + ", ".join(f"{name.capitalize()} loss {loss:.3f}" for name, loss in losses.items()))
+        print(f"    {speed:,.0f} tokens/s, {speed * flops / 1e9:.1f} GFLOP/s, lr {lr:.2e}, "
+              f"{progress['seen']:,} tokens seen")
+    if step % windows.steps_per_epoch == 0:
+        with minigpt.autocast(model.wte.weight.device, dtype):
+            text = minigpt.complete(model, tokenizer, args.prompt, 50, eos_id=minigpt.EOT)
+        print(f"Sample after epoch {step // windows.steps_per_epoch}: {text!r}")
+    return meter
 
 
 def evaluate(model, eval_sets, progress, dtype):
@@ -621,77 +635,92 @@ def rng_states():
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. The command line. The defaults --help shows are the 'default' setting's; --setting (or
-#    --corpus books) gives several flags other defaults; a flag given on the command line wins.
+# 6. The command line. The flags' defaults are the default run's: about 100 s of training on a
+#    2-core CPU, after which the mini model has memorised the story (train loss < 1.5). --setting
+#    (or --corpus books) changes several of them; a flag given on the command line wins.
 # ----------------------------------------------------------------------------------------------
 
-def parser(defaults=True):
-    """The flags; with defaults=False none has a default, so that parsing tells which were given."""
+UNSET = object()  # marks the flags a command line leaves out (parse_args)
+
+
+def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=minigpt.Help,
-                                argument_default=None if defaults else argparse.SUPPRESS, epilog=settings_help())
+                                epilog=settings_help())
     p.add_argument("--setting", type=lambda s: OLD_SETTING_NAMES.get(s, s), choices=SETTINGS,
                    help="named defaults, listed below (default: 'corpus' for --corpus books or shakespeare, "
                         "else 'default')")
     what = p.add_mutually_exclusive_group()
-    what.add_argument("--corpus", choices=minigpt.CORPORA, help="public text to train on")
+    what.add_argument("--corpus", choices=minigpt.CORPORA, default="verdict", help="public text to train on")
     what.add_argument("--text", nargs="+", type=Path, metavar="FILE_OR_FOLDER",
                       help="train on these UTF-8 files instead (folders: every *.txt inside, sorted)")
-    p.add_argument("--preset", type=minigpt.preset_name, help=f"model shape: {', '.join(minigpt.PRESETS)}")
+    p.add_argument("--preset", type=minigpt.preset_name, default="mini",
+                   help=f"model shape: {', '.join(minigpt.PRESETS)}")
     p.add_argument("--init", help="go on pretraining this model (a pretrain.py checkpoint, a model folder or a "
                                   "GPT-2 name) on the text, instead of random weights of --preset's shape "
                                   "(default: random weights)")
-    p.add_argument("--context-length", type=minigpt.positive_int, help="positions per training window")
-    p.add_argument("--epochs", type=minigpt.positive_int, help="passes over the training tokens")
+    p.add_argument("--context-length", type=minigpt.positive_int, default=128, help="positions per training window")
+    p.add_argument("--epochs", type=minigpt.positive_int, default=40, help="passes over the training tokens")
     p.add_argument("--max-steps", type=minigpt.positive_int, help="optimizer steps; with --epochs, whichever ends first")
     p.add_argument("--minutes", type=minigpt.positive_float,
                    help="a budget of this many minutes of training: the schedule is planned to end on time, "
                         "and --epochs and --max-steps apply only if given (default: no budget)")
-    p.add_argument("--batch-size", type=minigpt.positive_int, help="windows per micro-batch, per process")
-    p.add_argument("--grad-accum", type=minigpt.positive_int, help="micro-batches whose gradients are summed into one step")
-    p.add_argument("--lr", type=minigpt.positive_float, help="peak learning rate of AdamW")
-    p.add_argument("--weight-decay", type=minigpt.nonnegative_float, help="AdamW's, on the weight matrices")
-    p.add_argument("--dropout", type=minigpt.fraction, help="dropout probability while training")
-    p.add_argument("--warmup", type=minigpt.nonnegative_int, help="steps of linear warmup, then cosine decay; 0: constant lr")
-    p.add_argument("--clip", type=minigpt.nonnegative_float, help="clip the gradient norm to this; 0: off")
-    p.add_argument("--windows", choices=("sliding", "random"),
+    # Small batches give more steps per epoch; dropout 0 because the default run is there to memorise.
+    p.add_argument("--batch-size", type=minigpt.positive_int, default=2, help="windows per micro-batch, per process")
+    p.add_argument("--grad-accum", type=minigpt.positive_int, default=1,
+                   help="micro-batches whose gradients are summed into one step")
+    p.add_argument("--lr", type=minigpt.positive_float, default=2e-3, help="peak learning rate of AdamW")
+    p.add_argument("--weight-decay", type=minigpt.nonnegative_float, default=0.1, help="AdamW's, on the weight matrices")
+    p.add_argument("--dropout", type=minigpt.fraction, default=0.0, help="dropout probability while training")
+    # Warmup + cosine decay, betas (0.9, 0.95) and gradient clipping make the loss fall much faster
+    # and more alike across seeds (docs/pretraining.md).
+    p.add_argument("--warmup", type=minigpt.nonnegative_int, default=20,
+                   help="steps of linear warmup, then cosine decay; 0: constant lr")
+    p.add_argument("--clip", type=minigpt.nonnegative_float, default=1.0, help="clip the gradient norm to this; 0: off")
+    p.add_argument("--windows", choices=("sliding", "random"), default="sliding",
                    help="sliding: the text cut into side-by-side windows, shuffled every epoch; "
                         "random: windows at random offsets, drawn afresh every step")
-    p.add_argument("--eval-every", type=minigpt.positive_int, help="steps between loss evaluations")
-    p.add_argument("--eval-windows", type=minigpt.positive_int, help="windows of each split in the fixed evaluation sample")
-    p.add_argument("--save-every", type=minigpt.nonnegative_int, help="also save model.pt every this many steps; 0: off")
+    p.add_argument("--eval-every", type=minigpt.positive_int, default=50, help="steps between loss evaluations")
+    p.add_argument("--eval-windows", type=minigpt.positive_int, default=10,
+                   help="windows of each split in the fixed evaluation sample")
+    p.add_argument("--save-every", type=minigpt.nonnegative_int, default=0,
+                   help="also save model.pt every this many steps; 0: off")
     p.add_argument("--stop-at", type=minigpt.positive_int,
                    help="end this session after this many steps, saving (then --resume) (default: run to the end)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out/model.pt, with its settings")
     p.add_argument("--prepare-only", action="store_true", help="write the token files, say where, and stop")
-    p.add_argument("--prompt", help="start of the samples")
-    p.add_argument("--seed", type=int, help="initial weights, dropout and the order of the windows")
-    minigpt.add_device_flags(p, "auto" if defaults else argparse.SUPPRESS)
-    p.add_argument("--out", type=minigpt.output_folder,
+    p.add_argument("--prompt", default="Every effort moves you", help="start of the samples")
+    p.add_argument("--seed", type=int, default=123, help="initial weights, dropout and the order of the windows")
+    minigpt.add_device_flags(p)
+    p.add_argument("--out", type=minigpt.output_folder, default="runs/pretrain",
                    help="folder for model.pt, loss.svg, history.json (--corpus's name replaces {corpus})")
-    if defaults:
-        p.set_defaults(**SETTINGS["default"], setting="default", save_every=0, prompt="Every effort moves you",
-                       seed=123)
     return p
 
 
 def settings_help():
-    """What each named setting sets, for --help."""
-    lines = ["settings (--setting NAME sets these defaults):"]
+    """What each named setting changes, for --help."""
+    lines = ["settings (--setting NAME changes these defaults):", "  default: the flags' defaults above"]
     for name, values in SETTINGS.items():
-        shown = ", ".join(f"--{key.replace('_', '-')} {value}" for key, value in values.items()
-                          if key != "model" and value is not None)
-        model = f"; model {values['model']}" if values["model"] else ""
-        lines.append(textwrap.fill(shown + model, 100, initial_indent=f"  {name}: ", subsequent_indent="    "))
+        if values:
+            shown = ", ".join(f"--{key.replace('_', '-')} {value}" for key, value in values.items()
+                              if key != "model" and value is not None)
+            model = f"; model {values['model']}" if values.get("model") else ""
+            lines.append(textwrap.fill(shown + model, 100, initial_indent=f"  {name}: ", subsequent_indent="    ",
+                                       break_on_hyphens=False))
     return "\n".join(lines)
 
 
 def parse_args(argv=None):
     p = parser()
-    p.parse_args(argv)  # --help and usage errors, with the defaults shown
-    given = vars(parser(defaults=False).parse_args(argv))  # only what the command line says
-    setting = given.get("setting") or ("corpus" if given.get("corpus") in ("books", "shakespeare") else "default")
-    p.set_defaults(**SETTINGS[setting], setting=setting)
-    args = p.parse_args(argv)
+    args = p.parse_args(argv)  # --help, usage errors, every flag's default
+    # Parsed again onto a namespace where every flag is UNSET: argparse fills in a default only
+    # where a name is missing, so what stays UNSET was not on the command line.
+    marked = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), UNSET)))
+    given = {key: value for key, value in vars(marked).items() if value is not UNSET}
+    args.setting = given.get("setting") or ("corpus" if given.get("corpus") in ("books", "shakespeare") else "default")
+    args.model = {}  # changes to the preset's GPTConfig (a setting's)
+    for key, value in SETTINGS[args.setting].items():  # the setting's changes, where no flag was given
+        if key not in given:
+            setattr(args, key, value)
     args.given = given
     if args.minutes:  # the budget is the time: a setting's epochs or steps apply only if given
         args.epochs, args.max_steps = given.get("epochs"), given.get("max_steps")

@@ -16,6 +16,7 @@ import hashlib
 import http.client
 import http.server
 import json
+import math
 import os
 import re
 import shutil
@@ -36,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import minigpt
 
@@ -97,14 +99,25 @@ def test_causal_a_later_token_never_changes_earlier_logits():
     assert not torch.allclose(a[:, 9:], b[:, 9:])
 
 
+def book_attend(self, q, k, v, sees=None, causal=False):
+    """CausalSelfAttention.attend's maths one step per line, as the book writes it."""
+    if causal:
+        sees = minigpt.causal_mask(q.shape[2], 0, q.device)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])    # (B, nh, Tq, Tk)
+    if sees is not None:
+        scores = scores.masked_fill(~sees, float("-inf"))        # exp(-inf) = 0: no weight on the future
+    weights = F.dropout(torch.softmax(scores, dim=-1), self.dropout, self.training)
+    return weights @ v                                           # (B, nh, Tq, hs)
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_explicit_attention_equals_the_fused_kernel_in_training(monkeypatch, dropout):
     """Same logits and same gradients; with dropout (random masks differ), the same in eval mode."""
     model = tiny_model(dropout=dropout).train(dropout == 0.0)
     idx = torch.randint(0, TINY.vocab_size, (3, 20))
     results = []
-    for fused in (True, False):
-        monkeypatch.setattr(minigpt.CausalSelfAttention, "fused", fused)
+    for attend in (minigpt.CausalSelfAttention.attend, book_attend):
+        monkeypatch.setattr(minigpt.CausalSelfAttention, "attend", attend)
         model.zero_grad()
         logits = model(idx)
         logits.square().mean().backward()
@@ -119,8 +132,8 @@ def test_explicit_attention_equals_the_fused_kernel_with_a_cache(monkeypatch):
     model = tiny_model()
     prompt = torch.randint(0, TINY.vocab_size, (2, 7))
     outputs = {}
-    for fused in (True, False):
-        monkeypatch.setattr(minigpt.CausalSelfAttention, "fused", fused)
+    for fused, attend in ((True, minigpt.CausalSelfAttention.attend), (False, book_attend)):
+        monkeypatch.setattr(minigpt.CausalSelfAttention, "attend", attend)
         cache = minigpt.KVCache(TINY, 2, 20)
         with torch.no_grad():
             first = model(prompt, cache)                  # fills 7 positions (causal, no past)
@@ -198,8 +211,9 @@ def test_float32_autocast_is_exactly_the_plain_model():
         with minigpt.autocast("cpu", torch.float32):
             inside = model(idx)
         assert torch.equal(inside, model(idx))
-        assert minigpt.lm_loss(model, *batch, torch.float32).item() == \
-            torch.nn.functional.cross_entropy(model(batch[0]).flatten(0, 1), batch[1].flatten()).item()
+        with minigpt.autocast("cpu", torch.float32):
+            inside = model(batch[0], targets=batch[1])
+        assert torch.equal(inside, model(batch[0], targets=batch[1]))
 
 
 def test_bfloat16_logits_are_within_tolerance_of_float32():
@@ -218,12 +232,25 @@ def test_bfloat16_logits_are_within_tolerance_of_float32():
     assert 0 < relative_error(weights, expected)  # it really ran in bfloat16
 
 
+def lm_loss(model, x, y, dtype):
+    """The training loss, GPT.forward's, with the forward pass in dtype."""
+    with minigpt.autocast("cpu", dtype):
+        return model(x, targets=y)
+
+
+def book_loss(model, x, y, dtype):
+    """The book's calc_loss_batch: F.cross_entropy over the whole logits, the softmax in float32."""
+    with minigpt.autocast("cpu", dtype):
+        logits = model(x)                                                  # (B, T, vocab)
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+
 def test_bfloat16_training_keeps_float32_weights_gradients_and_optimizer_state():
     model = tiny_model().train()
     optimizer = minigpt.adamw(model, 1e-3, 0.1)
     batch = (torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16)))
-    loss = minigpt.lm_loss(model, *batch, torch.bfloat16)
-    expected = minigpt.lm_loss(model, *batch, torch.float32)
+    loss = lm_loss(model, *batch, torch.bfloat16)
+    expected = lm_loss(model, *batch, torch.float32)
     assert loss.dtype == torch.float32 and abs(loss.item() - expected.item()) < 0.02 * expected.item()
     loss.backward()
     optimizer.step()
@@ -306,39 +333,39 @@ def test_encode_and_padded_dataset(tokenizer):
     ids, counts = minigpt.encode(["hi there", "a much longer message than that", "", "<|endoftext|>"], tokenizer, 5)
     assert counts == [2, 6, 0, 7] and [len(i) for i in ids] == [2, 5, 1, 5]  # "" reads as one <|endoftext|>
     assert ids[2] == [minigpt.EOT] and minigpt.EOT not in ids[3]              # the text, not the token
-    ds = minigpt.PaddedDataset(ids, [0, 1, 0, 1], 6)
-    assert ds.ids.shape == (4, 6) and ds.lengths.tolist() == [2, 5, 1, 5]
-    assert ds.ids[0, :2].tolist() == ids[0] and ds.ids[0, 2:].tolist() == [minigpt.EOT] * 4
-    assert minigpt.PaddedDataset([[1, 2, 3], [4]], [0, 1]).max_length == 3
+    rows = finetune.model_inputs(ids, "last", 6)  # the book's SpamDataset: padded with <|endoftext|>
+    assert [r.dtype for r in rows] == [torch.long] * 4 and [len(r) for r in rows] == [6] * 4
+    assert rows[0][:2].tolist() == ids[0] and rows[0][2:].tolist() == [minigpt.EOT] * 4
+    assert [r.tolist() for r in finetune.model_inputs(ids, "last_real", 6)] == ids  # the real tokens only
 
 
-def test_optimizer_steps_overfit_a_tiny_batch_and_accumulate_exactly():
+def test_optimizer_steps_overfit_a_tiny_batch():
     torch.manual_seed(0)
     model = minigpt.GPT(TINY)
     x, y = torch.randint(0, 100, (4, 16)), torch.randint(0, 100, (4, 16))
     before = minigpt.lm_evaluate(model, [(x, y)])
     opt = minigpt.adamw(model, 3e-3, 0.0)
-    losses = [minigpt.optimizer_step(model, opt, [(x, y)]).item() for _ in range(40)]
+    losses = []
+    for _ in range(40):  # pretrain.py's step, one micro-batch
+        opt.zero_grad(set_to_none=True)
+        loss = model(x, targets=y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
     assert before > 10 and losses[0] == pytest.approx(before, rel=1e-5)
     assert minigpt.lm_evaluate(model, [(x, y)]) < 0.5 * before
-    # Two micro-batches of 2 windows take the step of one batch of 4: the gradients are their mean.
-    one, two = tiny_model(), tiny_model()
-    for model, micro_batches in ((one, [(x, y)]), (two, [(x[:2], y[:2]), (x[2:], y[2:])])):
-        minigpt.optimizer_step(model, minigpt.adamw(model, 1e-3, 0.1), micro_batches, clip=1.0)
-    for a, b in zip(one.parameters(), two.parameters()):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_loss_and_gradients_equal_the_plain_cross_entropy(monkeypatch, dtype):
-    """lm_loss_chunked against lm_loss (F.cross_entropy over the whole logits), chunks of 7 of 60
+    """GPT.forward's loss against the book's (F.cross_entropy over the whole logits), chunks of 7 of 60
     positions: the loss and every gradient to 1e-6 in float32 (the order of sums differs), and
     within bfloat16's rounding (1 %, relative norm) in bfloat16. Without gradients, the loss."""
     model = tiny_model()
     x, y = torch.randint(0, TINY.vocab_size, (3, 20)), torch.randint(0, TINY.vocab_size, (3, 20))
     results = []
     monkeypatch.setattr(minigpt.ChunkedCrossEntropy, "chunk", 7)
-    for loss_fn in (minigpt.lm_loss, minigpt.lm_loss_chunked):
+    for loss_fn in (book_loss, lm_loss):
         model.zero_grad()
         loss = loss_fn(model, x, y, dtype)
         loss.backward()
@@ -352,7 +379,7 @@ def test_chunked_loss_and_gradients_equal_the_plain_cross_entropy(monkeypatch, d
         assert chunked == pytest.approx(plain, rel=1e-2)
         assert all(relative_error(a, b) < 1e-2 for a, b in zip(chunked_grads, plain_grads))
     with torch.no_grad():
-        assert minigpt.lm_loss_chunked(model, x, y, dtype).item() == pytest.approx(chunked, abs=1e-6)
+        assert lm_loss(model, x, y, dtype).item() == pytest.approx(chunked, abs=1e-6)
 
 
 def test_cosine_learning_rate_counts_steps_from_1():
@@ -807,20 +834,17 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(small_corpus, tmp_p
             "--eval-every", "2", "--eval-windows", "4"]
     assert pretrain.main(plan + ["--dtype", dtype, "--out", str(tmp_path / "whole")]) is None
 
-    lm_loss = minigpt.lm_loss_chunked
-    calls = []
+    micro_batches = pretrain.Windows.micro_batches
 
-    def ctrl_c_in_step_2(*a, **k):
-        if torch.is_grad_enabled():  # a training micro-batch; 2 per step
-            calls.append(1)
-            if len(calls) == 3:
-                os.kill(os.getpid(), signal.SIGINT)
-        return lm_loss(*a, **k)
+    def ctrl_c_in_step_2(windows, step):  # called once per training step, before it runs
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return micro_batches(windows, step)
 
     out = ["--out", str(tmp_path / "sessions")]
-    monkeypatch.setattr(minigpt, "lm_loss_chunked", ctrl_c_in_step_2)
+    monkeypatch.setattr(pretrain.Windows, "micro_batches", ctrl_c_in_step_2)
     assert pretrain.main(plan + ["--dtype", dtype] + out) == 130
-    monkeypatch.setattr(minigpt, "lm_loss_chunked", lm_loss)
+    monkeypatch.setattr(pretrain.Windows, "micro_batches", micro_batches)
     training = minigpt.load_checkpoint(tmp_path / "sessions" / "model.pt")[1]["training"]
     assert training["progress"]["step"] == 2 and training["args"]["dtype"] == dtype
     with pytest.raises(minigpt.DataError, match="trained with --lr 0.002, not 0.01"):
@@ -864,6 +888,14 @@ def assert_same_run(out, reference):
     assert got["final_loss"] == pytest.approx(expected["final_loss"], abs=1e-4)
     one, other = weights(reference / "model.pt"), weights(out / "model.pt")
     assert all(torch.allclose(other[name], one[name], atol=1e-4) for name in one)
+
+
+def test_two_micro_batches_take_the_step_of_one_batch(small_corpus, one_process, tmp_path):
+    """--grad-accum 2 of 2 windows against one batch of 4: the gradients are their mean, so the
+    same losses and weights (pretrain.py's own loop, with its gradient clipping)."""
+    pretrain.main(distributed_plan(small_corpus) + ["--batch-size", "2", "--grad-accum", "2",
+                                                    "--out", str(tmp_path / "accum")])
+    assert_same_run(tmp_path / "accum", one_process)
 
 
 def test_torchrun_two_processes_match_one_process(small_corpus, one_process, tmp_path):
@@ -1121,11 +1153,11 @@ def test_lora_starts_as_an_exact_no_op():
     lora.lm_head.load_state_dict(plain.lm_head.state_dict())
     ids, lengths = torch.randint(0, TINY.vocab_size, (3, 10)), torch.tensor([10, 4, 7])
     with torch.no_grad():
-        assert torch.equal(finetune.fast_logits(lora, ids, lengths, "last_real"),
-                           finetune.fast_logits(plain, ids, lengths, "last_real"))
+        assert torch.equal(finetune.class_logits(lora, ids, lengths, "last_real"),
+                           finetune.class_logits(plain, ids, lengths, "last_real"))
         lora.h[0].attn.c_attn.B.fill_(0.1)  # once B moves, the output moves
-        assert not torch.equal(finetune.fast_logits(lora, ids, lengths, "last_real"),
-                               finetune.fast_logits(plain, ids, lengths, "last_real"))
+        assert not torch.equal(finetune.class_logits(lora, ids, lengths, "last_real"),
+                               finetune.class_logits(plain, ids, lengths, "last_real"))
 
 
 NF4_VALUES = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -1227,13 +1259,13 @@ def test_fresh_qlora_model_equals_the_model_with_dequantized_weights():
     ids, lengths = torch.randint(0, TINY.vocab_size, (3, 10)), torch.tensor([10, 4, 7])
     for pool in finetune.POOLS:
         with torch.no_grad():
-            assert torch.equal(finetune.fast_logits(qlora, ids, lengths, pool), finetune.fast_logits(plain, ids, lengths, pool))
+            assert torch.equal(finetune.class_logits(qlora, ids, lengths, pool), finetune.class_logits(plain, ids, lengths, pool))
     # Trained, the adapters move: the output and the gradients stay those of the dequantized model
     # (through NF4Matmul's own backward and the blocks' recomputation).
     for model in (qlora, plain):
         model.h[1].mlp.c_fc.B.data.fill_(0.1)
         model.train()
-        finetune.fast_logits(model, ids, lengths, "last_real").square().sum().backward()
+        finetune.class_logits(model, ids, lengths, "last_real").square().sum().backward()
     assert isinstance(qlora.h[0], finetune.CheckpointedBlock) and type(plain.h[0]) is minigpt.Block
     plain_parameters = dict(plain.named_parameters())
     assert trainable_names(qlora) == trainable_names(plain)
@@ -1249,10 +1281,10 @@ def test_qlora_in_bfloat16_dequantizes_to_bfloat16_and_trains_float32_adapters()
     model.h[0].attn.c_attn.B.data.normal_(0, 0.1)
     ids, lengths = torch.randint(0, TINY.vocab_size, (3, 10)), torch.tensor([10, 4, 7])
     with torch.no_grad():
-        expected = finetune.fast_logits(model, ids, lengths, "last_real")
+        expected = finetune.class_logits(model, ids, lengths, "last_real")
     with minigpt.autocast("cpu", torch.bfloat16):
         assert finetune.compute_dtype(torch.zeros(1)) == torch.bfloat16
-        got = finetune.fast_logits(model.train(), ids, lengths, "last_real")
+        got = finetune.class_logits(model.train(), ids, lengths, "last_real")
     assert relative_error(got.detach(), expected) < BF16_TOLERANCE
     got.float().sum().backward()
     assert model.h[0].attn.c_attn.A.grad.dtype == torch.float32 and model.h[0].attn.c_attn.A.grad.abs().sum() > 0
@@ -1268,7 +1300,7 @@ def write_folder(model, folder):
 
 def test_qlora_quantizes_each_weight_as_it_streams_from_npy_files(tmp_path):
     write_folder(tiny_model(seed=4), tmp_path / "base")
-    cfg, tensors = minigpt.model_tensors(tmp_path / "base", dropout=0.0)
+    cfg, tensors = minigpt.model_tensors(tmp_path / "base")
     seen = []  # weak references to the Dense weights read so far
 
     def watched(tensors):
@@ -1296,28 +1328,46 @@ def test_qlora_quantizes_each_weight_as_it_streams_from_npy_files(tmp_path):
 TEXTS = ["hello there", "WIN a free prize now, call 0800 123", "ok", "see you at lunch tomorrow then"]
 
 
+def padded(ids):
+    """(ids (N, T), lengths (N,)): lists of token ids padded on the right with <|endoftext|> to the
+    longest, as the book's SpamDataset pads them."""
+    longest = max(len(i) for i in ids)
+    return torch.tensor([i + [minigpt.EOT] * (longest - len(i)) for i in ids]), torch.tensor([len(i) for i in ids])
+
+
+def book_classifier(model, ids, lengths, pool):
+    """The book's classifier: the whole model over the padded ids (B, T), its head read at the
+    last position ('last'), the last real token ('last_real') or the mean of the real ones."""
+    logits = model(ids)                                               # (B, T, classes)
+    if pool == "mean":
+        real = torch.arange(ids.shape[1]) < lengths[:, None]          # (B, T)
+        return (logits * real[..., None]).sum(1) / lengths[:, None]
+    return logits[torch.arange(len(ids)), lengths - 1 if pool == "last_real" else ids.shape[1] - 1]
+
+
 @pytest.mark.parametrize("pool", finetune.POOLS)
 @pytest.mark.parametrize("trainable", ["head", "last_block", "last_two_blocks", "lora"])
 def test_the_fast_path_gives_the_book_classifiers_logits_and_loss(tokenizer, pool, trainable):
-    """class_logits (the whole model over padded ids, read at one position) against fast_logits:
-    the frozen blocks' cached output, the last block at the read position only, and batches of
-    similar length padded to their own longest."""
+    """The book's classifier (the whole model over padded ids, read at one position) against
+    class_logits: the frozen blocks' cached output, the last block at the read position only,
+    and batches of similar length padded to their own longest."""
     torch.manual_seed(0)
     model = finetune.make_classifier(minigpt.GPT(replace(TINY, n_layers=3)).eval(), trainable)
     ids, _ = minigpt.encode(TEXTS, tokenizer)
-    data = minigpt.PaddedDataset(ids, [0, 1, 0, 0])
+    padded_ids, lengths = padded(ids)
+    labels = torch.tensor([0, 1, 0, 0])
     frozen = finetune.frozen_blocks(model, trainable)
-    rows = finetune.model_inputs(ids, pool, data.max_length)
+    rows = finetune.model_inputs(ids, pool, padded_ids.shape[1])
     if frozen:
         rows = finetune.frozen_features(model, rows, frozen, "cpu", batch_size=3)
     with torch.no_grad():
-        plain = finetune.class_logits(model, data.ids, data.lengths, pool)
-        fast = finetune.fast_logits(model, torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), data.lengths,
+        plain = book_classifier(model, padded_ids, lengths, pool)
+        fast = finetune.class_logits(model, torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), lengths,
                                     pool, frozen)
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
-    loss = lambda logits: torch.nn.functional.cross_entropy(logits, data.labels).item()
+    loss = lambda logits: torch.nn.functional.cross_entropy(logits, labels).item()
     assert loss(fast) == pytest.approx(loss(plain), abs=1e-5)
-    probs = finetune.predict(model, finetune.Batches(rows, data.lengths, 3), pool, frozen)  # in batches of 3
+    probs = finetune.predict(model, finetune.Batches(rows, lengths, 3), pool, frozen)  # in batches of 3
     torch.testing.assert_close(probs, torch.softmax(plain, dim=-1), atol=1e-6, rtol=0)
 
 
@@ -1325,16 +1375,16 @@ def test_bfloat16_frozen_blocks_and_cache_give_the_float32_logits(tokenizer):
     torch.manual_seed(0)
     model = finetune.make_classifier(minigpt.GPT(replace(TINY, n_layers=3)).eval(), "last_block")
     ids, _ = minigpt.encode(TEXTS[:3], tokenizer)
-    data = minigpt.PaddedDataset(ids, [0, 1, 0])
+    padded_ids, lengths = padded(ids)
     with torch.no_grad():
-        expected = finetune.class_logits(model, data.ids, data.lengths, "last_real")
+        expected = book_classifier(model, padded_ids, lengths, "last_real")
     frozen = finetune.frozen_blocks(model, "last_block")
     model.h[:frozen].to(torch.bfloat16)  # as finetune.py does in bfloat16: the frozen blocks cast once
     features = finetune.frozen_features(model, finetune.model_inputs(ids, "last_real", None), frozen, "cpu")
     assert features[0].dtype == torch.bfloat16  # stored in half the memory
     x = torch.nn.utils.rnn.pad_sequence(features, batch_first=True)
     with torch.no_grad(), minigpt.autocast("cpu", torch.bfloat16):
-        got = finetune.fast_logits(model, x, data.lengths, "last_real", frozen)
+        got = finetune.class_logits(model, x, lengths, "last_real", frozen)
     assert relative_error(got, expected) < BF16_TOLERANCE
 
 
@@ -1346,7 +1396,7 @@ def test_padding_does_not_change_last_real_or_mean(tokenizer):
     n = torch.tensor([len(ids)])
     with torch.no_grad():
         for pool in ("last_real", "mean"):
-            for logits in (finetune.class_logits, finetune.fast_logits):
+            for logits in (book_classifier, finetune.class_logits):
                 torch.testing.assert_close(logits(model, padded, n, pool), logits(model, short, n, pool),
                                            atol=1e-6, rtol=0)
 
@@ -2365,16 +2415,16 @@ def test_prefix_probabilities_are_the_verdict_on_each_prefix(tokenizer, pool):
     torch.manual_seed(0)
     model = finetune.make_classifier(minigpt.GPT(replace(TINY, n_layers=3)).eval(), "last_block")
     ids, _ = minigpt.encode(TEXTS, tokenizer)
-    data = minigpt.PaddedDataset(ids, [0] * len(ids))
-    steps = finetune.prefix_probabilities(model, data.ids, pool)                     # (B, T, classes)
+    padded_ids, lengths = padded(ids)
+    steps = classify.prefix_probabilities(model, padded_ids, pool)                     # (B, T, classes)
     with torch.no_grad():
-        answer = torch.softmax(finetune.class_logits(model, data.ids, data.lengths, pool), dim=-1)
-    read = data.lengths - 1 if pool != "last" else torch.full_like(data.lengths, data.max_length - 1)
+        answer = torch.softmax(book_classifier(model, padded_ids, lengths, pool), dim=-1)
+    read = lengths - 1 if pool != "last" else torch.full_like(lengths, padded_ids.shape[1] - 1)
     torch.testing.assert_close(steps[torch.arange(len(ids)), read], answer, atol=1e-6, rtol=0)
     if pool != "last":  # and any shorter prefix: the answer for the text cut there
         cut = torch.tensor([ids[1][:3]])
         with torch.no_grad():
-            short = torch.softmax(finetune.class_logits(model, cut, torch.tensor([3]), pool), dim=-1)[0]
+            short = torch.softmax(book_classifier(model, cut, torch.tensor([3]), pool), dim=-1)[0]
         torch.testing.assert_close(steps[1, 2], short, atol=1e-6, rtol=0)
 
 
@@ -2455,6 +2505,22 @@ def test_init_goes_on_from_a_pretrained_model(small_corpus, tmp_path, capsys):
     with pytest.raises(SystemExit):
         pretrain.parse_args(["--init", "x.pt", "--preset", "tiny"])
     assert "the model's shape comes from --init" in capsys.readouterr().err
+
+
+def test_a_setting_changes_only_the_flags_not_given():
+    """Each flag's default is the default run's; a setting changes some of them; a flag given wins;
+    args.given holds exactly what the command line says."""
+    args = pretrain.parse_args([])
+    assert (args.setting, args.clip, args.eval_windows, args.lr, args.model) == ("default", 1.0, 10, 2e-3, {})
+    assert args.given == {}
+    args = pretrain.parse_args(["--setting", "ch5", "--clip", "0.5"])
+    assert (args.lr, args.clip, args.preset, args.model["tied_head"]) == (4e-4, 0.5, "gpt2-small", False)
+    assert args.given == {"setting": "ch5", "clip": 0.5}
+    args = pretrain.parse_args(["--corpus", "books"])
+    assert (args.setting, args.eval_windows, args.epochs, args.max_steps) == ("corpus", 40, None, 1200)
+    assert pretrain.parse_args(["--setting", "book"]).setting == "ch5"  # the older name
+    args = pretrain.parse_args(["--text", "a.txt", "--resume"])
+    assert args.corpus is None and args.setting == "default" and set(args.given) == {"text", "resume"}
 
 
 def test_unlabelled_text_leaves_out_every_text_that_is_measured(tmp_path, capsys):

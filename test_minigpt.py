@@ -2617,7 +2617,7 @@ BENCHMARK = os.environ.get("MINIGPT_BENCHMARK") == "1"  # the 124M shape, timed;
 
 
 def test_inference_speed_beside_onnx_runtime_and_transformers(tmp_path, capsys):
-    """minigpt's classifying path (finetune.prefix_probabilities on a cast_for_inference model, a
+    """minigpt's classifying path (classify.prefix_probabilities on a cast_for_inference model, a
     2-way head) beside ONNX Runtime on the same model (exported by torch.onnx; int8 by its
     quantize_dynamic) and transformers' GPT-2 in bfloat16: one text of 30 tokens, and 32. With
     MINIGPT_BENCHMARK=1 (the 124M shape, best of 5 in 3 rounds, about 3 minutes) it prints the
@@ -2645,7 +2645,7 @@ def test_inference_speed_beside_onnx_runtime_and_transformers(tmp_path, capsys):
         runs["ONNX Runtime", dtype] = lambda ids, s=session: torch.softmax(torch.from_numpy(s.run(None, {"ids": ids.numpy()})[0]), -1)
     for dtype in ("float32", "bfloat16", "int8"):
         runs["minigpt", dtype] = lambda ids, m=minigpt.cast_for_inference(copy.deepcopy(model), dtype): \
-            finetune.prefix_probabilities(m, ids)
+            classify.prefix_probabilities(m, ids)
     hf = transformers.GPT2ForSequenceClassification(transformers.GPT2Config(
         n_embd=cfg.emb_dim, n_layer=cfg.n_layers, n_head=cfg.n_heads, n_positions=cfg.context_length, num_labels=2,
         pad_token_id=0, attn_implementation="sdpa")).to(torch.bfloat16).eval()  # its own random weights: speed only

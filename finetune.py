@@ -742,7 +742,7 @@ def main(argv=None):
                                                            dtype)                             # 3. batches
         title, sample_texts = page_text(args, splits, classes)
         recipe.update(title=title, sample_texts=sample_texts, max_length=max_length)   # the recipe, complete
-        print(f"Before finetuning: " + ", ".join(
+        print("Before finetuning: " + ", ".join(
             f"{name} {accuracy(model, batches[name], labels[name], args.pool, frozen, dtype):.2%}"
             for name in SPLITS))
         history, accuracies, seconds, seen = train(model, batches, labels, frozen, args, dtype)  # 4. train

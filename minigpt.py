@@ -735,11 +735,17 @@ def native_bfloat16(device):
         return False, f"{name} has no bfloat16 units"
     if device.type != "cpu":
         return False, f"bfloat16 is not measured on {device.type} here"
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    if (cpuinfo := read_cpuinfo()) is None:
         return False, "cannot read /proc/cpuinfo to tell whether this CPU has bfloat16 units"
     return cpu_bfloat16_flags(cpuinfo)
+
+
+def read_cpuinfo():
+    """The text of /proc/cpuinfo (Linux), or None where there is none to read."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
 
 
 BFLOAT16_UNITS = {"amx_bf16", "avx512_bf16", "bf16"}  # x86's AMX and AVX512 flags; ARM's
@@ -766,12 +772,7 @@ def cpu_bfloat16_flags(cpuinfo):
 def int8_units(device):
     """The CPU's int8 dot-product units that torch's int8 products use (VNNI, AMX-INT8; ARM's dot
     product and I8MM), as /proc/cpuinfo names them; none for other devices."""
-    if device.type != "cpu":
-        return []
-    try:
-        return cpu_flags(Path("/proc/cpuinfo").read_text(), INT8_UNITS)
-    except OSError:
-        return []
+    return cpu_flags(read_cpuinfo() or "", INT8_UNITS) if device.type == "cpu" else []
 
 
 def pick_dtype(name, device):
@@ -855,14 +856,21 @@ def dense_layers(block):
     return [(getattr(block, part), name) for part, name in DENSE_LAYERS]
 
 
-def to_int8(model):
-    """The model for inference in int8, in place: every Dense layer of every block (with what
-    finetune.py added to it: LoRA, NF4) and the output layer become Int8Dense; embeddings and
-    LayerNorms stay float32."""
+def products(model):
+    """(parent, name, weight (in, out), bias (out,) or None) of every matrix product of the model:
+    each Dense layer of every block (with what finetune.py added to it: LoRA, NF4, merged into one
+    matrix by weights()) and the output layer, for inference to replace."""
     for block in model.h:
         for parent, name in dense_layers(block):
-            setattr(parent, name, Int8Dense(*getattr(parent, name).weights()))
-    model.lm_head = Int8Dense(model.lm_head.weight.T, model.lm_head.bias)  # nn.Linear keeps (out, in)
+            yield parent, name, *getattr(parent, name).weights()
+    yield model, "lm_head", model.lm_head.weight.T, model.lm_head.bias  # nn.Linear keeps (out, in)
+
+
+def to_int8(model):
+    """The model for inference in int8, in place: every product (products()) becomes Int8Dense;
+    embeddings and LayerNorms stay float32."""
+    for parent, name, weight, bias in list(products(model)):
+        setattr(parent, name, Int8Dense(weight, bias))
     return model
 
 
@@ -873,8 +881,10 @@ class PackedDense(nn.Module):
     `x @ W` goes to MKL, which rearranges W into the blocks its kernel reads on every call; for
     the few rows of a classifier's text that costs as much as the product itself. oneDNN's
     product takes W rearranged once, here, and applies GELU to each output as it writes it (one
-    pass over the (rows, 4C) activations fewer). Measured on the 124M classifier, 2-core EPYC,
-    float32: 1 x 30 tokens 66 -> 33 ms, 32 x 30 tokens 33 -> 40 texts/s (docs/precision.md).
+    pass over the (rows, 4C) activations fewer). Measured side by side on the 124M shape, 2-core
+    EPYC (`python minigpt.py --model random --compare-dtypes`): float32 forward pass of 4 tokens
+    79-84 -> 25-31 ms, decoding 22.5-25 -> 34-37 tokens/s; bfloat16 decoding 30-41 -> 60 tokens/s
+    (docs/precision.md).
     weight: (in, out), bias: (out,) or None, in the dtype the product runs in.
     """
 
@@ -885,22 +895,18 @@ class PackedDense(nn.Module):
         self.post_op, self.algorithm = ("gelu", "tanh") if gelu else ("none", "")
 
     def forward(self, x):
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, self.post_op, [], self.algorithm)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, self.post_op, [], self.algorithm)  # (..., in) -> (..., out)
 
 
 def pack_for_cpu(model, dtype):
-    """Every Dense layer of every block (with what finetune.py added to it: LoRA, NF4, merged
-    into one matrix) and the output layer as PackedDense in `dtype`, in place; each MLP's GELU
-    moves into its c_fc."""
+    """Every product (products()) as PackedDense in `dtype`, in place; each MLP's GELU moves into
+    its c_fc."""
     dtype = getattr(torch, dtype)
+    for parent, name, weight, bias in list(products(model)):
+        bias = None if bias is None else bias.to(dtype)
+        setattr(parent, name, PackedDense(weight.to(dtype), bias, gelu=name == "c_fc"))  # c_fc: the MLP's first
     for block in model.h:
-        for parent, name in dense_layers(block):
-            weight, bias = getattr(parent, name).weights()
-            gelu = parent is block.mlp and name == "c_fc"
-            setattr(parent, name, PackedDense(weight.to(dtype), bias.to(dtype), gelu=gelu))
         block.mlp.gelu = nn.Identity()
-    bias = model.lm_head.bias
-    model.lm_head = PackedDense(model.lm_head.weight.T.to(dtype), None if bias is None else bias.to(dtype))
     return model
 
 

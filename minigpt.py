@@ -464,15 +464,6 @@ def lm_evaluate(model, batches, dtype=torch.float32):
     return total / max(windows, 1)
 
 
-def cosine_lr(step, total_steps, peak_lr, warmup_steps, min_lr=0.0):
-    """The learning rate of step `step` (counted from 1): a linear warmup to peak_lr over the
-    first warmup_steps steps, then a half cosine down to min_lr at total_steps."""
-    if step <= warmup_steps:
-        return peak_lr * step / warmup_steps
-    progress = (step - 1 - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def adamw(model, lr, weight_decay, betas=(0.9, 0.999)):
     """AdamW over the parameters that train, in two groups.
 
@@ -491,11 +482,6 @@ def adamw(model, lr, weight_decay, betas=(0.9, 0.999)):
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     device = next(model.parameters()).device
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type in ("cpu", "cuda"))
-
-
-def set_lr(optimizer, lr):
-    for group in optimizer.param_groups:
-        group["lr"] = lr
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -349,27 +350,15 @@ def train(args, model, optimizer, windows, progress, plan, eval_sets, tokenizer,
     # and saved. The GPT has no buffers, so the wrapper's forward pass needs no talk between
     # processes (it would broadcast buffers) and process 0 can evaluate alone.
     trained = DistributedDataParallel(model) if dist.is_initialized() else model
-    device = model.wte.weight.device
     meter = progress["seen"], progress["seconds"]  # at the last speed report
     model.train()
     total = steps_to_run(args, progress, plan)
     with StopRequests() as stop:
         while progress["step"] < total:
             step = progress["step"] + 1
-            lr = minigpt.cosine_lr(step, total, args.lr, args.warmup) if args.warmup else args.lr
-            minigpt.set_lr(optimizer, lr)
             start = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            micro_batches = windows.micro_batches(step)  # grad_accum pairs (x, y), (B, T) each; y is x shifted by one
-            for i, (x, y) in enumerate(micro_batches):
-                last = i == len(micro_batches) - 1       # under torchrun, gradients are shared once, after the last
-                with contextlib.nullcontext() if last or trained is model else trained.no_sync():
-                    with minigpt.autocast(device, dtype):
-                        loss = trained(x.to(device), targets=y.to(device))  # mean cross-entropy of B*T next tokens
-                    (loss / len(micro_batches)).backward()  # summed: the gradient of the micro-batches' mean
-            if args.clip:                                # --clip (the book's ch5 setting: 0, none)
-                torch.nn.utils.clip_grad_norm_(trained.parameters(), args.clip)
-            optimizer.step()
+            lr = learning_rate(args, step, total)
+            train_step(args, trained, optimizer, windows.micro_batches(step), lr, dtype)
             progress.update(step=step, seen=progress["seen"] + windows.global_batch * args.context_length,
                             seconds=progress["seconds"] + time.perf_counter() - start)
             total = steps_to_run(args, progress, plan)  # (with --minutes, the time left may end the run here)
@@ -381,6 +370,36 @@ def train(args, model, optimizer, windows, progress, plan, eval_sets, tokenizer,
                 save(args, model, optimizer, progress, total, finished=False)
                 print(f"Saved step {step:,} to {args.out / 'model.pt'}")
     return False, total
+
+
+def learning_rate(args, step, total):
+    """AdamW's learning rate at step `step` (counted from 1) of `total`: a linear warmup to --lr
+    over the first --warmup steps, then a half cosine down to 0 at the last step; --warmup 0:
+    --lr throughout (the book's ch5 setting)."""
+    if args.warmup == 0:
+        return args.lr
+    if step <= args.warmup:
+        return args.lr * step / args.warmup
+    done = (step - 1 - args.warmup) / max(1, total - args.warmup)  # 0 after the warmup, 1 at the end
+    return 0.5 * args.lr * (1 + math.cos(math.pi * min(done, 1.0)))
+
+
+def train_step(args, trained, optimizer, micro_batches, lr, dtype):
+    """One optimizer step: the gradient of the mean loss over the micro-batches (grad_accum pairs
+    (x, y), (B, T) each; y is x shifted by one), its norm clipped to --clip, then AdamW's update."""
+    device = next(trained.parameters()).device
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    for i, (x, y) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1       # under torchrun, gradients are shared once, after the last
+        with contextlib.nullcontext() if last or not dist.is_initialized() else trained.no_sync():
+            with minigpt.autocast(device, dtype):
+                loss = trained(x.to(device), targets=y.to(device))  # mean cross-entropy of B*T next tokens
+            (loss / len(micro_batches)).backward()  # summed: the gradient of the micro-batches' mean
+    if args.clip:                                # --clip (the book's ch5 setting: 0, none)
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), args.clip)
+    optimizer.step()
 
 
 def show_progress(args, model, eval_sets, progress, windows, total, lr, tokenizer, dtype, meter):

@@ -9,6 +9,7 @@ Hermetic: every test writes under pytest's temporary folders. The data folder (m
 and MINIGPT_DATA for the scripts run as subprocesses) points into one for the whole session.
 """
 
+import argparse
 import contextlib
 import copy
 import csv
@@ -383,9 +384,11 @@ def test_chunked_loss_and_gradients_equal_the_plain_cross_entropy(monkeypatch, d
 
 
 def test_cosine_learning_rate_counts_steps_from_1():
-    lrs = [minigpt.cosine_lr(s, 100, 1.0, 10) for s in range(1, 101)]
+    args = argparse.Namespace(lr=1.0, warmup=10)
+    lrs = [pretrain.learning_rate(args, s, 100) for s in range(1, 101)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == 1.0 and lrs[-1] < 0.01
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert pretrain.learning_rate(argparse.Namespace(lr=0.5, warmup=0), 7, 100) == 0.5  # --warmup 0: constant
 
 
 def test_checkpoint_round_trip(tmp_path):

@@ -712,6 +712,7 @@ def parser():
     minigpt.add_device_flags(p)
     p.add_argument("--out", type=minigpt.output_folder, default="runs/pretrain",
                    help="folder for model.pt, loss.svg, history.json (--corpus's name replaces {corpus})")
+    p.set_defaults(model={})  # changes to the preset's GPTConfig (a setting's)
     return p
 
 
@@ -729,26 +730,31 @@ def settings_help():
 
 
 def parse_args(argv=None):
+    """The flags. A setting's values (SETTINGS) are the defaults of the flags it names, so a flag
+    given on the command line wins; with no --setting, none applies but 'corpus' for a corpus."""
     p = parser()
-    args = p.parse_args(argv)  # --help, usage errors, every flag's default
-    # Parsed again onto a namespace where every flag is UNSET: argparse fills in a default only
-    # where a name is missing, so what stays UNSET was not on the command line.
-    marked = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), UNSET)))
-    given = {key: value for key, value in vars(marked).items() if value is not UNSET}
-    args.setting = given.get("setting") or ("corpus" if given.get("corpus") in ("books", "shakespeare") else "default")
-    args.model = {}  # changes to the preset's GPTConfig (a setting's)
-    for key, value in SETTINGS[args.setting].items():  # the setting's changes, where no flag was given
-        if key not in given:
-            setattr(args, key, value)
-    args.given = given
+    first = p.parse_args(argv)  # --help, usage errors, and which setting
+    setting = first.setting or ("corpus" if first.corpus in ("books", "shakespeare") else "default")
+    p.set_defaults(setting=setting, **SETTINGS[setting])
+    args = p.parse_args(argv)
+    args.given = flags_given(p, argv)
     if args.minutes:  # the budget is the time: a setting's epochs or steps apply only if given
-        args.epochs, args.max_steps = given.get("epochs"), given.get("max_steps")
-    if args.init and "preset" in given:
+        args.epochs, args.max_steps = args.given.get("epochs"), args.given.get("max_steps")
+    if args.init and "preset" in args.given:
         p.error("--preset and --init: the model's shape comes from --init")
     if args.text:
         args.text = [str(path.resolve()) for path in args.text]
         args.corpus = None
     return args
+
+
+def flags_given(p, argv):
+    """{name: value} of the flags the command line gives (for --resume and --minutes): parsed onto
+    a namespace where every name is UNSET, argparse fills in a default only where a name is
+    missing, so what stays UNSET was not given."""
+    names = vars(p.parse_args(argv))
+    marked = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(names, UNSET)))
+    return {key: value for key, value in vars(marked).items() if value is not UNSET}
 
 
 def resume(args, device):

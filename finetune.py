@@ -338,6 +338,37 @@ def split_examples(examples, seed, balance, dedupe=False):
     return splits
 
 
+def balance_classes(examples, rng):
+    """(kept, left out): every class down-sampled to the size of the smallest (only the larger
+    classes are sampled), then shuffled together."""
+    classes = by_class(examples)
+    smallest = min(len(members) for members in classes.values())
+    kept, left_out = [], []
+    for members in classes.values():
+        if len(members) > smallest:
+            order = rng.permutation(len(members))
+            kept += [members[i] for i in order[:smallest]]
+            left_out += [members[i] for i in order[smallest:]]
+        else:
+            kept += members
+    return [kept[i] for i in rng.permutation(len(kept))], left_out
+
+
+def by_class(examples):
+    """{label: [its examples, in file order]}, labels sorted."""
+    members = {}
+    for example in examples:
+        members.setdefault(example[0], []).append(example)
+    return dict(sorted(members.items()))
+
+
+def cut_70_10_20(items):
+    """The first 70 % (int() rounds down), the next 10 %, the rest."""
+    n_train = int(0.7 * len(items))
+    n_validation = int(0.1 * len(items))
+    return items[:n_train], items[n_train:n_train + n_validation], items[n_train + n_validation:]
+
+
 def stratified_split(examples, rng):
     """Each class shuffled and split 70/10/20 on its own, so each split has the classes in the
     proportions of the whole file; then each split shuffled. "unseen" is empty."""
@@ -362,37 +393,6 @@ def check_every_class_in_every_split(splits, examples, balance):
                 f"class {absent[0]!r} has {counts[absent[0]]} examples{' after balancing' if balance else ''}: "
                 f"too few to appear in the {name} split (70/10/20 needs at least 10 of each class). "
                 "Add examples, or give your own --validation-data and --test-data")
-
-
-def by_class(examples):
-    """{label: [its examples, in file order]}, labels sorted."""
-    members = {}
-    for example in examples:
-        members.setdefault(example[0], []).append(example)
-    return dict(sorted(members.items()))
-
-
-def balance_classes(examples, rng):
-    """(kept, left out): every class down-sampled to the size of the smallest (only the larger
-    classes are sampled), then shuffled together."""
-    classes = by_class(examples)
-    smallest = min(len(members) for members in classes.values())
-    kept, left_out = [], []
-    for members in classes.values():
-        if len(members) > smallest:
-            order = rng.permutation(len(members))
-            kept += [members[i] for i in order[:smallest]]
-            left_out += [members[i] for i in order[smallest:]]
-        else:
-            kept += members
-    return [kept[i] for i in rng.permutation(len(kept))], left_out
-
-
-def cut_70_10_20(items):
-    """The first 70 % (int() rounds down), the next 10 %, the rest."""
-    n_train = int(0.7 * len(items))
-    n_validation = int(0.1 * len(items))
-    return items[:n_train], items[n_train:n_train + n_validation], items[n_train + n_validation:]
 
 
 def passages(per_class=600, seed=123):

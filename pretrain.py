@@ -352,7 +352,7 @@ def train(args, model, optimizer, windows, progress, plan, eval_sets, tokenizer,
     trained = DistributedDataParallel(model) if dist.is_initialized() else model
     meter = progress["seen"], progress["seconds"]  # at the last speed report
     model.train()
-    total = steps_to_run(args, progress, plan)
+    total = steps_to_run(args, progress, plan)  # the plan (planned_steps: --epochs or --max-steps); --minutes: what fits
     with StopRequests() as stop:
         while progress["step"] < total:
             step = progress["step"] + 1

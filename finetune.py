@@ -760,6 +760,8 @@ def main(argv=None):
 def load_splits(args, examples=None):
     """Step 1, data: read the examples (unless given: read_data's), check them, split them.
     Nothing is written yet (see save_outputs): bad data costs nothing."""
+    if args.balance is None:  # --balance's default: on for the SMS data, as in the book
+        args.balance = args.data == "sms"
     examples = read_data(args) if examples is None else examples
     counts = Counter(label for label, _ in examples)
     if len(counts) > MAX_CLASSES:
@@ -1018,7 +1020,8 @@ def parse_args(argv=None):
     p.add_argument("--unseen-ham", dest="unseen", type=how_many, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--title", help="the web page's question (default: from the data, e.g. 'Is this SMS spam?')")
     p.add_argument("--seed", type=int, default=123, help="the new head's initial weights and the order of the batches")
-    p.add_argument("--split-seed", type=int, help="the split and the balancing sample (default: --seed)")
+    p.add_argument("--split-seed", type=int, default=123,
+                   help="the split and the balancing sample: the same split for every --seed")
     p.add_argument("--unlabelled", type=minigpt.output_file, metavar="FILE",
                    help="write the texts of --data that this split leaves out of validation, test and the "
                         "unseen sample to FILE, one per line (for pretrain.py --text), and stop")
@@ -1028,9 +1031,6 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if (args.validation_data is None) != (args.test_data is None):
         p.error("give --validation-data and --test-data together (or neither: then --data is split 70/10/20)")
-    if args.balance is None:  # --balance's default: on for the SMS data, as in the book
-        args.balance = args.data == "sms"
-    args.split_seed = args.seed if args.split_seed is None else args.split_seed  # --split-seed's default: --seed
     return args
 
 

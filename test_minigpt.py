@@ -2699,6 +2699,35 @@ def test_default_dtype_times_nothing_in_generating_and_classifying(tiny_classifi
     assert f"spam (in {rule})" in out or f"ham (in {rule})" in out  # --explain says which dtype answered
 
 
+def test_the_batcher_waits_for_the_clients_it_answered_but_briefly():
+    """Closed-loop clients (each sends again once answered) ride in full passes, not in two
+    alternating halves; a request on a quiet server waits at most a tenth of the last pass."""
+    class Slow:  # a pass takes 50 ms, whatever it holds
+        sizes = []
+
+        def probabilities(self, rows, lengths):
+            self.sizes.append(len(rows))
+            time.sleep(0.05)
+            return [[1.0]] * len(rows), [[]] * len(rows)
+
+    batcher = classify.Batcher(Slow(), max_batch=64)
+    def client():
+        for _ in range(6):
+            batcher.submit([[1, 2]], [2])
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(Slow.sizes) == 48
+    assert len(Slow.sizes) <= 9, Slow.sizes  # about 6 passes of 8; two halves would take about 12
+    time.sleep(0.1)  # quiet: the clients are gone
+    start = time.monotonic()
+    batcher.submit([[1, 2]], [2])
+    assert time.monotonic() - start < 0.05 + 0.04  # the pass, plus at most 5 ms of waiting (and slack)
+    batcher.stop()
+
+
 def test_kept_alive_connections_carry_many_requests(quiet_classifier, monkeypatch, capfd):
     monkeypatch.setattr(classify.Handler, "keep_alive", 0.5)
     with running(quiet_classifier) as (url, server):

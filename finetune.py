@@ -459,7 +459,7 @@ def train(model, batches, labels, frozen, args, dtype):
     total = min(args.epochs * len(batches["train_shuffled"]), args.max_steps or math.inf)
     step = seen = 0
     start = time.time()
-    model.train()  # dropout is 0 while finetuning (base_model)
+    model.train()  # dropout layers on, with p = 0: base_model sets dropout 0.0 for every classifier
     for epoch in range(1, args.epochs + 1):
         for index, x, lengths in batches["train_shuffled"]:
             optimizer.zero_grad(set_to_none=True)
@@ -475,7 +475,7 @@ def train(model, batches, labels, frozen, args, dtype):
         if step % len(batches["train_shuffled"]):  # --max-steps ended the run within an epoch
             break
         accuracies["epoch"].append(epoch)
-        for name in ("train", "validation"):
+        for name in ("train", "validation"):  # the whole split, unshuffled (make_batches: batches[name])
             accuracies[name].append(accuracy(model, batches[name], labels[name], args.pool, frozen, dtype))
         print(f"Training accuracy: {accuracies['train'][-1]:.2%} | "
               f"Validation accuracy: {accuracies['validation'][-1]:.2%}")
@@ -526,6 +526,8 @@ def predict(model, batches, pool, frozen, dtype=torch.float32):
 
 
 def accuracy(model, batches, labels, pool, frozen, dtype=torch.float32):
+    """The share of rows whose most likely class (argmax of predict) is their label: every row of
+    the split once, in eval mode."""
     return (predict(model, batches, pool, frozen, dtype).argmax(dim=1) == labels).float().mean().item()
 
 

@@ -369,32 +369,6 @@ def cut_70_10_20(items):
     return items[:n_train], items[n_train:n_train + n_validation], items[n_train + n_validation:]
 
 
-def stratified_split(examples, rng):
-    """Each class shuffled and split 70/10/20 on its own, so each split has the classes in the
-    proportions of the whole file; then each split shuffled. "unseen" is empty."""
-    splits = {name: [] for name in SPLITS}
-    for members in by_class(examples).values():
-        members = [members[i] for i in rng.permutation(len(members))]
-        for name, part in zip(SPLITS, cut_70_10_20(members)):
-            splits[name] += part
-    splits = {name: [part[i] for i in rng.permutation(len(part))] for name, part in splits.items()}
-    splits["unseen"] = []
-    return splits
-
-
-def check_every_class_in_every_split(splits, examples, balance):
-    """A DataError naming the first class that some split lacks."""
-    classes = sorted({label for label, _ in examples})
-    for name in SPLITS:
-        present = {label for label, _ in splits[name]}
-        if absent := [c for c in classes if c not in present]:
-            counts = Counter(label for label, _ in examples)
-            raise minigpt.DataError(
-                f"class {absent[0]!r} has {counts[absent[0]]} examples{' after balancing' if balance else ''}: "
-                f"too few to appear in the {name} split (70/10/20 needs at least 10 of each class). "
-                "Add examples, or give your own --validation-data and --test-data")
-
-
 def passages(per_class=600, seed=123):
     """The second worked example: [(source, passage)], passages of 2-3 sentences from six texts.
 
@@ -427,6 +401,32 @@ def passages(per_class=600, seed=123):
         for i in sorted(rng.permutation(len(found))[:per_class]):
             examples.append((name, found[i]))
     return examples
+
+
+def stratified_split(examples, rng):
+    """Each class shuffled and split 70/10/20 on its own, so each split has the classes in the
+    proportions of the whole file; then each split shuffled. "unseen" is empty."""
+    splits = {name: [] for name in SPLITS}
+    for members in by_class(examples).values():
+        members = [members[i] for i in rng.permutation(len(members))]
+        for name, part in zip(SPLITS, cut_70_10_20(members)):
+            splits[name] += part
+    splits = {name: [part[i] for i in rng.permutation(len(part))] for name, part in splits.items()}
+    splits["unseen"] = []
+    return splits
+
+
+def check_every_class_in_every_split(splits, examples, balance):
+    """A DataError naming the first class that some split lacks."""
+    classes = sorted({label for label, _ in examples})
+    for name in SPLITS:
+        present = {label for label, _ in splits[name]}
+        if absent := [c for c in classes if c not in present]:
+            counts = Counter(label for label, _ in examples)
+            raise minigpt.DataError(
+                f"class {absent[0]!r} has {counts[absent[0]]} examples{' after balancing' if balance else ''}: "
+                f"too few to appear in the {name} split (70/10/20 needs at least 10 of each class). "
+                "Add examples, or give your own --validation-data and --test-data")
 
 
 def read_data(args):
@@ -487,6 +487,24 @@ def train(model, batches, labels, frozen, args, dtype):
     return history, accuracies, seconds, seen
 
 
+def predict(model, batches, pool, frozen, dtype=torch.float32):
+    """Class probabilities (N, classes) of every row of `batches`, in the rows' own order;
+    the softmax in float32."""
+    probs = None
+    with minigpt.eval_mode(model):
+        for index, x, lengths in batches:
+            p = torch.softmax(class_logits(model, x, lengths, pool, frozen, dtype).float(), dim=-1).cpu()
+            probs = torch.zeros(len(batches.rows), p.shape[1]) if probs is None else probs
+            probs[index] = p
+    return probs
+
+
+def accuracy(model, batches, labels, pool, frozen, dtype=torch.float32):
+    """The share of rows whose most likely class (argmax of predict) is their label: every row of
+    the split once, in eval mode."""
+    return (predict(model, batches, pool, frozen, dtype).argmax(dim=1) == labels).float().mean().item()
+
+
 def record_losses(model, batches, labels, history, seen, epoch, step, args, frozen, dtype):
     """The mean loss on at most 5 batches of training and of validation texts, kept in history
     and printed."""
@@ -513,24 +531,6 @@ def mean_loss(model, batches, labels, pool, frozen, dtype):
 
 
 @torch.no_grad()
-def predict(model, batches, pool, frozen, dtype=torch.float32):
-    """Class probabilities (N, classes) of every row of `batches`, in the rows' own order;
-    the softmax in float32."""
-    probs = None
-    with minigpt.eval_mode(model):
-        for index, x, lengths in batches:
-            p = torch.softmax(class_logits(model, x, lengths, pool, frozen, dtype).float(), dim=-1).cpu()
-            probs = torch.zeros(len(batches.rows), p.shape[1]) if probs is None else probs
-            probs[index] = p
-    return probs
-
-
-def accuracy(model, batches, labels, pool, frozen, dtype=torch.float32):
-    """The share of rows whose most likely class (argmax of predict) is their label: every row of
-    the split once, in eval mode."""
-    return (predict(model, batches, pool, frozen, dtype).argmax(dim=1) == labels).float().mean().item()
-
-
 def classification_metrics(labels, predicted, n_classes):
     """Accuracy, the confusion matrix and per-class precision, recall and F1.
 

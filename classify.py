@@ -988,8 +988,8 @@ def benchmark(classifier, n, concurrency=1, keep_alive=False, limit=300, text=BE
     machine's cores with it). Then the model alone (the same Classifier, no HTTP) runs the very
     forward passes the service ran, the same number of texts in each: the rate the service
     would have with no time lost around the model; and, beside it, the rate of passes of
-    `concurrency` texts (closed-loop clients tend to split into two alternating halves: while
-    one half's pass runs, the other half's requests arrive and wait for the next)."""
+    `concurrency` texts: the service's rate were every pass full (Batcher waits for the clients
+    it answered, so that passes stay nearly full)."""
     recording = Recording(classifier)
     server = make_server(recording, port=0, max_connections=max(64, concurrency), worker_thread=False)
     server.RequestHandlerClass.access_log = False

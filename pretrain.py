@@ -659,7 +659,7 @@ def rng_states():
 #    (or --corpus books) changes several of them; a flag given on the command line wins.
 # ----------------------------------------------------------------------------------------------
 
-UNSET = object()  # marks the flags a command line leaves out (parse_args)
+UNSET = object()  # marks the flags a command line leaves out (flags_given)
 
 
 def parser():

@@ -293,21 +293,19 @@ class GPT(nn.Module):
         return self.drop(self.wte(idx) + self.wpe(positions))                   # (B, T, C)
 
     def forward(self, idx, cache=None, targets=None):
-        """Token ids (B, T) -> logits (B, T, vocab_size). Given targets (B, T), the loss instead: the
-        book's F.cross_entropy(logits.flatten(0, 1), targets.flatten()), the mean over all B·T
-        positions, computed a chunk of positions at a time without the whole logits
-        (ChunkedCrossEntropy, section 5). It is inside forward so that a DistributedDataParallel
-        wrapper sees the whole computation. With a KVCache, idx holds only the new positions."""
+        """Token ids (B, T) -> logits (B, T, vocab_size); given targets (B, T), the loss instead (inside
+        forward, so that a DistributedDataParallel wrapper sees the whole computation). With a
+        KVCache, idx holds only the new positions."""
         x = self.embed(idx, cache.length if cache is not None else 0)  # (B, T, C)
         for block in self.h:
             x = block(x, cache)                                        # (B, T, C)
-        if cache is not None:
-            cache.length += idx.shape[1]                               # every layer has appended its T positions
         x = self.ln_f(x)                                               # (B, T, C)
         if targets is None:
             return self.lm_head(x)                                     # (B, T, vocab_size)
+        # The book's F.cross_entropy(logits.flatten(0, 1), targets.flatten()): -log p(target) at every
+        # one of the B·T positions, averaged; a chunk of positions at a time (ChunkedCrossEntropy).
         return ChunkedCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten(),
-                                         torch.is_grad_enabled())
+                                         torch.is_grad_enabled())      # (B·T, C), (vocab, C), (B·T,)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,14 +326,18 @@ class KVCache:
         shape = (cfg.n_layers, batch_size, cfg.n_heads, max_len, hs)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (layers, B, nh, max_len, hs)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # positions filled; GPT.forward advances it after the last layer
+        self.length = 0  # positions filled in every layer
 
     def append(self, layer, k, v):
-        """Store the (B, nh, T, hs) keys and values of T new positions; return all so far."""
+        """Store the (B, nh, T, hs) keys and values of T new positions; return all so far. The
+        last layer's append completes the T positions: the cache's length grows by T."""
         end = self.length + k.shape[2]
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, end, hs)
+        k, v = self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, end, hs)
+        if layer == len(self.k) - 1:
+            self.length = end
+        return k, v
 
 
 @torch.inference_mode()
@@ -409,37 +411,37 @@ def encode(texts, tokenizer, max_length=None):
 # ----------------------------------------------------------------------------------------------
 
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """The book's F.cross_entropy(logits.flatten(0, 1), targets.flatten()), with logits = h @ weightᵀ,
-    a chunk of positions at a time, so the whole (N, vocab) logits never exist. h: (N, C) hidden
-    states, weight: (vocab, C), targets: (N,). The gradient with respect to the logits is
-    softmax(logits) - one_hot(target), so each chunk's gradients for h and the weight are computed
-    right after its loss and its logits dropped; backward only scales them. Under autocast the
-    products run in its dtype, the softmax in float32. grads False: no backward follows, none kept.
-    Measured (docs/pretraining-pays-off.md): batch 8, the same speed in 15-30 % less memory;
-    batch 32, 1.8x the tokens/s in float32, 1.4x in bfloat16, in half the memory.
+    """mean over N positions of -log softmax(h @ weightᵀ)[target], a chunk of positions at a time,
+    so the whole (N, vocab) logits never exist. h: (N, C), weight: (vocab, C), targets: (N,).
+
+    d(sum of losses)/d(logits) = softmax(logits) - one_hot(target), so each chunk's gradients for h
+    and the weight are computed right after its loss, and its logits dropped; backward only scales
+    them by 1 / N. Under autocast the products run in its dtype, the softmax in float32. grads
+    False: no backward follows, none kept. Measured (docs/pretraining-pays-off.md): batch 8, the
+    same speed in 15-30 % less memory; batch 32, 1.8x the tokens/s in float32, 1.4x in bfloat16.
     """
 
     chunk = 1024  # positions at a time: at most 1024 x 50,257 float32 logits (206 MB) exist at once
 
     @staticmethod
     def forward(ctx, h, weight, targets, grads):
-        n, chunk = h.shape[0], ChunkedCrossEntropy.chunk              # h: (N, C), weight: (vocab, C)
-        total = torch.zeros((), device=h.device)
-        grad_h = torch.empty_like(h) if grads else None                 # (N, C)
+        n = h.shape[0]
+        total = torch.zeros((), device=h.device)                                   # the sum of the losses
+        grad_h = torch.empty_like(h) if grads else None                            # (N, C)
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if grads else None  # (vocab, C)
-        for i in range(0, n, chunk):
-            t = targets[i:i + chunk]                                   # (n,)
-            log_p = torch.log_softmax((h[i:i + chunk] @ weight.T).float(), dim=-1)  # (n, vocab): this chunk only
+        for i in range(0, n, ChunkedCrossEntropy.chunk):
+            hc, t = h[i:i + ChunkedCrossEntropy.chunk], targets[i:i + ChunkedCrossEntropy.chunk]  # (n, C), (n,)
+            log_p = torch.log_softmax((hc @ weight.T).float(), dim=-1)          # (n, vocab): this chunk only
             rows = torch.arange(len(t), device=t.device)
             total += -log_p[rows, t].sum()
             if grads:
-                g = log_p.exp_()                                       # softmax, in place of the log
-                g[rows, t] -= 1                                        # minus the one-hot target: d(sum of
-                grad_h[i:i + chunk] = g @ weight                       # losses) / d(logits), (n, vocab); (n, C)
-                grad_w += (g.T @ h[i:i + chunk]).float()               # (vocab, C)
+                g = log_p.exp_()                                                # softmax, in place of the log
+                g[rows, t] -= 1                                                 # minus the one-hot target
+                grad_h[i:i + len(t)] = g @ weight                               # (n, C)
+                grad_w += (g.T @ hc).float()                                    # (vocab, C)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.n = n
-        return total / n
+        return total / n                                                        # the mean over the N positions
 
     @staticmethod
     def backward(ctx, grad_loss):

@@ -475,7 +475,7 @@ def train(model, batches, labels, frozen, args, dtype):
         if step % len(batches["train_shuffled"]):  # --max-steps ended the run within an epoch
             break
         accuracies["epoch"].append(epoch)
-        for name in ("train", "validation"):  # the whole split, unshuffled (make_batches: batches[name])
+        for name in ("train", "validation"):  # every text of the split once, in length order
             accuracies[name].append(accuracy(model, batches[name], labels[name], args.pool, frozen, dtype))
         print(f"Training accuracy: {accuracies['train'][-1]:.2%} | "
               f"Validation accuracy: {accuracies['validation'][-1]:.2%}")

@@ -355,15 +355,13 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=Non
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)  # (B,): produced eos_id
     with eval_mode(model):
         for _ in range(max_new_tokens):
-            if not use_cache:
-                logits = model(idx[:, -ctx:])
-            elif cache is not None and cache.length < ctx:
-                logits = model(idx[:, -1:], cache)
-            else:  # first step, or the window slid: (re)fill a cache from the cropped window
+            if cache is not None and cache.length < ctx:  # the cache holds every earlier position
+                logits = model(idx[:, -1:], cache)          # (B, 1, vocab): the newest token only
+            else:  # first step, the window slid, or no cache: the whole cropped window, filling a new cache
                 window = idx[:, -ctx:]
                 cache = KVCache(model.cfg, idx.shape[0], min(ctx, window.shape[1] + max_new_tokens),
-                                idx.device, model.wte.weight.dtype)
-                logits = model(window, cache)
+                                idx.device, model.wte.weight.dtype) if use_cache else None
+                logits = model(window, cache)               # (B, T, vocab)
             next_id = next_token(logits[:, -1, :].float(), temperature, top_k, generator)  # (B, 1)
             idx = torch.cat([idx, next_id], dim=1)
             if eos_id is not None:

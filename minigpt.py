@@ -409,14 +409,13 @@ def encode(texts, tokenizer, max_length=None):
 # ----------------------------------------------------------------------------------------------
 
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """mean over N positions of -log softmax(h @ weightᵀ)[target], a chunk of positions at a time,
-    so the whole (N, vocab) logits never exist. h: (N, C), weight: (vocab, C), targets: (N,).
-
-    d(sum of losses)/d(logits) = softmax(logits) - one_hot(target), so each chunk's gradients for h
-    and the weight are computed right after its loss, and its logits dropped; backward only scales
-    them by 1 / N. Under autocast the products run in its dtype, the softmax in float32. grads
-    False: no backward follows, none kept. Measured (docs/pretraining-pays-off.md): batch 8, the
-    same speed in 15-30 % less memory; batch 32, 1.8x the tokens/s in float32, 1.4x in bfloat16.
+    """The book's F.cross_entropy(h @ weightᵀ, targets), the mean over N positions, a chunk of
+    positions at a time, so that the (N, vocab) logits never exist whole. h: (N, C), weight:
+    (vocab, C), targets: (N,). Each chunk's gradients are computed right after its loss
+    (d loss / d logits = softmax - one_hot(target)) and its logits dropped; backward scales them.
+    Under autocast the products run in its dtype, the softmax in float32. grads False (evaluating):
+    none computed. Measured (docs/pretraining-pays-off.md): batch 32, 1.8x the tokens/s in float32
+    and 1.4x in bfloat16, in half the memory; batch 8, as fast in 15-30 % less memory.
     """
 
     chunk = 1024  # positions at a time: at most 1024 x 50,257 float32 logits (206 MB) exist at once

@@ -286,7 +286,7 @@ class GPT(nn.Module):
             init_parameter(name, p, cfg)
 
     def embed(self, idx, past=0):
-        """Token ids (B, T) at positions past..past+T-1 -> (B, T, C): what the token is plus where."""
+        """Token ids (B, T) at positions past..past+T-1 -> (B, T, C), C = cfg.emb_dim: what the token is plus where."""
         if past + idx.shape[1] > self.cfg.context_length:
             raise ValueError(f"{past + idx.shape[1]} positions, but the context is {self.cfg.context_length}")
         positions = torch.arange(past, past + idx.shape[1], device=idx.device)  # (T,)

@@ -317,6 +317,49 @@ def checked_example(path, line, label, text):
     return label, text
 
 
+def passages(per_class=600, seed=123):
+    """The second worked example: [(source, passage)], passages of 2-3 sentences from six texts.
+
+    Sources: four Project Gutenberg novels, Shakespeare's plays (tinyshakespeare) and "The
+    Verdict", fetched as any data file (public URL + sha256, or MINIGPT_MIRROR). Gutenberg's
+    license header and footer are left out (minigpt.gutenberg_body). Each text is split into
+    paragraphs at blank lines; lines that only name a speaker ("ROMEO:") and line breaks
+    inside a paragraph are dropped; each paragraph is cut into sentences after . ! or ? followed by
+    a space and a capital letter or quote. Consecutive sentences of a paragraph make passages of
+    2 or 3 sentences (at random), kept when 80-400 characters long; then at most `per_class`
+    passages per source are drawn at random. "The Verdict" is short: its class is smaller.
+    """
+    rng = np.random.default_rng(seed)
+    examples = []
+    for name, file in PASSAGE_SOURCES:
+        path = minigpt.fetch(*file)
+        first, end = minigpt.gutenberg_body(path)
+        text = "".join(path.read_text(encoding="utf-8").splitlines(keepends=True)[first:end])
+        found = []
+        for paragraph in re.split(r"\n\s*\n", text):
+            lines = [line for line in paragraph.splitlines() if not re.fullmatch(r"[A-Z][A-Za-z ]*:\s*", line)]
+            sentences = re.split(r"(?<=[.!?])\s+(?=[A-Z\"'])", " ".join(" ".join(lines).split()))
+            i = 0
+            while i + 2 <= len(sentences):
+                n = int(rng.integers(2, 4))  # 2 or 3 sentences
+                passage = " ".join(sentences[i:i + n])
+                if 80 <= len(passage) <= 400:
+                    found.append(passage)
+                i += n
+        for i in sorted(rng.permutation(len(found))[:per_class]):
+            examples.append((name, found[i]))
+    return examples
+
+
+def read_data(args):
+    """The examples of --data: a named data set or a file."""
+    if args.data == "sms":
+        return read_examples(minigpt.fetch(*SMS, archive_sha256=SMS_ZIP_SHA256))
+    if args.data == "passages":
+        return passages(seed=args.split_seed)
+    return read_examples(args.data, args.text_column, args.label_column)
+
+
 def split_examples(examples, seed, balance, dedupe=False):
     """{"train", "validation", "test", "unseen"}: lists of (label, text), shuffled with
     np.random.default_rng(seed) and split 70/10/20 (int() cuts, cut_70_10_20).
@@ -369,53 +412,6 @@ def cut_70_10_20(items):
     return items[:n_train], items[n_train:n_train + n_validation], items[n_train + n_validation:]
 
 
-def passages(per_class=600, seed=123):
-    """The second worked example: [(source, passage)], passages of 2-3 sentences from six texts.
-
-    Sources: four Project Gutenberg novels, Shakespeare's plays (tinyshakespeare) and "The
-    Verdict", fetched as any data file (public URL + sha256, or MINIGPT_MIRROR). Gutenberg's
-    license header and footer are left out (minigpt.gutenberg_body). Each text is split into
-    paragraphs at blank lines; lines that only name a speaker ("ROMEO:") and line breaks
-    inside a paragraph are dropped; each paragraph is cut into sentences after . ! or ? followed by
-    a space and a capital letter or quote. Consecutive sentences of a paragraph make passages of
-    2 or 3 sentences (at random), kept when 80-400 characters long; then at most `per_class`
-    passages per source are drawn at random. "The Verdict" is short: its class is smaller.
-    """
-    rng = np.random.default_rng(seed)
-    examples = []
-    for name, file in PASSAGE_SOURCES:
-        path = minigpt.fetch(*file)
-        first, end = minigpt.gutenberg_body(path)
-        text = "".join(path.read_text(encoding="utf-8").splitlines(keepends=True)[first:end])
-        found = []
-        for paragraph in re.split(r"\n\s*\n", text):
-            lines = [line for line in paragraph.splitlines() if not re.fullmatch(r"[A-Z][A-Za-z ]*:\s*", line)]
-            sentences = re.split(r"(?<=[.!?])\s+(?=[A-Z\"'])", " ".join(" ".join(lines).split()))
-            i = 0
-            while i + 2 <= len(sentences):
-                n = int(rng.integers(2, 4))  # 2 or 3 sentences
-                passage = " ".join(sentences[i:i + n])
-                if 80 <= len(passage) <= 400:
-                    found.append(passage)
-                i += n
-        for i in sorted(rng.permutation(len(found))[:per_class]):
-            examples.append((name, found[i]))
-    return examples
-
-
-def stratified_split(examples, rng):
-    """Each class shuffled and split 70/10/20 on its own, so each split has the classes in the
-    proportions of the whole file; then each split shuffled. "unseen" is empty."""
-    splits = {name: [] for name in SPLITS}
-    for members in by_class(examples).values():
-        members = [members[i] for i in rng.permutation(len(members))]
-        for name, part in zip(SPLITS, cut_70_10_20(members)):
-            splits[name] += part
-    splits = {name: [part[i] for i in rng.permutation(len(part))] for name, part in splits.items()}
-    splits["unseen"] = []
-    return splits
-
-
 def check_every_class_in_every_split(splits, examples, balance):
     """A DataError naming the first class that some split lacks."""
     classes = sorted({label for label, _ in examples})
@@ -429,13 +425,17 @@ def check_every_class_in_every_split(splits, examples, balance):
                 "Add examples, or give your own --validation-data and --test-data")
 
 
-def read_data(args):
-    """The examples of --data: a named data set or a file."""
-    if args.data == "sms":
-        return read_examples(minigpt.fetch(*SMS, archive_sha256=SMS_ZIP_SHA256))
-    if args.data == "passages":
-        return passages(seed=args.split_seed)
-    return read_examples(args.data, args.text_column, args.label_column)
+def stratified_split(examples, rng):
+    """Each class shuffled and split 70/10/20 on its own, so each split has the classes in the
+    proportions of the whole file; then each split shuffled. "unseen" is empty."""
+    splits = {name: [] for name in SPLITS}
+    for members in by_class(examples).values():
+        members = [members[i] for i in rng.permutation(len(members))]
+        for name, part in zip(SPLITS, cut_70_10_20(members)):
+            splits[name] += part
+    splits = {name: [part[i] for i in rng.permutation(len(part))] for name, part in splits.items()}
+    splits["unseen"] = []
+    return splits
 
 
 def write_csv(path, examples):

@@ -55,10 +55,11 @@ POOLS = ("last", "last_real", "mean")
 # 1. The classifier, the book's way: GPT-2 with a new head, read at one position.
 # ----------------------------------------------------------------------------------------------
 
-def make_classifier(model, trainable, n_classes=2, lora_rank=16, lora_alpha=16):
+def make_classifier(model, trainable, n_classes, lora_rank, lora_alpha):
     """Turn a GPT into a classifier in place: replace lm_head (the book's out_head) with
     Linear(emb_dim, classes), one output per class, and only `trainable` parts train. For qlora,
-    `model` comes with NF4Dense layers (load_nf4); LoRA goes around them as for lora."""
+    `model` comes with NF4Dense layers (load_nf4); LoRA goes around them as for lora. lora_rank and
+    lora_alpha: --lora-rank and --lora-alpha (used by lora and qlora only)."""
     model.lm_head = nn.Linear(model.cfg.emb_dim, n_classes).to(model.wte.weight.device)  # untied, new
     model.requires_grad_(trainable == "all")
     if trainable in ("lora", "qlora"):  # low-rank updates on every Dense (or NF4Dense) layer of every block:

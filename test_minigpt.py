@@ -1107,7 +1107,7 @@ def tiny_base(trainable, seed=0, cfg=TINY):
 
 @pytest.mark.parametrize("trainable", finetune.TRAINABLE)
 def test_each_trainable_choice_trains_exactly_its_parameters(trainable):
-    model = finetune.make_classifier(tiny_base(trainable), trainable)
+    model = finetune.make_classifier(tiny_base(trainable), trainable, 2, 16, 16)
     names = trainable_names(model)
     head = {"lm_head.weight", "lm_head.bias"}
     ln_f = {"ln_f.weight", "ln_f.bias"}
@@ -1151,8 +1151,8 @@ def test_metrics_against_hand_counted_values():
 
 
 def test_lora_starts_as_an_exact_no_op():
-    plain = finetune.make_classifier(tiny_model(), "head")
-    lora = finetune.make_classifier(tiny_model(), "lora", lora_rank=4, lora_alpha=8)
+    plain = finetune.make_classifier(tiny_model(), "head", 2, 16, 16)
+    lora = finetune.make_classifier(tiny_model(), "lora", 2, 4, 8)
     lora.lm_head.load_state_dict(plain.lm_head.state_dict())
     ids, lengths = torch.randint(0, TINY.vocab_size, (3, 10)), torch.tensor([10, 4, 7])
     with torch.no_grad():
@@ -1255,8 +1255,8 @@ def copy_to_plain(qlora, plain):
 
 
 def test_fresh_qlora_model_equals_the_model_with_dequantized_weights():
-    qlora = finetune.make_classifier(tiny_base("qlora"), "qlora", lora_rank=4, lora_alpha=8)
-    plain = finetune.make_classifier(tiny_base("lora"), "lora", lora_rank=4, lora_alpha=8)
+    qlora = finetune.make_classifier(tiny_base("qlora"), "qlora", 2, 4, 8)
+    plain = finetune.make_classifier(tiny_base("lora"), "lora", 2, 4, 8)
     copy_to_plain(qlora, plain)
     assert (qlora.h[0].attn.c_attn.B == 0).all()
     ids, lengths = torch.randint(0, TINY.vocab_size, (3, 10)), torch.tensor([10, 4, 7])
@@ -1280,7 +1280,7 @@ def test_fresh_qlora_model_equals_the_model_with_dequantized_weights():
 
 
 def test_qlora_in_bfloat16_dequantizes_to_bfloat16_and_trains_float32_adapters():
-    model = finetune.make_classifier(tiny_base("qlora"), "qlora")
+    model = finetune.make_classifier(tiny_base("qlora"), "qlora", 2, 16, 16)
     model.h[0].attn.c_attn.B.data.normal_(0, 0.1)
     ids, lengths = torch.randint(0, TINY.vocab_size, (3, 10)), torch.tensor([10, 4, 7])
     with torch.no_grad():
@@ -1355,7 +1355,7 @@ def test_the_fast_path_gives_the_book_classifiers_logits_and_loss(tokenizer, poo
     class_logits: the frozen blocks' cached output, the last block at the read position only,
     and batches of similar length padded to their own longest."""
     torch.manual_seed(0)
-    model = finetune.make_classifier(minigpt.GPT(replace(TINY, n_layers=3)).eval(), trainable)
+    model = finetune.make_classifier(minigpt.GPT(replace(TINY, n_layers=3)).eval(), trainable, 2, 16, 16)
     ids, _ = minigpt.encode(TEXTS, tokenizer)
     padded_ids, lengths = padded(ids)
     labels = torch.tensor([0, 1, 0, 0])
@@ -1376,7 +1376,7 @@ def test_the_fast_path_gives_the_book_classifiers_logits_and_loss(tokenizer, poo
 
 def test_bfloat16_frozen_blocks_and_cache_give_the_float32_logits(tokenizer):
     torch.manual_seed(0)
-    model = finetune.make_classifier(minigpt.GPT(replace(TINY, n_layers=3)).eval(), "last_block")
+    model = finetune.make_classifier(minigpt.GPT(replace(TINY, n_layers=3)).eval(), "last_block", 2, 16, 16)
     ids, _ = minigpt.encode(TEXTS[:3], tokenizer)
     padded_ids, lengths = padded(ids)
     with torch.no_grad():
@@ -1392,7 +1392,7 @@ def test_bfloat16_frozen_blocks_and_cache_give_the_float32_logits(tokenizer):
 
 
 def test_padding_does_not_change_last_real_or_mean(tokenizer):
-    model = finetune.make_classifier(tiny_model(), "last_block")
+    model = finetune.make_classifier(tiny_model(), "last_block", 2, 16, 16)
     ids = torch.tensor(tokenizer.encode("free prize call now"))
     short = ids[None]
     padded = torch.cat([ids, torch.full((9,), minigpt.EOT)])[None]
@@ -2416,7 +2416,7 @@ def test_prefix_probabilities_are_the_verdict_on_each_prefix(tokenizer, pool):
     """Row t is what the classifier answers for the text's first t + 1 tokens; the row it reads
     (the last real one, the padded end for 'last') is its answer, to 1e-6."""
     torch.manual_seed(0)
-    model = finetune.make_classifier(minigpt.GPT(replace(TINY, n_layers=3)).eval(), "last_block")
+    model = finetune.make_classifier(minigpt.GPT(replace(TINY, n_layers=3)).eval(), "last_block", 2, 16, 16)
     ids, _ = minigpt.encode(TEXTS, tokenizer)
     padded_ids, lengths = padded(ids)
     steps = classify.prefix_probabilities(model, padded_ids, pool)                     # (B, T, classes)
@@ -2634,7 +2634,7 @@ def test_inference_speed_beside_onnx_runtime_and_transformers(tmp_path, capsys):
     cfg = minigpt.PRESETS["gpt2-small"] if BENCHMARK else TINY
     torch.manual_seed(0)
     model = minigpt.GPT(cfg).eval()
-    finetune.make_classifier(model, "last_block", 2)
+    finetune.make_classifier(model, "last_block", 2, 16, 16)
     model.eval()
     lone, batch = torch.randint(0, cfg.vocab_size, (1, 30)), torch.randint(0, cfg.vocab_size, (32, 30))
     torch.onnx.export(model, (lone,), dynamo=True, dynamic_shapes=({0: "texts", 1: "tokens"},),

@@ -318,7 +318,7 @@ def checked_example(path, line, label, text):
     return label, text
 
 
-def passages(per_class=600, seed=123):
+def passages(seed, per_class=600):
     """The second worked example: [(source, passage)], passages of 2-3 sentences from six texts.
 
     Sources: four Project Gutenberg novels, Shakespeare's plays (tinyshakespeare) and "The
@@ -357,7 +357,7 @@ def read_data(args):
     if args.data == "sms":
         return read_examples(minigpt.fetch(*SMS, archive_sha256=SMS_ZIP_SHA256))
     if args.data == "passages":
-        return passages(seed=args.split_seed)
+        return passages(args.split_seed)
     return read_examples(args.data, args.text_column, args.label_column)
 
 

@@ -488,6 +488,7 @@ def train(model, batches, labels, frozen, args, dtype):
     return history, accuracies, seconds, seen
 
 
+@torch.no_grad()
 def predict(model, batches, pool, frozen, dtype=torch.float32):
     """Class probabilities (N, classes) of every row of `batches`, in the rows' own order;
     the softmax in float32."""
@@ -531,7 +532,6 @@ def mean_loss(model, batches, labels, pool, frozen, dtype):
     return total / max(examples, 1)
 
 
-@torch.no_grad()
 def classification_metrics(labels, predicted, n_classes):
     """Accuracy, the confusion matrix and per-class precision, recall and F1.
 

@@ -1372,6 +1372,7 @@ def test_the_fast_path_gives_the_book_classifiers_logits_and_loss(tokenizer, poo
     assert loss(fast) == pytest.approx(loss(plain), abs=1e-5)
     probs = finetune.predict(model, finetune.Batches(rows, lengths, 3), pool, frozen)  # in batches of 3
     torch.testing.assert_close(probs, torch.softmax(plain, dim=-1), atol=1e-6, rtol=0)
+    assert not probs.requires_grad  # measuring keeps no autograd graph, even while training is on
 
 
 def test_bfloat16_frozen_blocks_and_cache_give_the_float32_logits(tokenizer):

@@ -737,7 +737,7 @@ def parse_args(argv=None):
     setting = first.setting or ("corpus" if first.corpus in ("books", "shakespeare") else "default")
     p.set_defaults(setting=setting, **SETTINGS[setting])
     args = p.parse_args(argv)
-    args.given = flags_given(p, argv)
+    args.given = flags_given(p, argv, vars(args))
     if args.minutes:  # the budget is the time: a setting's epochs or steps apply only if given
         args.epochs, args.max_steps = args.given.get("epochs"), args.given.get("max_steps")
     if args.init and "preset" in args.given:
@@ -748,11 +748,10 @@ def parse_args(argv=None):
     return args
 
 
-def flags_given(p, argv):
+def flags_given(p, argv, names):
     """{name: value} of the flags the command line gives (for --resume and --minutes): parsed onto
-    a namespace where every name is UNSET, argparse fills in a default only where a name is
-    missing, so what stays UNSET was not given."""
-    names = vars(p.parse_args(argv))
+    a namespace where every name (of the parsed args) is UNSET, argparse fills in a default only
+    where a name is missing, so what stays UNSET was not given."""
     marked = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(names, UNSET)))
     return {key: value for key, value in vars(marked).items() if value is not UNSET}
 

@@ -326,7 +326,7 @@ class KVCache:
         shape = (cfg.n_layers, batch_size, cfg.n_heads, max_len, hs)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (layers, B, nh, max_len, hs)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # positions filled in every layer
+        self.length = 0  # positions every layer holds (the last layer's append advances it)
 
     def append(self, layer, k, v):
         """Store the (B, nh, T, hs) keys and values of T new positions; return all so far. The

@@ -2567,6 +2567,14 @@ def test_int8_weights_and_activations_are_within_half_a_step():
     assert relative_error(got, exact) < 0.02
 
 
+def test_gelu_by_sigmoid_is_gpt2s_tanh_gelu():
+    y = torch.linspace(-12, 12, 10001, dtype=torch.float64)
+    expected = torch.nn.functional.gelu(y, approximate="tanh")
+    torch.testing.assert_close(minigpt.gelu_by_sigmoid_(y.clone()), expected, atol=1e-12, rtol=0)
+    y = y.float()
+    assert minigpt.gelu_by_sigmoid_(y) is y  # in place
+
+
 def test_int8_model_logits_are_within_tolerance_of_float32(tiny_classifier):
     model = tiny_model()
     idx = torch.randint(0, TINY.vocab_size, (3, 20))
@@ -2577,7 +2585,8 @@ def test_int8_model_logits_are_within_tolerance_of_float32(tiny_classifier):
     texts = [t for _, t in synthetic_messages(10, 10, seed=7)]
     plain = classify.Classifier(tiny_classifier)(texts)
     int8 = classify.Classifier(tiny_classifier, dtype="int8")(texts)
-    assert isinstance(classify.Classifier(tiny_classifier, dtype="int8").model.h[0].mlp.c_fc, minigpt.Int8Dense)
+    mlp = classify.Classifier(tiny_classifier, dtype="int8").model.h[0].mlp
+    assert isinstance(mlp.c_fc, minigpt.Int8Dense) and mlp.c_fc.gelu and isinstance(mlp.gelu, torch.nn.Identity)
     assert max(abs(a["spam_probability"] - b["spam_probability"]) for a, b in zip(plain, int8)) < 0.05
 
 
@@ -2633,6 +2642,7 @@ def test_inference_speed_beside_onnx_runtime_and_transformers(tmp_path, capsys):
     transformers = pytest.importorskip("transformers", exc_type=ImportError, reason="the benchmark needs transformers")
     from onnxruntime.quantization import QuantType, quantize_dynamic
     cfg = minigpt.PRESETS["gpt2-small"] if BENCHMARK else TINY
+    minigpt.set_malloc(keep_freed=True)  # as classify.Classifier does
     torch.manual_seed(0)
     model = minigpt.GPT(cfg).eval()
     finetune.make_classifier(model, "last_block", 2, 16, 16)

@@ -2672,7 +2672,6 @@ def test_inference_speed_beside_onnx_runtime_and_transformers(tmp_path, capsys):
         for _ in range(3 if BENCHMARK else 1):  # rounds: drift of the machine's speed hits every engine alike
             for key, run in runs.items():
                 for shape, ids in (("lone", lone), ("batch", batch)):
-                    time.sleep(0.2 if BENCHMARK else 0)  # the threads of the run before stop spinning first
                     t = minigpt.best_time(lambda: run(ids), 5 if BENCHMARK else 1)
                     seconds[key, shape] = min(t, seconds.get((key, shape), t))
     if BENCHMARK:

@@ -428,7 +428,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if grads else None  # (vocab, C)
         for i in range(0, n, chunk):
             hc, t = h[i:i + chunk], targets[i:i + chunk]                        # (n, C), (n,)
-            log_p = torch.log_softmax((hc @ weight.T).float(), dim=-1)          # (n, vocab): this chunk only
+            log_p = torch.log_softmax(head_logits(hc, weight).float(), dim=-1)  # (n, vocab): this chunk only
             rows = torch.arange(len(t), device=t.device)
             total += -log_p[rows, t].sum()
             if grads:
@@ -444,6 +444,16 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors  # of the summed loss: the mean's are 1 / N of them
         return grad_h * (grad_loss / ctx.n), grad_w * (grad_loss / ctx.n), None, None
+
+
+def head_logits(h, weight):
+    """h @ weightᵀ, (n, C) x (vocab, C) -> (n, vocab). In float32 on a CPU by oneDNN: MKL's product
+    rearranges the (vocab, C) weight on every call. A chunk of 1024 positions, the mini shape
+    (C = 128), 2-core EPYC: 116.6 -> 70.3 ms. Under autocast the product runs in its dtype."""
+    if (h.device.type == "cpu" and h.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and torch.backends.mkldnn.is_available()):
+        return torch.ops.mkldnn._linear_pointwise(h, weight, None, "none", [], "")
+    return h @ weight.T
 
 
 @torch.no_grad()

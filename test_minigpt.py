@@ -2567,6 +2567,13 @@ def test_int8_weights_and_activations_are_within_half_a_step():
     assert relative_error(got, exact) < 0.02
 
 
+def test_head_logits_are_the_plain_product_in_every_dtype():
+    h, weight = torch.randn(50, 16), torch.randn(300, 16)
+    torch.testing.assert_close(minigpt.head_logits(h, weight), h @ weight.T, atol=1e-5, rtol=0)  # oneDNN's, on a CPU
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert minigpt.head_logits(h, weight).dtype == torch.bfloat16  # autocast's product, not float32's
+
+
 def test_gelu_by_sigmoid_is_gpt2s_tanh_gelu():
     y = torch.linspace(-12, 12, 10001, dtype=torch.float64)
     expected = torch.nn.functional.gelu(y, approximate="tanh")

@@ -2688,7 +2688,7 @@ def test_inference_speed_beside_onnx_runtime_and_transformers(tmp_path, capsys):
 
 def numpy_softmax(logits):
     """softmax over the last axis, as a tensor, in numpy: ONNX Runtime's pipeline stays free of torch
-    operations, whose waking thread pool slowed its next run (11.6 -> 15-20 ms for one text)."""
+    operations, whose waking thread pool slowed its next run (11.4-12.1 -> 15.2-20.0 ms for one text)."""
     e = np.exp(logits - logits.max(-1, keepdims=True))
     return torch.from_numpy(e / e.sum(-1, keepdims=True))
 

@@ -58,27 +58,21 @@ POOLS = ("last", "last_real", "mean")
 def make_classifier(model, trainable, n_classes, lora_rank, lora_alpha):
     """Turn a GPT into a classifier in place: replace lm_head (the book's out_head) with
     Linear(emb_dim, classes), one output per class, and only `trainable` parts train. For qlora,
-    `model` comes with NF4Dense layers (load_nf4); LoRA goes around them as for lora. lora_rank and
-    lora_alpha: --lora-rank and --lora-alpha (used by lora and qlora only)."""
+    `model` comes with NF4Dense layers (load_nf4); LoRA goes around them as for lora."""
     model.lm_head = nn.Linear(model.cfg.emb_dim, n_classes).to(model.wte.weight.device)  # untied, new
-    model.requires_grad_(trainable == "all")
-    if trainable in ("lora", "qlora"):  # low-rank updates on every Dense (or NF4Dense) layer of every block:
-        # attn.c_attn (C, 3C), attn.c_proj (C, C), mlp.c_fc (C, 4C), mlp.c_proj (4C, C)
-        for block in model.h:
-            for parent, name in minigpt.dense_layers(block):
-                setattr(parent, name, LoRA(getattr(parent, name), lora_rank, lora_alpha))
-    if trainable in ("last_block", "last_two_blocks"):
+    model.requires_grad_(trainable == "all")                 # all: everything trains; else frozen, then:
+    if trainable in ("last_block", "last_two_blocks"):       # the top one or two blocks train
         model.h[frozen_blocks(model, trainable):].requires_grad_(True)
-    if trainable != "head":
+    if trainable in ("lora", "qlora"):                       # every Dense layer of every block gets a LoRA
+        for block in model.h:                                # update (--lora-rank, --lora-alpha); (in, out):
+            block.attn.c_attn = LoRA(block.attn.c_attn, lora_rank, lora_alpha)  # (C, 3C) q, k, v
+            block.attn.c_proj = LoRA(block.attn.c_proj, lora_rank, lora_alpha)  # (C, C)
+            block.mlp.c_fc = LoRA(block.mlp.c_fc, lora_rank, lora_alpha)        # (C, 4C)
+            block.mlp.c_proj = LoRA(block.mlp.c_proj, lora_rank, lora_alpha)    # (4C, C)
+    if trainable != "head":                                  # all but head: the final LayerNorm trains
         model.ln_f.requires_grad_(True)
-    model.lm_head.requires_grad_(True)
+    model.lm_head.requires_grad_(True)                       # the new head always trains
     return model
-
-
-def frozen_blocks(model, trainable):
-    """How many blocks, from the bottom, stay frozen: h[:n] never change, so their output is cacheable."""
-    n = model.cfg.n_layers
-    return {"head": n, "last_block": n - 1, "last_two_blocks": n - 2}.get(trainable, 0)
 
 
 class LoRA(nn.Module):
@@ -88,24 +82,30 @@ class LoRA(nn.Module):
 
     which is x @ (W + (alpha / rank) * A @ B) + bias. B starts at zero, so at first the layer is
     exactly the old one. Only rank * (in + out) numbers train instead of in * out.
-    n_in, n_out = dense.shape: (in, out), GPT-2's layout (minigpt.Dense).
     """
 
     def __init__(self, dense, rank, alpha):
         super().__init__()
         self.dense = dense
-        n_in, n_out = dense.shape
+        n_in, n_out = dense.shape                             # (in, out): GPT-2's layout (minigpt.Dense)
         self.A = nn.Parameter(torch.empty(n_in, rank).uniform_(-n_in ** -0.5, n_in ** -0.5))
         self.B = nn.Parameter(torch.zeros(rank, n_out))
         self.scale = alpha / rank
 
+    def forward(self, x):
+        return self.dense(x) + self.scale * ((x @ self.A) @ self.B)  # (..., in) -> (..., out)
+
     def weights(self):
-        """(W + (alpha / rank) A @ B, bias): the one matrix this layer amounts to."""
+        """(W + (alpha / rank) A @ B, bias): the one matrix this layer amounts to, which inference
+        multiplies by instead (minigpt.products)."""
         weight, bias = self.dense.weights()
         return weight + self.scale * (self.A @ self.B), bias
 
-    def forward(self, x):
-        return self.dense(x) + self.scale * ((x @ self.A) @ self.B)  # (..., in) -> (..., out)
+
+def frozen_blocks(model, trainable):
+    """How many blocks, from the bottom, stay frozen: h[:n] never change, so their output is cacheable."""
+    n = model.cfg.n_layers
+    return {"head": n, "last_block": n - 1, "last_two_blocks": n - 2}.get(trainable, 0)
 
 
 def class_logits(model, x, lengths, pool, frozen=0, dtype=torch.float32):
@@ -363,12 +363,13 @@ def read_data(args):
 
 def split_examples(examples, seed, balance, dedupe=False):
     """{"train", "validation", "test", "unseen"}: lists of (label, text), shuffled with
-    np.random.default_rng(seed) and split 70/10/20 (int() cuts, cut_70_10_20).
+    np.random.default_rng(seed) (--split-seed, 123) and cut 70/10/20 (cut_70_10_20).
 
-    balance (the SMS data's default; the book's create_balanced_dataset): every class down-sampled
-    to the size of the smallest, then shuffled together and split: the SMS data's 747 + 747 =
-    1,494 become 1,045 / 149 / 300. "unseen" holds what sampling left out: real examples, never
-    trained on (for the SMS data: ham, for a false-positive rate). Else stratified_split.
+    balance (--balance: on for the SMS data, as in the book's create_balanced_dataset and
+    random_split): every class down-sampled to the size of the smallest, shuffled together, then
+    cut: the SMS data's 747 spam + 747 of its 4,825 ham = 1,494 become 1,045 / 149 / 300.
+    "unseen" holds what sampling left out: real examples, never trained on (for the SMS data: ham,
+    for a false-positive rate). Else each class is cut on its own (stratified_split).
     """
     if dedupe:
         examples = list(dict.fromkeys(examples))  # first of each exact duplicate, order kept
@@ -384,18 +385,35 @@ def split_examples(examples, seed, balance, dedupe=False):
 
 def balance_classes(examples, rng):
     """(kept, left out): every class down-sampled to the size of the smallest (only the larger
-    classes are sampled), then shuffled together."""
-    classes = by_class(examples)
+    classes are sampled), then the kept examples shuffled together."""
+    classes = by_class(examples)                    # {label: [its examples, in file order]}, labels sorted
     smallest = min(len(members) for members in classes.values())
     kept, left_out = [], []
     for members in classes.values():
-        if len(members) > smallest:
-            order = rng.permutation(len(members))
-            kept += [members[i] for i in order[:smallest]]
-            left_out += [members[i] for i in order[smallest:]]
-        else:
-            kept += members
+        order = rng.permutation(len(members)) if len(members) > smallest else range(smallest)
+        kept += [members[i] for i in order[:smallest]]
+        left_out += [members[i] for i in order[smallest:]]
     return [kept[i] for i in rng.permutation(len(kept))], left_out
+
+
+def cut_70_10_20(items):
+    """The first 70 % (int() rounds down), the next 10 %, the rest."""
+    n_train = int(0.7 * len(items))
+    n_validation = int(0.1 * len(items))
+    return items[:n_train], items[n_train:n_train + n_validation], items[n_train + n_validation:]
+
+
+def stratified_split(examples, rng):
+    """Each class shuffled and cut 70/10/20 on its own, so each split has the classes in the
+    proportions of the whole file; then each split shuffled. "unseen" is empty."""
+    splits = {name: [] for name in SPLITS}
+    for members in by_class(examples).values():
+        members = [members[i] for i in rng.permutation(len(members))]
+        for name, part in zip(SPLITS, cut_70_10_20(members)):
+            splits[name] += part
+    splits = {name: [part[i] for i in rng.permutation(len(part))] for name, part in splits.items()}
+    splits["unseen"] = []
+    return splits
 
 
 def by_class(examples):
@@ -404,13 +422,6 @@ def by_class(examples):
     for example in examples:
         members.setdefault(example[0], []).append(example)
     return dict(sorted(members.items()))
-
-
-def cut_70_10_20(items):
-    """The first 70 % (int() rounds down), the next 10 %, the rest."""
-    n_train = int(0.7 * len(items))
-    n_validation = int(0.1 * len(items))
-    return items[:n_train], items[n_train:n_train + n_validation], items[n_train + n_validation:]
 
 
 def check_every_class_in_every_split(splits, examples, balance):
@@ -424,19 +435,6 @@ def check_every_class_in_every_split(splits, examples, balance):
                 f"class {absent[0]!r} has {counts[absent[0]]} examples{' after balancing' if balance else ''}: "
                 f"too few to appear in the {name} split (70/10/20 needs at least 10 of each class). "
                 "Add examples, or give your own --validation-data and --test-data")
-
-
-def stratified_split(examples, rng):
-    """Each class shuffled and split 70/10/20 on its own, so each split has the classes in the
-    proportions of the whole file; then each split shuffled. "unseen" is empty."""
-    splits = {name: [] for name in SPLITS}
-    for members in by_class(examples).values():
-        members = [members[i] for i in rng.permutation(len(members))]
-        for name, part in zip(SPLITS, cut_70_10_20(members)):
-            splits[name] += part
-    splits = {name: [part[i] for i in rng.permutation(len(part))] for name, part in splits.items()}
-    splits["unseen"] = []
-    return splits
 
 
 def write_csv(path, examples):
@@ -493,7 +491,7 @@ def predict(model, batches, pool, frozen, dtype=torch.float32):
     """Class probabilities (N, classes) of every row of `batches`, in the rows' own order;
     the softmax in float32."""
     probs = None
-    with minigpt.eval_mode(model):
+    with minigpt.eval_mode(model):  # model.eval() (dropout off) inside, then the mode it was in
         for index, x, lengths in batches:
             p = torch.softmax(class_logits(model, x, lengths, pool, frozen, dtype).float(), dim=-1).cpu()
             probs = torch.zeros(len(batches.rows), p.shape[1]) if probs is None else probs
@@ -503,7 +501,8 @@ def predict(model, batches, pool, frozen, dtype=torch.float32):
 
 def accuracy(model, batches, labels, pool, frozen, dtype=torch.float32):
     """The share of rows whose most likely class (argmax of predict) is their label: every row of
-    the split once, in eval mode."""
+    the split once (batches: a split's texts in length order, 8 x --batch-size at a time,
+    make_batches), in eval mode."""
     return (predict(model, batches, pool, frozen, dtype).argmax(dim=1) == labels).float().mean().item()
 
 
@@ -653,23 +652,39 @@ def baselines(train, test, classes):
 # 5. Saving and loading: only what finetuning changed, plus the recipe that rebuilds the rest.
 # ----------------------------------------------------------------------------------------------
 
-def save_classifier(out, model, recipe):
-    """classifier.pt, a dict (minigpt.save_pt), megabytes, not the whole model:
+def save_outputs(out, model, recipe, splits, metrics, history, accuracies):
+    """Step 6, save: every file of the run, into the folder `out`.
 
-      "recipe"  how load_classifier rebuilds the model: init (a GPT-2 name, a file, or random),
-                init_sha256 (a file's), config (the GPTConfig; dropout 0), seed, trainable, pool,
-                labels (class names, by id), lora_rank, lora_alpha, max_length (tokens read per
-                text), title and sample_texts (classify.py's page)
-      "state"   the parameters that trained, by name: for last_block h.<last>.*, ln_f.* and
-                lm_head.* (the new head, weight (classes, C)); the frozen rest comes back from init
-      "sha256"  the digest of both, checked by load_pt
+      classifier.pt  a dict, megabytes, not the whole model (minigpt.save_pt: atomic, with a digest):
+        "recipe"  how load_classifier rebuilds the model: init (a GPT-2 name, a file, or random),
+                  init_sha256 (a file's), config (the GPTConfig; dropout 0), seed, trainable, pool,
+                  labels (class names, by id), lora_rank, lora_alpha, max_length (tokens read per
+                  text), title and sample_texts (classify.py's page)
+        "state"   the parameters that trained, by name: for last_block h.<last>.*, ln_f.* and
+                  lm_head.* (the new head, weight (classes, C)); the frozen rest comes back from init
+        "sha256"  the digest of both, checked by load_pt
+      metrics.json   evaluate's figures: the accuracies, per-class precision/recall/F1, the baselines
+      loss.svg, accuracy.svg   train's loss history and per-epoch accuracies, plotted
+      train.csv, validation.csv, test.csv   the splits it was trained and measured on (label, text)
     """
     state = {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
-    minigpt.save_pt(Path(out) / "classifier.pt", {"recipe": recipe, "state": state})
+    minigpt.save_pt(out / "classifier.pt", {"recipe": recipe, "state": state})
+    minigpt.write_text(out / "metrics.json", json.dumps(metrics, indent=1))
+    minigpt.svg_plot(out / "loss.svg", {"train": (history["seen"], history["train"]),
+                                        "validation": (history["seen"], history["validation"])},
+                     "examples seen", "cross-entropy loss", "Finetuning: loss")
+    minigpt.svg_plot(out / "accuracy.svg", {name: (accuracies["epoch"], [100 * a for a in accuracies[name]])
+                                            for name in ("train", "validation")},
+                     "epoch", "accuracy (%)", "Finetuning: accuracy", integer_x=True)
+    for name in SPLITS:
+        write_csv(out / f"{name}.csv", splits[name])
+
+
+OUTPUTS = ("classifier.pt", "metrics.json", "loss.svg", "accuracy.svg", *(f"{name}.csv" for name in SPLITS))
 
 
 def load_classifier(out, device="cpu"):
-    """(model, recipe) from a folder written by save_classifier."""
+    """(model, recipe) from a folder written by save_outputs (its classifier.pt)."""
     path = Path(out) / "classifier.pt"
     if not path.exists():
         raise minigpt.DataError(f"no classifier at {path}: run finetune.py first (--out {out})")
@@ -764,6 +779,8 @@ def load_splits(args, examples=None):
     """Step 1, data: read the examples (unless given: read_data's), check them, split them.
     Nothing is written yet (see save_outputs): bad data costs nothing."""
     examples = read_data(args) if examples is None else examples
+    if args.balance is None:  # --balance's default: on for the SMS data, as in the book
+        args.balance = args.data == "sms"
     counts = Counter(label for label, _ in examples)
     if len(counts) > MAX_CLASSES:
         raise minigpt.DataError(f"{args.data}: {len(counts):,} different labels; finetune.py supports at most "
@@ -950,23 +967,6 @@ def spam_figures(test):
     return figures
 
 
-def save_outputs(out, model, recipe, splits, metrics, history, accuracies):
-    """Step 6, save: the classifier, its metrics, the plots and the splits it was trained on."""
-    save_classifier(out, model, recipe)
-    minigpt.write_text(out / "metrics.json", json.dumps(metrics, indent=1))
-    minigpt.svg_plot(out / "loss.svg", {"train": (history["seen"], history["train"]),
-                                        "validation": (history["seen"], history["validation"])},
-                     "examples seen", "cross-entropy loss", "Finetuning: loss")
-    minigpt.svg_plot(out / "accuracy.svg", {name: (accuracies["epoch"], [100 * a for a in accuracies[name]])
-                                            for name in ("train", "validation")},
-                     "epoch", "accuracy (%)", "Finetuning: accuracy", integer_x=True)
-    for name in SPLITS:
-        write_csv(out / f"{name}.csv", splits[name])
-
-
-OUTPUTS = ("classifier.pt", "metrics.json", "loss.svg", "accuracy.svg", *(f"{name}.csv" for name in SPLITS))
-
-
 def check_output(out):
     """--out must be new, empty, or what an earlier run wrote: it is replaced whole at the end."""
     if out.exists() and (foreign := sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS)):
@@ -1013,6 +1013,8 @@ def parse_args(argv=None):
     p.add_argument("--balance", action=argparse.BooleanOptionalAction,
                    help="down-sample every class to the smallest, then split (default: on for sms; "
                         "otherwise off: a stratified split)")
+    p.add_argument("--split-seed", type=int, default=123,
+                   help="the split and the balancing sample: the same split for every --seed")
     p.add_argument("--dedupe", action="store_true", help="drop exact duplicate examples before splitting")
     how_many = lambda v: v if v == "all" else minigpt.nonnegative_int(v)
     p.add_argument("--unseen", default=1000, type=how_many,
@@ -1021,8 +1023,6 @@ def parse_args(argv=None):
     p.add_argument("--unseen-ham", dest="unseen", type=how_many, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--title", help="the web page's question (default: from the data, e.g. 'Is this SMS spam?')")
     p.add_argument("--seed", type=int, default=123, help="the new head's initial weights and the order of the batches")
-    p.add_argument("--split-seed", type=int, default=123,
-                   help="the split and the balancing sample: the same split for every --seed")
     p.add_argument("--unlabelled", type=minigpt.output_file, metavar="FILE",
                    help="write the texts of --data that this split leaves out of validation, test and the "
                         "unseen sample to FILE, one per line (for pretrain.py --text), and stop")
@@ -1030,8 +1030,6 @@ def parse_args(argv=None):
     p.add_argument("--out", type=minigpt.output_folder, default="runs/spam-classifier",
                    help="folder for classifier.pt, metrics.json, plots and the splits")
     args = p.parse_args(argv)
-    if args.balance is None:  # --balance's default: on for the SMS data, as in the book
-        args.balance = args.data == "sms"
     if (args.validation_data is None) != (args.test_data is None):
         p.error("give --validation-data and --test-data together (or neither: then --data is split 70/10/20)")
     return args

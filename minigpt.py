@@ -409,14 +409,12 @@ def encode(texts, tokenizer, max_length=None):
 # ----------------------------------------------------------------------------------------------
 
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """The book's F.cross_entropy(h @ weightᵀ, targets), the mean over N positions, a chunk of
-    positions at a time, so that the (N, vocab) logits never exist whole. h: (N, C), weight:
-    (vocab, C), targets: (N,). Each chunk's gradients of the summed loss are computed right after
-    its loss (d/d logits: softmax - one_hot(target)) and its logits dropped; backward scales them.
-    Under autocast the products run in its dtype, the softmax in float32. grads False (evaluating):
-    none computed. Measured (docs/pretraining-pays-off.md): batch 32, 1.8x the tokens/s in float32
-    and 1.4x in bfloat16, in half the memory; batch 8, as fast in 15-30 % less memory.
-    """
+    """The book's F.cross_entropy(h @ weightᵀ, targets): -log p(target) averaged over the N
+    positions. h: (N, C), weight: (vocab, C), targets: (N,). A chunk of positions at a time, so
+    that the (N, vocab) logits never exist whole: each chunk's gradient (d/d logits: softmax -
+    one_hot) is taken with its loss, then its logits are dropped (grads False: none taken).
+    Measured (docs/pretraining-pays-off.md): batch 32, 1.8x the tokens/s in float32 and 1.4x in
+    bfloat16, in half the memory; batch 8, as fast in 15-30 % less memory."""
 
     chunk = 1024  # positions at a time: at most 1024 x 50,257 float32 logits (206 MB) exist at once
 
@@ -428,7 +426,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if grads else None  # (vocab, C)
         for i in range(0, n, chunk):
             hc, t = h[i:i + chunk], targets[i:i + chunk]                        # (n, C), (n,)
-            log_p = torch.log_softmax(head_logits(hc, weight).float(), dim=-1)  # (n, vocab): this chunk only
+            log_p = torch.log_softmax(head_logits(hc, weight).float(), dim=-1)  # of hc @ weightᵀ: (n, vocab)
             rows = torch.arange(len(t), device=t.device)
             total += -log_p[rows, t].sum()
             if grads:
@@ -444,17 +442,6 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors  # of the summed loss: the mean's are 1 / N of them
         return grad_h * (grad_loss / ctx.n), grad_w * (grad_loss / ctx.n), None, None
-
-
-def head_logits(h, weight):
-    """h @ weightᵀ, (n, C) x (vocab, C) -> (n, vocab). In float32 on a CPU by oneDNN: MKL's product
-    rearranges the (vocab, C) weight on every call. A chunk of 1024 positions, the mini shape
-    (C = 128), 2-core EPYC: 116.6 -> 70.3 ms; pretraining in float32 2,166-2,299 -> 2,448-2,711
-    tokens/s (docs/precision.md). Under autocast the product runs in autocast's dtype."""
-    if (h.device.type == "cpu" and h.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and torch.backends.mkldnn.is_available()):
-        return torch.ops.mkldnn._linear_pointwise(h, weight, None, "none", [], "")
-    return h @ weight.T
 
 
 @torch.no_grad()
@@ -677,6 +664,17 @@ HERE = Path(__file__).resolve().parent
 DATA_DIR = Path(os.environ.get("MINIGPT_DATA") or HERE / "data")
 
 # ---------------------------------------------------------------- where the numbers run
+
+def head_logits(h, weight):
+    """h @ weightᵀ, (n, C) x (vocab, C) -> (n, vocab). In float32 on a CPU by oneDNN: MKL's product
+    rearranges the (vocab, C) weight on every call. A chunk of 1024 positions, the mini shape
+    (C = 128), 2-core EPYC: 116.6 -> 70.3 ms; pretraining in float32 2,166-2,299 -> 2,448-2,711
+    tokens/s (docs/precision.md). Under autocast the product runs in autocast's dtype."""
+    if (h.device.type == "cpu" and h.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and torch.backends.mkldnn.is_available()):
+        return torch.ops.mkldnn._linear_pointwise(h, weight, None, "none", [], "")
+    return h @ weight.T
+
 
 @contextlib.contextmanager
 def eval_mode(model):

@@ -379,7 +379,6 @@ def split_examples(examples, seed, balance, dedupe=False):
         splits = dict(zip(SPLITS, cut_70_10_20(kept)), unseen=unseen)
     else:
         splits = stratified_split(examples, rng)
-    check_every_class_in_every_split(splits, examples, balance)
     return splits
 
 
@@ -652,37 +651,6 @@ def baselines(train, test, classes):
 # 5. Saving and loading: only what finetuning changed, plus the recipe that rebuilds the rest.
 # ----------------------------------------------------------------------------------------------
 
-def save_outputs(out, model, recipe, splits, metrics, history, accuracies):
-    """Step 6, save: every file of the run, into the folder `out`.
-
-      classifier.pt  a dict, megabytes, not the whole model (minigpt.save_pt: atomic, with a digest):
-        "recipe"  how load_classifier rebuilds the model: init (a GPT-2 name, a file, or random),
-                  init_sha256 (a file's), config (the GPTConfig; dropout 0), seed, trainable, pool,
-                  labels (class names, by id), lora_rank, lora_alpha, max_length (tokens read per
-                  text), title and sample_texts (classify.py's page)
-        "state"   the parameters that trained, by name: for last_block h.<last>.*, ln_f.* and
-                  lm_head.* (the new head, weight (classes, C)); the frozen rest comes back from init
-        "sha256"  the digest of both, checked by load_pt
-      metrics.json   evaluate's figures: the accuracies, per-class precision/recall/F1, the baselines
-      loss.svg, accuracy.svg   train's loss history and per-epoch accuracies, plotted
-      train.csv, validation.csv, test.csv   the splits it was trained and measured on (label, text)
-    """
-    state = {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
-    minigpt.save_pt(out / "classifier.pt", {"recipe": recipe, "state": state})
-    minigpt.write_text(out / "metrics.json", json.dumps(metrics, indent=1))
-    minigpt.svg_plot(out / "loss.svg", {"train": (history["seen"], history["train"]),
-                                        "validation": (history["seen"], history["validation"])},
-                     "examples seen", "cross-entropy loss", "Finetuning: loss")
-    minigpt.svg_plot(out / "accuracy.svg", {name: (accuracies["epoch"], [100 * a for a in accuracies[name]])
-                                            for name in ("train", "validation")},
-                     "epoch", "accuracy (%)", "Finetuning: accuracy", integer_x=True)
-    for name in SPLITS:
-        write_csv(out / f"{name}.csv", splits[name])
-
-
-OUTPUTS = ("classifier.pt", "metrics.json", "loss.svg", "accuracy.svg", *(f"{name}.csv" for name in SPLITS))
-
-
 def load_classifier(out, device="cpu"):
     """(model, recipe) from a folder written by save_outputs (its classifier.pt)."""
     path = Path(out) / "classifier.pt"
@@ -730,6 +698,37 @@ def check_base_file(recipe):
     if recipe.get("init_sha256") and minigpt.sha256_of(recipe["init"]) != recipe["init_sha256"]:
         raise minigpt.DataError(f"{recipe['init']} changed since this classifier was trained on it; "
                                 "run finetune.py again")
+
+
+def save_outputs(out, model, recipe, splits, metrics, history, accuracies):
+    """Step 6, save: every file of the run, into the folder `out`.
+
+      classifier.pt  a dict, megabytes, not the whole model (minigpt.save_pt: atomic, with a digest):
+        "recipe"  how load_classifier rebuilds the model: init (a GPT-2 name, a file, or random),
+                  init_sha256 (a file's), config (the GPTConfig; dropout 0), seed, trainable, pool,
+                  labels (class names, by id), lora_rank, lora_alpha, max_length (tokens read per
+                  text), title and sample_texts (classify.py's page)
+        "state"   the parameters that trained, by name: for last_block h.<last>.*, ln_f.* and
+                  lm_head.* (the new head, weight (classes, C)); the frozen rest comes back from init
+        "sha256"  the digest of both, checked by load_pt
+      metrics.json   evaluate's figures: the accuracies, per-class precision/recall/F1, the baselines
+      loss.svg, accuracy.svg   train's loss history and per-epoch accuracies, plotted
+      train.csv, validation.csv, test.csv   the splits it was trained and measured on (label, text)
+    """
+    state = {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
+    minigpt.save_pt(out / "classifier.pt", {"recipe": recipe, "state": state})
+    minigpt.write_text(out / "metrics.json", json.dumps(metrics, indent=1))
+    minigpt.svg_plot(out / "loss.svg", {"train": (history["seen"], history["train"]),
+                                        "validation": (history["seen"], history["validation"])},
+                     "examples seen", "cross-entropy loss", "Finetuning: loss")
+    minigpt.svg_plot(out / "accuracy.svg", {name: (accuracies["epoch"], [100 * a for a in accuracies[name]])
+                                            for name in ("train", "validation")},
+                     "epoch", "accuracy (%)", "Finetuning: accuracy", integer_x=True)
+    for name in SPLITS:
+        write_csv(out / f"{name}.csv", splits[name])
+
+
+OUTPUTS = ("classifier.pt", "metrics.json", "loss.svg", "accuracy.svg", *(f"{name}.csv" for name in SPLITS))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -790,6 +789,7 @@ def load_splits(args, examples=None):
         splits = own_splits(args, examples, counts)
     else:
         splits = split_examples(examples, args.split_seed, args.balance, args.dedupe)
+        check_every_class_in_every_split(splits, examples, args.balance)
     classes = sorted({label for label, _ in splits["train"]})
     if args.unseen != "all":  # a sample of --unseen of them
         rng = np.random.default_rng(args.split_seed)

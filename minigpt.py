@@ -158,17 +158,6 @@ class Dense(nn.Module):
         return x @ self.weight + self.bias  # (..., in) -> (..., out)
 
 
-def causal_mask(T, past, device=None):
-    """(T, past + T) booleans: True where query i (at position past + i) may see key j, j <= past + i.
-
-    Without a cache past = 0 and this is the lower triangle: each position sees itself and what
-    came before, never what comes after. That is all "causal" means. True = may see, SDPA's
-    convention. The book's mask is the opposite: triu(..., diagonal=1), True where hidden, then
-    masked_fill(mask, -inf).
-    """
-    return torch.ones(T, past + T, dtype=torch.bool, device=device).tril(past)
-
-
 class CausalSelfAttention(nn.Module):
     """Each position mixes in the values of the positions up to itself, weighted by how well its
     query matches their keys. Per head:
@@ -191,15 +180,15 @@ class CausalSelfAttention(nn.Module):
         """x: (B, T, C) -> (B, T, C). With a KVCache, x holds only the T new positions, which
         come after the cache's `length` positions; their keys and values are added to it."""
         B, T, C = x.shape
+        past = cache.length if cache is not None else 0       # positions already in the cache
+        if past and T > 1:
+            raise ValueError(f"{T} new positions after {past} cached ones: feed one at a time")
         q, k, v = self.heads(x)                               # (B, nh, T, hs) each
-        past = 0
         if cache is not None:
-            past = cache.length                               # positions already in the cache
             k, v = cache.append(self.layer, k, v)             # (B, nh, past + T, hs)
-        if past == 0:
-            y = self.attend(q, k, v, causal=True)             # (B, nh, T, hs): the lower triangle
-        else:  # T new positions after `past` cached ones; one new token may see every key
-            y = self.attend(q, k, v, causal_mask(T, past, x.device) if T > 1 else None)
+        # No past: position i sees keys 0..i, the lower triangle ("causal"). One new token after
+        # the cached ones sees every key, so it needs no mask.
+        y = self.attend(q, k, v, causal=past == 0)            # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)                # (B, T, C): heads side by side again
         return self.c_proj(y)
 
@@ -213,7 +202,9 @@ class CausalSelfAttention(nn.Module):
         """(B, nh, Tq, hs): weights = dropout(softmax(q kᵀ / √hs, masked where `sees` is False)),
         then weights @ v, in PyTorch's fused kernel, which never stores the (Tq, Tk) weights.
         q: (B, nh, Tq, hs); k, v: (B, nh, Tk, hs). sees: booleans broadcast to (B, nh, Tq, Tk),
-        True where a query may see a key (None: every key); causal: the lower triangle (Tq = Tk)."""
+        True where a query may see a key (None: every key); causal: the lower triangle (Tq = Tk),
+        tril(ones(T, T)). True = may see is SDPA's convention; the book's mask is the opposite,
+        triu(ones(T, T), diagonal=1), True where hidden, then masked_fill(mask, -inf)."""
         return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else sees, is_causal=causal,
                                               dropout_p=self.dropout if self.training else 0.0)
 

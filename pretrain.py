@@ -43,7 +43,7 @@ import minigpt
 
 # Named settings: what each changes from the flags' defaults (a flag given on the command line wins).
 SETTINGS = {
-    "default": {},
+    "default": {},  # the run with no --setting (and no --corpus books or shakespeare): the flags' defaults
     # The book's run (Raschka, ch. 5): GPT-2 124M shape, 256 positions, 10 epochs. Its model
     # differs from GPT-2 in two ways that matter here: a separate output layer, and token and
     # position embeddings drawn from N(0, 1) (PyTorch's default), not N(0, 0.02). With GPT-2's

@@ -103,7 +103,7 @@ def test_causal_a_later_token_never_changes_earlier_logits():
 def book_attend(self, q, k, v, sees=None, causal=False):
     """CausalSelfAttention.attend's maths one step per line, as the book writes it."""
     if causal:
-        sees = minigpt.causal_mask(q.shape[2], 0, q.device)
+        sees = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()  # True = may see
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])    # (B, nh, Tq, Tk)
     if sees is not None:
         scores = scores.masked_fill(~sees, float("-inf"))        # exp(-inf) = 0: no weight on the future
@@ -138,20 +138,17 @@ def test_explicit_attention_equals_the_fused_kernel_with_a_cache(monkeypatch):
         cache = minigpt.KVCache(TINY, 2, 20)
         with torch.no_grad():
             first = model(prompt, cache)                  # fills 7 positions (causal, no past)
-            several = model(prompt[:, :3], cache)         # 3 new positions after 7: a mask with past
             one = model(prompt[:, :1], cache)             # 1 new position: sees every key
-        outputs[fused] = (first, several, one, minigpt.generate(model, prompt, 12))
+            two = model(prompt[:, 1:2], cache)
+            with pytest.raises(ValueError, match="2 new positions after 9 cached ones"):
+                model(prompt[:, :2], cache)               # several after cached ones: one at a time
+        outputs[fused] = (first, one, two, minigpt.generate(model, prompt, 12))
     for a, b in zip(outputs[True][:3], outputs[False][:3]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert torch.equal(outputs[True][3], outputs[False][3])
-    with torch.no_grad():  # and the cached positions equal a plain forward pass over all 11 tokens
-        full = model(torch.cat([prompt, prompt[:, :3], prompt[:, :1]], dim=1))
+    with torch.no_grad():  # and the cached positions equal a plain forward pass over all 9 tokens
+        full = model(torch.cat([prompt, prompt[:, :1], prompt[:, 1:2]], dim=1))
     torch.testing.assert_close(torch.cat(outputs[False][:3], dim=1), full, atol=1e-5, rtol=0)
-
-
-def test_causal_mask_with_and_without_past():
-    assert minigpt.causal_mask(3, 0).tolist() == [[True, False, False], [True, True, False], [True, True, True]]
-    assert minigpt.causal_mask(2, 2).tolist() == [[True, True, True, False], [True, True, True, True]]
 
 
 def test_weight_decay_only_on_matrices_that_multiply():
@@ -1060,7 +1057,8 @@ def test_stratified_split_keeps_each_class_in_proportion():
             assert abs(counts[label] - share * n) <= 1, (name, label)
     assert splits["unseen"] == [] and sorted(sum((splits[k] for k in finetune.SPLITS), [])) == sorted(examples)
     with pytest.raises(minigpt.DataError, match="class 'c' has 9 examples: too few to appear in the validation"):
-        finetune.split_examples(examples[:800] + examples[800:809], seed=3, balance=False)
+        few = examples[:800] + examples[800:809]
+        finetune.check_every_class_in_every_split(finetune.split_examples(few, seed=3, balance=False), few, False)
 
 
 @needs_mirror

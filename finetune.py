@@ -402,6 +402,13 @@ def cut_70_10_20(items):
     return items[:n_train], items[n_train:n_train + n_validation], items[n_train + n_validation:]
 
 
+def write_csv(path, examples):
+    with minigpt.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["label", "text"])
+        writer.writerows(examples)
+
+
 def stratified_split(examples, rng):
     """Each class shuffled and cut 70/10/20 on its own, so each split has the classes in the
     proportions of the whole file; then each split shuffled. "unseen" is empty."""
@@ -434,13 +441,6 @@ def check_every_class_in_every_split(splits, examples, balance):
                 f"class {absent[0]!r} has {counts[absent[0]]} examples{' after balancing' if balance else ''}: "
                 f"too few to appear in the {name} split (70/10/20 needs at least 10 of each class). "
                 "Add examples, or give your own --validation-data and --test-data")
-
-
-def write_csv(path, examples):
-    with minigpt.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["label", "text"])
-        writer.writerows(examples)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -477,6 +477,12 @@ def adamw(model, lr, weight_decay, betas=(0.9, 0.999)):
 #    refused instead of trained on.
 # ----------------------------------------------------------------------------------------------
 
+def save_pt(path, content):
+    """torch.save of a dict, with its digest, atomically: the file is whole or absent."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: a full disk is an OSError
+        torch.save({**content, "sha256": digest(content).hexdigest()}, f)
+
+
 def digest(value, h=None):
     """The sha256 of everything in a checkpoint: its nested dicts and lists, every tensor's dtype,
     shape and bytes, every other value's repr, in a fixed order. Saved with the checkpoint, it
@@ -498,12 +504,6 @@ def digest(value, h=None):
     else:
         h.update(f"{value!r}|".encode())
     return h
-
-
-def save_pt(path, content):
-    """torch.save of a dict, with its digest, atomically: the file is whole or absent."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: a full disk is an OSError
-        torch.save({**content, "sha256": digest(content).hexdigest()}, f)
 
 
 def load_pt(path, device="cpu", what="a minigpt checkpoint", remedy="use another copy, or train again"):

@@ -659,9 +659,6 @@ def rng_states():
 #    (or --corpus books) changes several of them; a flag given on the command line wins.
 # ----------------------------------------------------------------------------------------------
 
-UNSET = object()  # marks the flags a command line leaves out (flags_given)
-
-
 def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=minigpt.Help,
                                 epilog=settings_help())
@@ -716,19 +713,6 @@ def parser():
     return p
 
 
-def settings_help():
-    """What each named setting changes, for --help."""
-    lines = ["settings (--setting NAME changes these defaults):", "  default: the flags' defaults above"]
-    for name, values in SETTINGS.items():
-        if values:
-            shown = ", ".join(f"--{key.replace('_', '-')} {value}" for key, value in values.items()
-                              if key != "model" and value is not None)
-            model = f"; model {values['model']}" if values.get("model") else ""
-            lines.append(textwrap.fill(shown + model, 100, initial_indent=f"  {name}: ", subsequent_indent="    ",
-                                       break_on_hyphens=False))
-    return "\n".join(lines)
-
-
 def parse_args(argv=None):
     """The flags. A setting's values (SETTINGS) are the defaults of the flags it names, so a flag
     given on the command line wins; with no --setting, none applies but 'corpus' for a corpus."""
@@ -746,6 +730,22 @@ def parse_args(argv=None):
         args.text = [str(path.resolve()) for path in args.text]
         args.corpus = None
     return args
+
+
+def settings_help():
+    """What each named setting changes, for --help."""
+    lines = ["settings (--setting NAME changes these defaults):", "  default: the flags' defaults above"]
+    for name, values in SETTINGS.items():
+        if values:
+            shown = ", ".join(f"--{key.replace('_', '-')} {value}" for key, value in values.items()
+                              if key != "model" and value is not None)
+            model = f"; model {values['model']}" if values.get("model") else ""
+            lines.append(textwrap.fill(shown + model, 100, initial_indent=f"  {name}: ", subsequent_indent="    ",
+                                       break_on_hyphens=False))
+    return "\n".join(lines)
+
+
+UNSET = object()  # marks the flags a command line leaves out (flags_given)
 
 
 def flags_given(p, argv, names):

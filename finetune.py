@@ -58,7 +58,8 @@ POOLS = ("last", "last_real", "mean")
 def make_classifier(model, trainable, n_classes, lora_rank, lora_alpha):
     """Turn a GPT into a classifier in place: replace lm_head (the book's out_head) with
     Linear(emb_dim, classes), one output per class, and only `trainable` parts train. For qlora,
-    `model` comes with NF4Dense layers (load_nf4); LoRA goes around them as for lora."""
+    `model` comes with NF4Dense layers (load_nf4); LoRA goes around them as for lora, with
+    --lora-rank 16 and --lora-alpha 16 by default."""
     model.lm_head = nn.Linear(model.cfg.emb_dim, n_classes).to(model.wte.weight.device)  # untied, new
     model.requires_grad_(trainable == "all")                 # all: everything trains; else frozen, then:
     if trainable in ("last_block", "last_two_blocks"):       # the top one or two blocks train
@@ -112,10 +113,11 @@ def class_logits(model, x, lengths, pool, frozen=0, dtype=torch.float32):
     """The classifier: class logits (B, classes) of texts padded on the right, read at one position.
 
     x: token ids (B, T); or, when blocks h[:frozen] never change, their output (B, T, C), computed
-    once (frozen_features). lengths: (B,) real tokens. pool: 'last_real' the last real token (in a
-    causal model the only position that has seen the whole text; padding after it never reaches
-    it), 'last' the padded row's last position (the book's model(x)[:, -1]), 'mean' the mean over
-    the real positions. The forward pass runs in dtype (minigpt.autocast), on the model's device.
+    once (frozen_features). lengths: (B,) real tokens. pool (--pool last_real by default):
+    'last_real' the last real token (in a causal model the only position that has seen the whole
+    text; padding after it never reaches it), 'last' the padded row's last position (the book's
+    model(x)[:, -1]), 'mean' the mean over the real positions. The forward pass runs in dtype
+    (minigpt.autocast), on the model's device.
     """
     device = model.lm_head.weight.device
     x, lengths = x.to(device), lengths.to(device)
@@ -363,7 +365,7 @@ def read_data(args):
 
 def split_examples(examples, seed, balance, dedupe=False):
     """{"train", "validation", "test", "unseen"}: lists of (label, text), shuffled with
-    np.random.default_rng(seed) (--split-seed, 123) and cut 70/10/20 (cut_70_10_20).
+    np.random.default_rng(seed) (--split-seed 123 by default) and cut 70/10/20 (cut_70_10_20).
 
     balance (--balance: on for the SMS data, as in the book's create_balanced_dataset and
     random_split): every class down-sampled to the size of the smallest, shuffled together, then
@@ -457,7 +459,7 @@ def train(model, batches, labels, frozen, args, dtype):
     total = min(args.epochs * len(batches["train_shuffled"]), args.max_steps or math.inf)
     step = seen = 0
     start = time.time()
-    model.train()  # dropout layers on, with p = 0: base_model sets dropout 0.0 for every classifier
+    model.train()  # dropout layers on, with p = 0: base_model (build_model's, load_classifier's) sets dropout 0.0
     for epoch in range(1, args.epochs + 1):
         for index, x, lengths in batches["train_shuffled"]:
             optimizer.zero_grad(set_to_none=True)
@@ -704,10 +706,11 @@ def save_outputs(out, model, recipe, splits, metrics, history, accuracies):
     """Step 6, save: every file of the run, into the folder `out`.
 
       classifier.pt  a dict, megabytes, not the whole model (minigpt.save_pt: atomic, with a digest):
-        "recipe"  how load_classifier rebuilds the model: init (a GPT-2 name, a file, or random),
-                  init_sha256 (a file's), config (the GPTConfig; dropout 0), seed, trainable, pool,
-                  labels (class names, by id), lora_rank, lora_alpha, max_length (tokens read per
-                  text), title and sample_texts (classify.py's page)
+        "recipe"  how load_classifier rebuilds the model (build_model's, completed in main):
+                  init (a GPT-2 name, a file, or random), init_sha256 (a file's), config (the
+                  GPTConfig; dropout 0), seed, trainable, pool, labels (class names, by id),
+                  lora_rank, lora_alpha, max_length (tokens read per text), title and
+                  sample_texts (classify.py's page)
         "state"   the parameters that trained, by name: for last_block h.<last>.*, ln_f.* and
                   lm_head.* (the new head, weight (classes, C)); the frozen rest comes back from init
         "sha256"  the digest of both, checked by load_pt

@@ -2402,6 +2402,24 @@ def test_every_flag_the_docs_mention_is_in_the_scripts_help(helps):
     assert not missing, missing
 
 
+@pytest.mark.parametrize("function, flags", [
+    ("pretrain.learning_rate", ("--lr", "--warmup")),
+    ("finetune.split_examples", ("--split-seed",)),
+    ("finetune.class_logits", ("--pool",)),
+    ("finetune.make_classifier", ("--lora-rank", "--lora-alpha")),
+])
+def test_defaults_quoted_where_they_are_used_are_the_parsers(function, flags):
+    """A docstring that gives a flag's default ("--lr 2e-3") gives the one its parser has."""
+    module, name = function.split(".")
+    module = {"pretrain": pretrain, "finetune": finetune}[module]
+    defaults = vars(module.parse_args([]))
+    for flag in flags:
+        default = defaults[flag[2:].replace("-", "_")]
+        quoted = [value for value in re.findall(rf"{flag} ([^\s,;:)]*[^\s,;:).])", getattr(module, name).__doc__)
+                  if value == default or value[0].isdigit()]  # "--lr 2e-3", not "--lr throughout"
+        assert quoted and all(type(default)(v) == default for v in quoted), (function, flag, quoted, default)
+
+
 def test_every_help_shows_its_defaults(helps):
     for script, text in helps.items():
         assert "(default: None)" not in text and text.count("(default:") >= 5, script

@@ -375,13 +375,13 @@ def train(args, model, optimizer, windows, progress, plan, eval_sets, tokenizer,
 def learning_rate(args, step, total):
     """AdamW's learning rate at step `step` (counted from 1) of `total`: a linear warmup to --lr
     over the first --warmup steps, then a half cosine from --lr toward 0, which it would reach one
-    step after the last; with no warmup (0), --lr throughout (the book's ch5 setting). The default run
-    (SETTINGS["default"] changes no flag): --lr 2e-3, --warmup 20."""
+    step after the last; with no warmup (0), --lr throughout (the book's ch5 setting). The
+    default run (SETTINGS["default"] changes no flag): --lr 2e-3, --warmup 20."""
     if args.warmup == 0:
         return args.lr
     if step <= args.warmup:
         return args.lr * step / args.warmup
-    done = (step - 1 - args.warmup) / max(1, total - args.warmup)  # 0 right after the warmup, just under 1 at the last step
+    done = (step - 1 - args.warmup) / max(1, total - args.warmup)  # 0 right after the warmup, under 1 at the last
     return 0.5 * args.lr * (1 + math.cos(math.pi * min(done, 1.0)))
 
 

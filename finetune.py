@@ -354,6 +354,47 @@ def passages(seed, per_class=600):
     return examples
 
 
+def write_csv(path, examples):
+    with minigpt.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["label", "text"])
+        writer.writerows(examples)
+
+
+def stratified_split(examples, rng):
+    """Each class shuffled and cut 70/10/20 on its own, so each split has the classes in the
+    proportions of the whole file; then each split shuffled. "unseen" is empty."""
+    splits = {name: [] for name in SPLITS}
+    for members in by_class(examples).values():
+        members = [members[i] for i in rng.permutation(len(members))]
+        for name, part in zip(SPLITS, cut_70_10_20(members)):
+            splits[name] += part
+    splits = {name: [part[i] for i in rng.permutation(len(part))] for name, part in splits.items()}
+    splits["unseen"] = []
+    return splits
+
+
+def by_class(examples):
+    """{label: [its examples, in file order]}, labels sorted."""
+    members = {}
+    for example in examples:
+        members.setdefault(example[0], []).append(example)
+    return dict(sorted(members.items()))
+
+
+def check_every_class_in_every_split(splits, examples, balance):
+    """A DataError naming the first class that some split lacks."""
+    classes = sorted({label for label, _ in examples})
+    for name in SPLITS:
+        present = {label for label, _ in splits[name]}
+        if absent := [c for c in classes if c not in present]:
+            counts = Counter(label for label, _ in examples)
+            raise minigpt.DataError(
+                f"class {absent[0]!r} has {counts[absent[0]]} examples{' after balancing' if balance else ''}: "
+                f"too few to appear in the {name} split (70/10/20 needs at least 10 of each class). "
+                "Add examples, or give your own --validation-data and --test-data")
+
+
 def read_data(args):
     """The examples of --data: a named data set or a file."""
     if args.data == "sms":
@@ -402,47 +443,6 @@ def cut_70_10_20(items):
     n_train = int(0.7 * len(items))
     n_validation = int(0.1 * len(items))
     return items[:n_train], items[n_train:n_train + n_validation], items[n_train + n_validation:]
-
-
-def write_csv(path, examples):
-    with minigpt.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["label", "text"])
-        writer.writerows(examples)
-
-
-def stratified_split(examples, rng):
-    """Each class shuffled and cut 70/10/20 on its own, so each split has the classes in the
-    proportions of the whole file; then each split shuffled. "unseen" is empty."""
-    splits = {name: [] for name in SPLITS}
-    for members in by_class(examples).values():
-        members = [members[i] for i in rng.permutation(len(members))]
-        for name, part in zip(SPLITS, cut_70_10_20(members)):
-            splits[name] += part
-    splits = {name: [part[i] for i in rng.permutation(len(part))] for name, part in splits.items()}
-    splits["unseen"] = []
-    return splits
-
-
-def by_class(examples):
-    """{label: [its examples, in file order]}, labels sorted."""
-    members = {}
-    for example in examples:
-        members.setdefault(example[0], []).append(example)
-    return dict(sorted(members.items()))
-
-
-def check_every_class_in_every_split(splits, examples, balance):
-    """A DataError naming the first class that some split lacks."""
-    classes = sorted({label for label, _ in examples})
-    for name in SPLITS:
-        present = {label for label, _ in splits[name]}
-        if absent := [c for c in classes if c not in present]:
-            counts = Counter(label for label, _ in examples)
-            raise minigpt.DataError(
-                f"class {absent[0]!r} has {counts[absent[0]]} examples{' after balancing' if balance else ''}: "
-                f"too few to appear in the {name} split (70/10/20 needs at least 10 of each class). "
-                "Add examples, or give your own --validation-data and --test-data")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -103,12 +103,6 @@ class LoRA(nn.Module):
         return weight + self.scale * (self.A @ self.B), bias
 
 
-def frozen_blocks(model, trainable):
-    """How many blocks, from the bottom, stay frozen: h[:n] never change, so their output is cacheable."""
-    n = model.cfg.n_layers
-    return {"head": n, "last_block": n - 1, "last_two_blocks": n - 2}.get(trainable, 0)
-
-
 def class_logits(model, x, lengths, pool, frozen=0, dtype=torch.float32):
     """The classifier: class logits (B, classes) of texts padded on the right, read at one position.
 
@@ -884,6 +878,12 @@ def build_model(args, device, classes):
     print(f"in memory: {(nf4_bytes + other_bytes) / 1e6:,.1f} MB of weights; {in_nf4}"
           f"{other_bytes / 1e6:,.1f} MB not quantized")
     return model, recipe
+
+
+def frozen_blocks(model, trainable):
+    """How many blocks, from the bottom, stay frozen: h[:n] never change, so their output is cacheable."""
+    n = model.cfg.n_layers
+    return {"head": n, "last_block": n - 1, "last_two_blocks": n - 2}.get(trainable, 0)
 
 
 def make_batches(model, classes, splits, tokenizer, args, device, dtype):

@@ -44,16 +44,13 @@ import minigpt
 # Named settings: what each changes from the flags' defaults (a flag given on the command line wins).
 SETTINGS = {
     "default": {},  # the run with no --setting (and no --corpus books or shakespeare): the flags' defaults
-    # The book's run (Raschka, ch. 5): GPT-2 124M shape, 256 positions, 10 epochs. Its model
-    # differs from GPT-2 in two ways that matter here: a separate output layer, and token and
-    # position embeddings drawn from N(0, 1) (PyTorch's default), not N(0, 0.02). With GPT-2's
-    # tied, small embeddings the same run stays at a train loss near 6; with the book's, the
-    # token's own identity dominates the residual stream and the story is learnt fast.
+    # The book's run (Raschka, ch. 5; lr 4e-4 as in the chapter, its gpt_train.py has 5e-4), with
+    # its model's untied output layer and N(0, 1) embeddings: with GPT-2's tied N(0, 0.02) ones the
+    # same run stays at a train loss near 6 (the token's own identity must dominate the residual).
     "ch5": dict(preset="gpt2-small", context_length=256, epochs=10, lr=4e-4, dropout=0.1, warmup=0, clip=0.0,
                 eval_every=5, out="runs/pretrain-ch5", model=dict(tied_head=False, embedding_std=1.0)),
-    # A corpus of novels (--corpus books or shakespeare picks this setting): the same small model,
-    # random windows, a budget in steps that takes 6-10 minutes on a 2-core CPU; a corpus needs a
-    # bigger evaluation sample.
+    # --corpus books or shakespeare picks this one: the small model, random windows, 6-10 minutes
+    # of steps on a 2-core CPU, a bigger evaluation sample.
     "corpus": dict(corpus="books", epochs=None, max_steps=1200, batch_size=8, warmup=50, windows="random",
                    eval_every=100, eval_windows=40, out="runs/pretrain-{corpus}"),
 }
@@ -373,10 +370,11 @@ def train(args, model, optimizer, windows, progress, plan, eval_sets, tokenizer,
 
 
 def learning_rate(args, step, total):
-    """AdamW's learning rate at step `step` (counted from 1) of `total`: a linear warmup to --lr
-    over the first --warmup steps, then a half cosine from --lr toward 0, which it would reach one
-    step after the last; with no warmup (0), --lr throughout (the book's ch5 setting). The
-    default run (SETTINGS["default"] changes no flag): --lr 2e-3, --warmup 20."""
+    """AdamW's learning rate at step `step` (counted from 1) of `total`, the run's planned steps
+    (steps_to_run: --epochs' steps or --max-steps, whichever is fewer; with --minutes, what fits):
+    a linear warmup to --lr over the first --warmup steps, then a half cosine from --lr toward 0,
+    which it would reach one step after the last; with no warmup (0), --lr throughout (the book's
+    ch5 setting). The default run (SETTINGS["default"] changes no flag): --lr 2e-3, --warmup 20."""
     if args.warmup == 0:
         return args.lr
     if step <= args.warmup:

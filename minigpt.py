@@ -417,7 +417,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if grads else None  # (vocab, C)
         for i in range(0, n, chunk):
             hc, t = h[i:i + chunk], targets[i:i + chunk]                        # (n, C), (n,)
-            log_p = torch.log_softmax(head_logits(hc, weight).float(), dim=-1)  # of hc @ weightᵀ (head_logits)
+            log_p = torch.log_softmax(head_logits(hc, weight).float(), dim=-1)  # (n, vocab): hc @ weightᵀ
             rows = torch.arange(len(t), device=t.device)
             total += -log_p[rows, t].sum()
             if grads:

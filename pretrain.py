@@ -45,8 +45,9 @@ import minigpt
 SETTINGS = {
     "default": {},  # the run with no --setting (and no --corpus books or shakespeare): the flags' defaults
     # The book's run (Raschka, ch. 5; lr 4e-4 as in the chapter, its gpt_train.py has 5e-4), with
-    # its model's untied output layer and N(0, 1) embeddings: with GPT-2's tied N(0, 0.02) ones the
-    # same run stays at a train loss near 6 (the token's own identity must dominate the residual).
+    # its model's untied output layer and N(0, 1) embeddings, in which the token's own identity
+    # dominates the residual stream and the story is learnt fast; with GPT-2's tied N(0, 0.02)
+    # ones the same run stays at a train loss near 6.
     "ch5": dict(preset="gpt2-small", context_length=256, epochs=10, lr=4e-4, dropout=0.1, warmup=0, clip=0.0,
                 eval_every=5, out="runs/pretrain-ch5", model=dict(tied_head=False, embedding_std=1.0)),
     # --corpus books or shakespeare picks this one: the small model, random windows, 6-10 minutes

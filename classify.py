@@ -725,20 +725,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.headers = None
         self.route = None   # the path without ?query, once the request line is read
         self.status = None  # the status we answered
-        self.texts = 0      # texts in the request, for the access log
+        self.texts = 0      # texts in the request, for the metrics and the access log
         self.body_read = False
 
     def end_request(self):
         """What is left of a body too big to read is dropped (reply() has said Connection: close);
-        the request is counted and logged (one access-log line)."""
+        the request is logged (one access-log line)."""
         self.drain_unread_body()
         self.answered += 1
-        if self.status is not None:
-            seconds = time.monotonic() - self.started
-            self.metrics.observe_request(self.route, self.status, seconds, self.texts)
-            if self.access_log:
-                sys.stderr.write(f"{self.client_address[0]} {self.command} {self.route} {self.status} "
-                                 f"{1000 * seconds:.1f} ms {self.texts} texts\n")
+        if self.status is not None and self.access_log:
+            sys.stderr.write(f"{self.client_address[0]} {self.command} {self.route} {self.status} "
+                             f"{1000 * self.seconds:.1f} ms {self.texts} texts\n")
 
     def skip_small_body(self):
         """Read and drop the body of a request answered without it (a 404, 405, 401 on a request
@@ -791,6 +788,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not self.skip_small_body():
             self.close_connection = True
         self.status = status
+        # Counted before the answer leaves: a client that has its answer finds it in /metrics.
+        self.seconds = time.monotonic() - self.started
+        self.metrics.observe_request(self.route, self.status, self.seconds, self.texts)
         self.send_response(status)
         self.send_header("Content-Type", f"{content_type}; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))

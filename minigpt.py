@@ -224,7 +224,9 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attention(norm(x)), then x + mlp(norm(x)).
-    The residual sums let each block add a correction instead of rewriting x."""
+    The residual sums let each block add a correction instead of rewriting x.
+    Dropout (p = cfg.dropout, only in training mode) acts on each correction before it is added
+    (self.drop), and inside attention on its weights (attend's dropout_p)."""
 
     def __init__(self, cfg, layer):
         super().__init__()

@@ -1921,6 +1921,17 @@ def test_token_guards_the_api_and_metrics_but_not_health(quiet_classifier):
         assert call(f"{url}/healthz")[0] == 200 and call(f"{url}/")[0] == 200  # for load balancers; the page asks
 
 
+def test_a_request_is_counted_before_its_answer_is_sent(quiet_classifier, monkeypatch):
+    """The handler's work after the answer (here slowed by half a second) cannot hide a request
+    from a scrape that its client sends as soon as it has the answer."""
+    after_answer = classify.Handler.end_request
+    monkeypatch.setattr(classify.Handler, "end_request", lambda self: (time.sleep(0.5), after_answer(self)))
+    with running(quiet_classifier) as (url, _):
+        assert call(f"{url}/nope")[0] == 404
+        status, text = call(f"{url}/metrics")
+    assert status == 200 and 'minigpt_requests_total{path="other",status="404"} 1' in text
+
+
 def slow(classifier, seconds):
     """The same classifier, but every forward pass takes at least `seconds` (to make a queue)."""
     slow_one = copy.copy(classifier)

@@ -723,9 +723,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.rfile.raw.deadline = self.started + self.timeout
         self.close_connection = True  # until the request line says otherwise (HTTP/1.1, no "close")
         self.headers = None
-        self.route = None   # the path without ?query, once the request line is read
-        self.status = None  # the status we answered
-        self.texts = 0      # texts in the request, for the metrics and the access log
+        self.route = None    # the path without ?query, once the request line is read
+        self.status = None   # the status we answered
+        self.seconds = None  # from the request's start to its answer, once answered
+        self.texts = 0       # texts in the request, for the metrics and the access log
         self.body_read = False
 
     def end_request(self):

@@ -697,35 +697,31 @@ def check_base_file(recipe):
 
 
 def save_outputs(out, model, recipe, splits, metrics, history, accuracies):
-    """Step 6, save: every file of the run, into the folder `out`.
-
-      classifier.pt  a dict, megabytes, not the whole model (minigpt.save_pt: atomic, with a digest):
-        "recipe"  how load_classifier rebuilds the model (build_model's, completed in main):
-                  init (a GPT-2 name, a file, or random), init_sha256 (a file's), config (the
-                  GPTConfig; dropout 0), seed, trainable, pool, labels (class names, by id),
-                  lora_rank, lora_alpha, max_length (tokens read per text), title and
-                  sample_texts (classify.py's page)
-        "state"   the parameters that trained, by name: for last_block h.<last>.*, ln_f.* and
-                  lm_head.* (the new head, weight (classes, C)); the frozen rest comes back from init
-        "sha256"  the digest of both, checked by load_pt
-      metrics.json   evaluate's figures: the accuracies, per-class precision/recall/F1, the baselines
-      loss.svg, accuracy.svg   train's loss history and per-epoch accuracies, plotted
-      train.csv, validation.csv, test.csv   the splits it was trained and measured on (label, text)
-    """
+    """Step 6, save: every file of the run (OUTPUTS), into the folder `out`."""
+    # classifier.pt, megabytes, not the whole model: {"recipe": how load_classifier rebuilds the
+    # model (init, init_sha256, config, seed, trainable, pool, labels by id, lora_rank, lora_alpha:
+    # build_model's; max_length, title, sample_texts: main's), "state": the parameters that
+    # trained, by name (last_block: h.<last>.*, ln_f.*, lm_head.*; the rest comes back from init),
+    # "sha256": the digest of both, which save_pt adds and load_pt checks}.
     state = {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
     minigpt.save_pt(out / "classifier.pt", {"recipe": recipe, "state": state})
-    minigpt.write_text(out / "metrics.json", json.dumps(metrics, indent=1))
+    minigpt.write_text(out / "metrics.json", json.dumps(metrics, indent=1))  # evaluate's figures
+    plot_training(out, history, accuracies)  # loss.svg, accuracy.svg
+    for name in SPLITS:  # train.csv, validation.csv, test.csv: label, text
+        write_csv(out / f"{name}.csv", splits[name])
+
+
+OUTPUTS = ("classifier.pt", "metrics.json", "loss.svg", "accuracy.svg", *(f"{name}.csv" for name in SPLITS))
+
+
+def plot_training(out, history, accuracies):
+    """loss.svg (train's loss history) and accuracy.svg (its per-epoch accuracies), into `out`."""
     minigpt.svg_plot(out / "loss.svg", {"train": (history["seen"], history["train"]),
                                         "validation": (history["seen"], history["validation"])},
                      "examples seen", "cross-entropy loss", "Finetuning: loss")
     minigpt.svg_plot(out / "accuracy.svg", {name: (accuracies["epoch"], [100 * a for a in accuracies[name]])
                                             for name in ("train", "validation")},
                      "epoch", "accuracy (%)", "Finetuning: accuracy", integer_x=True)
-    for name in SPLITS:
-        write_csv(out / f"{name}.csv", splits[name])
-
-
-OUTPUTS = ("classifier.pt", "metrics.json", "loss.svg", "accuracy.svg", *(f"{name}.csv" for name in SPLITS))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -56,10 +56,8 @@ POOLS = ("last", "last_real", "mean")
 # ----------------------------------------------------------------------------------------------
 
 def make_classifier(model, trainable, n_classes, lora_rank, lora_alpha):
-    """Turn a GPT into a classifier in place: replace lm_head (the book's out_head) with
-    Linear(emb_dim, classes), one output per class, and only `trainable` parts train. For qlora,
-    `model` comes with NF4Dense layers (load_nf4); LoRA goes around them as for lora, with
-    --lora-rank 16 and --lora-alpha 16 by default."""
+    """In place: lm_head (the book's out_head) becomes Linear(C, classes); only `trainable` parts
+    train. qlora's model has NF4Dense layers (load_nf4); --lora-rank 16 and --lora-alpha 16."""
     model.lm_head = nn.Linear(model.cfg.emb_dim, n_classes).to(model.wte.weight.device)  # untied, new
     model.requires_grad_(trainable == "all")                 # all: everything trains; else frozen, then:
     if trainable in ("last_block", "last_two_blocks"):       # the top one or two blocks train
@@ -77,28 +75,23 @@ def make_classifier(model, trainable, n_classes, lora_rank, lora_alpha):
 
 
 class LoRA(nn.Module):
-    """A frozen Dense layer plus a trainable low-rank update (LoRA, Hu et al. 2021):
-
-        y = dense(x) + (alpha / rank) * (x @ A) @ B,   A: (in, rank) random,  B: (rank, out) zero
-
-    which is x @ (W + (alpha / rank) * A @ B) + bias. B starts at zero, so at first the layer is
-    exactly the old one. Only rank * (in + out) numbers train instead of in * out.
-    """
+    """A frozen Dense layer plus a trainable low-rank update (LoRA, Hu et al. 2021): y = dense(x) +
+    (alpha / rank) (x @ A) @ B = x @ (W + (alpha / rank) A @ B) + bias. B starts at zero: at first
+    the layer is the old one. rank * (in + out) numbers train instead of in * out."""
 
     def __init__(self, dense, rank, alpha):
         super().__init__()
         self.dense = dense
         n_in, n_out = dense.shape                             # (in, out): GPT-2's layout (minigpt.Dense)
-        self.A = nn.Parameter(torch.empty(n_in, rank).uniform_(-n_in ** -0.5, n_in ** -0.5))
-        self.B = nn.Parameter(torch.zeros(rank, n_out))
+        self.A = nn.Parameter(torch.empty(n_in, rank).uniform_(-n_in ** -0.5, n_in ** -0.5))  # (in, rank)
+        self.B = nn.Parameter(torch.zeros(rank, n_out))                                       # (rank, out)
         self.scale = alpha / rank
 
     def forward(self, x):
         return self.dense(x) + self.scale * ((x @ self.A) @ self.B)  # (..., in) -> (..., out)
 
     def weights(self):
-        """(W + (alpha / rank) A @ B, bias): the one matrix this layer amounts to, which inference
-        multiplies by instead (minigpt.products)."""
+        """(W + (alpha / rank) A @ B, bias): the one matrix inference multiplies by (minigpt.products)."""
         weight, bias = self.dense.weights()
         return weight + self.scale * (self.A @ self.B), bias
 
@@ -773,23 +766,28 @@ def load_splits(args, examples=None):
     examples = read_data(args) if examples is None else examples
     if args.balance is None:  # --balance's default: on for the SMS data, as in the book
         args.balance = args.data == "sms"
-    counts = Counter(label for label, _ in examples)
-    if len(counts) > MAX_CLASSES:
-        raise minigpt.DataError(f"{args.data}: {len(counts):,} different labels; finetune.py supports at most "
-                                f"{MAX_CLASSES:,} classes (merge rare labels, into 'other' say)")
-    print(f"{len(examples):,} examples: {counts_text(counts, sorted(counts))}")
+    counts = count_labels(examples, args.data)
     if args.validation_data:  # the user's own splits: --data is all training data
         splits = own_splits(args, examples, counts)
     else:
         splits = split_examples(examples, args.split_seed, args.balance, args.dedupe)
         check_every_class_in_every_split(splits, examples, args.balance)
     classes = sorted({label for label, _ in splits["train"]})
-    if args.unseen != "all":  # a sample of --unseen of them
-        rng = np.random.default_rng(args.split_seed)
-        pick = rng.permutation(len(splits["unseen"]))[:args.unseen]
+    if args.unseen != "all":  # a sample of --unseen of what balancing left out
+        pick = np.random.default_rng(args.split_seed).permutation(len(splits["unseen"]))[:args.unseen]
         splits["unseen"] = [splits["unseen"][i] for i in sorted(pick)]
     print_splits(splits, classes, args)
     return splits, classes
+
+
+def count_labels(examples, data):
+    """{label: examples}, printed; a DataError past MAX_CLASSES labels."""
+    counts = Counter(label for label, _ in examples)
+    if len(counts) > MAX_CLASSES:
+        raise minigpt.DataError(f"{data}: {len(counts):,} different labels; finetune.py supports at most "
+                                f"{MAX_CLASSES:,} classes (merge rare labels, into 'other' say)")
+    print(f"{len(examples):,} examples: {counts_text(counts, sorted(counts))}")
+    return counts
 
 
 def print_splits(splits, classes, args):

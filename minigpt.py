@@ -286,9 +286,8 @@ class GPT(nn.Module):
         return self.drop(self.wte(idx) + self.wpe(positions))                   # (B, T, C)
 
     def forward(self, idx, cache=None, targets=None):
-        """Token ids (B, T) -> logits (B, T, vocab_size); given targets (B, T), the loss instead (inside
-        forward, so that a DistributedDataParallel wrapper sees the whole computation). With a
-        KVCache, idx holds only the new positions."""
+        """Token ids (B, T) -> logits (B, T, vocab_size), or given targets (B, T) the loss (here, so
+        that DistributedDataParallel sees it all). With a KVCache, idx holds only the new positions."""
         x = self.embed(idx, cache.length if cache is not None else 0)  # (B, T, C)
         for block in self.h:
             x = block(x, cache)                                        # (B, T, C)
@@ -308,11 +307,8 @@ class GPT(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 class KVCache:
-    """Keys and values of every position seen so far, for every layer.
-
-    Generating token t+1 needs the keys and values of positions 0..t. Without a cache the model
-    recomputes all of them for every new token; with it, each new token costs one position.
-    """
+    """Keys and values of every position seen so far, for every layer: token t+1 needs those of
+    positions 0..t, so with the cache each new token costs one position, not t + 1."""
 
     def __init__(self, cfg, batch_size, max_len, device=None, dtype=torch.float32):
         hs = cfg.emb_dim // cfg.n_heads
@@ -336,13 +332,9 @@ class KVCache:
 @torch.inference_mode()
 def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=None,
              use_cache=True, generator=None):
-    """idx: (B, T) prompt ids -> (B, T + up to max_new_tokens) ids.
-
-    Stops early once every row has produced `eos_id`. Only the last context_length tokens are
-    fed to the model. With `use_cache`, each step feeds one token and reuses the earlier keys and
-    values; once the window is full and slides, positions shift, so the cache is rebuilt from the
-    cropped window each step: the tokens are exactly those of the cache-free path.
-    """
+    """idx: (B, T) prompt ids -> (B, T + up to max_new_tokens) ids; stops once every row has made
+    `eos_id`. The model sees the last context_length tokens; once that window slides, positions
+    shift, so the cache is rebuilt from the window: the tokens are those of the cache-free path."""
     ctx = model.cfg.context_length
     cache = None
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)  # (B,): produced eos_id
@@ -402,12 +394,10 @@ def encode(texts, tokenizer, max_length=None):
 # ----------------------------------------------------------------------------------------------
 
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """The book's F.cross_entropy(h @ weightᵀ, targets): -log p(target) averaged over the N
-    positions. h: (N, C), weight: (vocab, C), targets: (N,). A chunk of positions at a time, so
-    that the (N, vocab) logits never exist whole: each chunk's gradient (d/d logits: softmax -
-    one_hot) is taken with its loss, then its logits are dropped (grads False: none taken).
-    Measured (docs/pretraining-pays-off.md): batch 32, 1.8x the tokens/s in float32 and 1.4x in
-    bfloat16, in half the memory; batch 8, as fast in 15-30 % less memory."""
+    """The book's F.cross_entropy(h @ weightᵀ, targets), h: (N, C), weight: (vocab, C), targets: (N,),
+    a chunk of positions at a time: each chunk's gradient (softmax - one_hot) is taken with its loss,
+    then its logits are dropped. Batch 32: 1.8x the tokens/s in float32, 1.4x in bfloat16, in half
+    the memory (docs/pretraining-pays-off.md)."""
 
     chunk = 1024  # positions at a time: at most 1024 x 50,257 float32 logits (206 MB) exist at once
 
@@ -659,10 +649,8 @@ DATA_DIR = Path(os.environ.get("MINIGPT_DATA") or HERE / "data")
 # ---------------------------------------------------------------- where the numbers run
 
 def head_logits(h, weight):
-    """h @ weightᵀ, (n, C) x (vocab, C) -> (n, vocab). In float32 on a CPU by oneDNN: MKL's product
-    rearranges the (vocab, C) weight on every call. A chunk of 1024 positions, the mini shape
-    (C = 128), 2-core EPYC: 116.6 -> 70.3 ms; pretraining in float32 2,166-2,299 -> 2,448-2,711
-    tokens/s (docs/precision.md). Under autocast the product runs in autocast's dtype."""
+    """h @ weightᵀ, (n, C) x (vocab, C) -> (n, vocab); in float32 on a CPU by oneDNN (MKL rearranges
+    the weight on every call): pretraining in float32 2,166-2,299 -> 2,448-2,711 tokens/s."""
     if (h.device.type == "cpu" and h.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
             and torch.backends.mkldnn.is_available()):
         return torch.ops.mkldnn._linear_pointwise(h, weight, None, "none", [], "")

@@ -62,16 +62,21 @@ def make_classifier(model, trainable, n_classes, lora_rank, lora_alpha):
     model.requires_grad_(trainable == "all")                 # all: everything trains; else frozen, then:
     if trainable in ("last_block", "last_two_blocks"):       # the top one or two blocks train
         model.h[frozen_blocks(model, trainable):].requires_grad_(True)
-    if trainable in ("lora", "qlora"):                       # every Dense layer of every block gets a LoRA
-        for block in model.h:                                # update (--lora-rank, --lora-alpha); (in, out):
-            block.attn.c_attn = LoRA(block.attn.c_attn, lora_rank, lora_alpha)  # (C, 3C) q, k, v
-            block.attn.c_proj = LoRA(block.attn.c_proj, lora_rank, lora_alpha)  # (C, C)
-            block.mlp.c_fc = LoRA(block.mlp.c_fc, lora_rank, lora_alpha)        # (C, 4C)
-            block.mlp.c_proj = LoRA(block.mlp.c_proj, lora_rank, lora_alpha)    # (4C, C)
+    if trainable in ("lora", "qlora"):
+        add_lora(model, lora_rank, lora_alpha)
     if trainable != "head":                                  # all but head: the final LayerNorm trains
         model.ln_f.requires_grad_(True)
     model.lm_head.requires_grad_(True)                       # the new head always trains
     return model
+
+
+def add_lora(model, rank, alpha):
+    """Every Dense layer of every block wrapped in a LoRA; shapes (in, out)."""
+    for block in model.h:
+        block.attn.c_attn = LoRA(block.attn.c_attn, rank, alpha)  # (C, 3C): q, k, v
+        block.attn.c_proj = LoRA(block.attn.c_proj, rank, alpha)  # (C, C)
+        block.mlp.c_fc = LoRA(block.mlp.c_fc, rank, alpha)        # (C, 4C)
+        block.mlp.c_proj = LoRA(block.mlp.c_proj, rank, alpha)    # (4C, C)
 
 
 class LoRA(nn.Module):
@@ -97,15 +102,10 @@ class LoRA(nn.Module):
 
 
 def class_logits(model, x, lengths, pool, frozen=0, dtype=torch.float32):
-    """The classifier: class logits (B, classes) of texts padded on the right, read at one position.
-
-    x: token ids (B, T); or, when blocks h[:frozen] never change, their output (B, T, C), computed
-    once (frozen_features). lengths: (B,) real tokens. pool (--pool last_real by default):
-    'last_real' the last real token (in a causal model the only position that has seen the whole
-    text; padding after it never reaches it), 'last' the padded row's last position (the book's
-    model(x)[:, -1]), 'mean' the mean over the real positions. The forward pass runs in dtype
-    (minigpt.autocast), on the model's device.
-    """
+    """Class logits (B, classes) of texts padded on the right. x: token ids (B, T), or the frozen blocks
+    h[:frozen]'s output (B, T, C) (frozen_features); lengths: (B,) real tokens. pool (--pool last_real
+    by default): 'last_real' reads the last real token, the one position that has seen the whole text;
+    'last' the padded row's last (the book's model(x)[:, -1]); 'mean' the mean over the real ones."""
     device = model.lm_head.weight.device
     x, lengths = x.to(device), lengths.to(device)
     with minigpt.autocast(device, dtype):

@@ -159,14 +159,10 @@ class Dense(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    """Each position mixes in the values of the positions up to itself, weighted by how well its
-    query matches their keys. Per head:
-
-        weights = softmax(q kᵀ / √hs, with the future masked out)    # (T, T), each row sums to 1
-        output  = weights @ v                                        # (T, hs)
-
-    nh heads do this side by side on slices of hs = C // nh channels; c_proj mixes their outputs.
-    """
+    """Each position mixes in the values of the positions up to itself, per head (nh of them, on
+    slices of hs = C // nh channels, side by side; c_proj mixes their outputs):
+        weights = softmax(q kᵀ / √hs, the future masked out)   # (T, T), each row sums to 1
+        output  = weights @ v                                  # (T, hs)"""
 
     def __init__(self, cfg, layer):
         super().__init__()
@@ -177,8 +173,7 @@ class CausalSelfAttention(nn.Module):
         self.layer = layer                                 # which slot of a KVCache is ours
 
     def forward(self, x, cache=None):
-        """x: (B, T, C) -> (B, T, C). With a KVCache, x holds only the T new positions, which
-        come after the cache's `length` positions; their keys and values are added to it."""
+        """x: (B, T, C) -> (B, T, C). With a KVCache, x holds the T positions after its `length`."""
         B, T, C = x.shape
         past = cache.length if cache is not None else 0       # positions already in the cache
         if past and T > 1:
@@ -199,12 +194,9 @@ class CausalSelfAttention(nn.Module):
         return [t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v)]
 
     def attend(self, q, k, v, sees=None, causal=False):
-        """(B, nh, Tq, hs): weights = dropout(softmax(q kᵀ / √hs, masked where `sees` is False)),
-        then weights @ v, in PyTorch's fused kernel, which never stores the (Tq, Tk) weights.
-        q: (B, nh, Tq, hs); k, v: (B, nh, Tk, hs). sees: booleans broadcast to (B, nh, Tq, Tk),
-        True where a query may see a key (None: every key); causal: the lower triangle (Tq = Tk),
-        tril(ones(T, T)). True = may see is SDPA's convention; the book's mask is the opposite,
-        triu(ones(T, T), diagonal=1), True where hidden, then masked_fill(mask, -inf)."""
+        """dropout(softmax(q kᵀ / √hs, masked)) @ v, (B, nh, Tq, hs), by PyTorch's fused kernel. q: (B, nh,
+        Tq, hs); k, v: (B, nh, Tk, hs); sees: (B, nh, Tq, Tk), True where a query may see a key (the
+        book's mask is its opposite, True where hidden); causal: tril(ones(T, T)) as sees."""
         return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else sees, is_causal=causal,
                                               dropout_p=self.dropout if self.training else 0.0)
 
@@ -291,6 +283,8 @@ class GPT(nn.Module):
         x = self.embed(idx, cache.length if cache is not None else 0)  # (B, T, C)
         for block in self.h:
             x = block(x, cache)                                        # (B, T, C)
+        if cache is not None:
+            cache.length += idx.shape[1]                               # every layer holds the T new positions
         x = self.ln_f(x)                                               # (B, T, C)
         if targets is None:
             return self.lm_head(x)                                     # (B, T, vocab_size)
@@ -315,18 +309,13 @@ class KVCache:
         shape = (cfg.n_layers, batch_size, cfg.n_heads, max_len, hs)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (layers, B, nh, max_len, hs)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # positions every layer holds (the last layer's append advances it)
+        self.length = 0  # positions every layer holds (GPT.forward adds the new ones after its blocks)
 
     def append(self, layer, k, v):
-        """Store the (B, nh, T, hs) keys and values of T new positions; return all so far. The
-        last layer's append completes the T positions: the cache's length grows by T."""
+        """Store the (B, nh, T, hs) keys and values of T new positions; return all, (B, nh, length + T, hs)."""
         end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        k, v = self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, end, hs)
-        if layer == len(self.k) - 1:
-            self.length = end
-        return k, v
+        self.k[layer, :, :, self.length:end], self.v[layer, :, :, self.length:end] = k, v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
 @torch.inference_mode()
@@ -395,35 +384,36 @@ def encode(texts, tokenizer, max_length=None):
 
 class ChunkedCrossEntropy(torch.autograd.Function):
     """The book's F.cross_entropy(h @ weightᵀ, targets), h: (N, C), weight: (vocab, C), targets: (N,),
-    a chunk of positions at a time: each chunk's gradient (softmax - one_hot) is taken with its loss,
-    then its logits are dropped. Batch 32: 1.8x the tokens/s in float32, 1.4x in bfloat16, in half
-    the memory (docs/pretraining-pays-off.md)."""
+    a chunk of positions at a time, so that the (N, vocab) logits never exist whole. Batch 32: 1.8x
+    the tokens/s in float32, 1.4x in bfloat16, in half the memory (docs/pretraining-pays-off.md)."""
 
     chunk = 1024  # positions at a time: at most 1024 x 50,257 float32 logits (206 MB) exist at once
 
     @staticmethod
     def forward(ctx, h, weight, targets, grads):
-        n, chunk = h.shape[0], ChunkedCrossEntropy.chunk
-        total = torch.zeros((), device=h.device)                                   # the sum of the losses
-        grad_h = torch.empty_like(h) if grads else None                            # (N, C)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if grads else None  # (vocab, C)
-        for i in range(0, n, chunk):
-            hc, t = h[i:i + chunk], targets[i:i + chunk]                        # (n, C), (n,)
-            log_p = torch.log_softmax(head_logits(hc, weight).float(), dim=-1)  # (n, vocab): hc @ weightᵀ
-            rows = torch.arange(len(t), device=t.device)
-            total += -log_p[rows, t].sum()
-            if grads:
-                g = log_p.exp_()                                                # softmax, in place of the log
-                g[rows, t] -= 1                                                 # minus the one-hot target
-                grad_h[i:i + len(t)] = g @ weight                               # (n, C)
-                grad_w += (g.T @ hc).float()                                    # (vocab, C)
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.n = n
-        return total / n                                                        # the mean over the N positions
+        ctx.n, chunk = len(h), ChunkedCrossEntropy.chunk
+        total = torch.zeros((), device=h.device)                                 # the sum of -log p(target)
+        ctx.grads = (torch.empty_like(h), torch.zeros_like(weight, dtype=torch.float32)) if grads else None
+        for i in range(0, ctx.n, chunk):
+            hc, t = h[i:i + chunk], targets[i:i + chunk]                         # (n, C), (n,)
+            log_p = torch.log_softmax(head_logits(hc, weight).float(), dim=-1)   # (n, vocab): hc @ weightᵀ
+            total += F.nll_loss(log_p, t, reduction="sum")                       # -log p(target), summed
+            if grads:  # taken now, while this chunk's log_p exists
+                ChunkedCrossEntropy.add_gradients(ctx.grads, i, log_p, t, hc, weight)
+        return total / ctx.n                                                     # the mean over the N positions
+
+    @staticmethod
+    def add_gradients(grads, i, log_p, t, hc, weight):
+        """Of the chunk's summed loss: d/d logits = softmax - one_hot(t), (n, vocab), in place of log_p;
+        then d/d h = that @ weight into rows i.. of grads[0], d/d weight += thatᵀ @ hc into grads[1]."""
+        g = log_p.exp_()
+        g[torch.arange(len(t), device=t.device), t] -= 1
+        grads[0][i:i + len(t)] = g @ weight                                      # (n, C)
+        grads[1].add_((g.T @ hc).float())                                        # (vocab, C)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors  # of the summed loss: the mean's are 1 / N of them
+        grad_h, grad_w = ctx.grads  # of the summed loss: the mean's are 1 / N of them
         return grad_h * (grad_loss / ctx.n), grad_w * (grad_loss / ctx.n), None, None
 
 

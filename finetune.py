@@ -487,11 +487,16 @@ def predict(model, batches, pool, frozen, dtype=torch.float32):
     return probs
 
 
+@torch.no_grad()
 def accuracy(model, batches, labels, pool, frozen, dtype=torch.float32):
-    """The share of rows whose most likely class (argmax of predict) is their label: every row of
-    the split once (batches: a split's texts in length order, 8 x --batch-size at a time,
-    make_batches), in eval mode."""
-    return (predict(model, batches, pool, frozen, dtype).argmax(dim=1) == labels).float().mean().item()
+    """The book's calc_accuracy_loader: the share of a split's texts whose most likely class is their
+    label, every text once (batches: in length order, make_batches), in eval mode (no dropout)."""
+    right = 0
+    with minigpt.eval_mode(model):
+        for index, x, lengths in batches:
+            predicted = class_logits(model, x, lengths, pool, frozen, dtype).argmax(dim=-1)  # (B,)
+            right += (predicted.cpu() == labels[index]).sum().item()
+    return right / len(batches.rows)
 
 
 def record_losses(model, batches, labels, history, seen, epoch, step, args, frozen, dtype):

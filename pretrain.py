@@ -371,11 +371,9 @@ def train(args, model, optimizer, windows, progress, plan, eval_sets, tokenizer,
 
 
 def learning_rate(args, step, total):
-    """AdamW's learning rate at step `step` (counted from 1) of `total`, the run's planned steps
-    (steps_to_run: --epochs' steps or --max-steps, whichever is fewer; with --minutes, what fits):
-    a linear warmup to --lr over the first --warmup steps, then a half cosine from --lr toward 0,
-    which it would reach one step after the last; with no warmup (0), --lr throughout (the book's
-    ch5 setting). The default run (SETTINGS["default"] changes no flag): --lr 2e-3, --warmup 20."""
+    """AdamW's learning rate at step `step` (from 1) of the run's `total` planned steps: a linear
+    warmup to --lr over --warmup steps, then a half cosine from --lr toward 0; no warmup: --lr
+    throughout (the ch5 setting). `python pretrain.py` applies no setting: --lr 2e-3, --warmup 20."""
     if args.warmup == 0:
         return args.lr
     if step <= args.warmup:

@@ -769,8 +769,6 @@ def load_splits(args, examples=None):
     """Step 1, data: read the examples (unless given: read_data's), check them, split them.
     Nothing is written yet (see save_outputs): bad data costs nothing."""
     examples = read_data(args) if examples is None else examples
-    if args.balance is None:  # --balance's default: on for the SMS data, as in the book
-        args.balance = args.data == "sms"
     counts = count_labels(examples, args.data)
     if args.validation_data:  # the user's own splits: --data is all training data
         splits = own_splits(args, examples, counts)
@@ -1032,6 +1030,8 @@ def parse_args(argv=None):
     p.add_argument("--out", type=minigpt.output_folder, default="runs/spam-classifier",
                    help="folder for classifier.pt, metrics.json, plots and the splits")
     args = p.parse_args(argv)
+    if args.balance is None:  # --balance's default: on for the SMS data, as in the book
+        args.balance = args.data == "sms"
     if (args.validation_data is None) != (args.test_data is None):
         p.error("give --validation-data and --test-data together (or neither: then --data is split 70/10/20)")
     return args

@@ -125,7 +125,7 @@ PRESETS = {
     "gpt2-xl": GPTConfig(emb_dim=1600, n_layers=48, n_heads=25),      # 1558M
     # Small enough to pretrain on a laptop CPU in minutes. Most of its 7M parameters are the
     # 50257 x 128 token embedding, which is also the output layer.
-    "mini": GPTConfig(context_length=128, emb_dim=128, n_layers=4, n_heads=4, dropout=0.1),
+    "mini": GPTConfig(context_length=128, emb_dim=128, n_layers=4, n_heads=4),
     # For tests only: 1.6M parameters, nearly all of them the token embedding.
     "tiny": GPTConfig(context_length=64, emb_dim=32, n_layers=2, n_heads=2),
 }

@@ -348,27 +348,6 @@ def write_csv(path, examples):
         writer.writerows(examples)
 
 
-def stratified_split(examples, rng):
-    """Each class shuffled and cut 70/10/20 on its own, so each split has the classes in the
-    proportions of the whole file; then each split shuffled. "unseen" is empty."""
-    splits = {name: [] for name in SPLITS}
-    for members in by_class(examples).values():
-        members = [members[i] for i in rng.permutation(len(members))]
-        for name, part in zip(SPLITS, cut_70_10_20(members)):
-            splits[name] += part
-    splits = {name: [part[i] for i in rng.permutation(len(part))] for name, part in splits.items()}
-    splits["unseen"] = []
-    return splits
-
-
-def by_class(examples):
-    """{label: [its examples, in file order]}, labels sorted."""
-    members = {}
-    for example in examples:
-        members.setdefault(example[0], []).append(example)
-    return dict(sorted(members.items()))
-
-
 def check_every_class_in_every_split(splits, examples, balance):
     """A DataError naming the first class that some split lacks."""
     classes = sorted({label for label, _ in examples})
@@ -425,11 +404,32 @@ def balance_classes(examples, rng):
     return [kept[i] for i in rng.permutation(len(kept))], left_out
 
 
+def by_class(examples):
+    """{label: [its examples, in file order]}, labels sorted."""
+    members = {}
+    for example in examples:
+        members.setdefault(example[0], []).append(example)
+    return dict(sorted(members.items()))
+
+
 def cut_70_10_20(items):
     """The first 70 % (int() rounds down), the next 10 %, the rest."""
     n_train = int(0.7 * len(items))
     n_validation = int(0.1 * len(items))
     return items[:n_train], items[n_train:n_train + n_validation], items[n_train + n_validation:]
+
+
+def stratified_split(examples, rng):
+    """Each class shuffled and cut 70/10/20 on its own, so each split has the classes in the
+    proportions of the whole file; then each split shuffled. "unseen" is empty."""
+    splits = {name: [] for name in SPLITS}
+    for members in by_class(examples).values():
+        members = [members[i] for i in rng.permutation(len(members))]
+        for name, part in zip(SPLITS, cut_70_10_20(members)):
+            splits[name] += part
+    splits = {name: [part[i] for i in rng.permutation(len(part))] for name, part in splits.items()}
+    splits["unseen"] = []
+    return splits
 
 
 # ----------------------------------------------------------------------------------------------

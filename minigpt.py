@@ -234,25 +234,6 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
-def init_parameter(name, p, cfg):
-    """GPT-2's initialisation of the parameter `name` (as GPT.named_parameters() calls it), in place.
-
-    N(0, 0.02), zero biases, LayerNorm gains 1; the layers that write into the residual stream are
-    scaled down by sqrt(2 * n_layers) so the sum of 2 * n_layers corrections stays O(1). By name,
-    so that a big model can also be initialised one tensor at a time (finetune.py's QLoRA does).
-    """
-    if name.endswith("bias"):
-        nn.init.zeros_(p)
-    elif "ln_" in name:
-        nn.init.ones_(p)
-    elif name in ("wte.weight", "wpe.weight"):
-        nn.init.normal_(p, 0.0, cfg.embedding_std)
-    else:
-        std = 0.02 / math.sqrt(2 * cfg.n_layers) if name.endswith("c_proj.weight") else 0.02
-        nn.init.normal_(p, 0.0, std)
-    return p
-
-
 class GPT(nn.Module):
     """Token ids (B, T) -> next-token logits (B, T, vocab_size)."""
 
@@ -292,6 +273,25 @@ class GPT(nn.Module):
         # one of the B·T positions, averaged; a chunk of positions at a time (ChunkedCrossEntropy).
         return ChunkedCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten(),
                                          torch.is_grad_enabled())      # (B·T, C), (vocab, C), (B·T,)
+
+
+def init_parameter(name, p, cfg):
+    """GPT-2's initialisation of the parameter `name` (as GPT.named_parameters() calls it), in place.
+
+    N(0, 0.02), zero biases, LayerNorm gains 1; the layers that write into the residual stream are
+    scaled down by sqrt(2 * n_layers) so the sum of 2 * n_layers corrections stays O(1). By name,
+    so that a big model can also be initialised one tensor at a time (finetune.py's QLoRA does).
+    """
+    if name.endswith("bias"):
+        nn.init.zeros_(p)
+    elif "ln_" in name:
+        nn.init.ones_(p)
+    elif name in ("wte.weight", "wpe.weight"):
+        nn.init.normal_(p, 0.0, cfg.embedding_std)
+    else:
+        std = 0.02 / math.sqrt(2 * cfg.n_layers) if name.endswith("c_proj.weight") else 0.02
+        nn.init.normal_(p, 0.0, std)
+    return p
 
 
 # ----------------------------------------------------------------------------------------------

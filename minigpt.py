@@ -640,7 +640,8 @@ DATA_DIR = Path(os.environ.get("MINIGPT_DATA") or HERE / "data")
 
 def head_logits(h, weight):
     """h @ weightᵀ, (n, C) x (vocab, C) -> (n, vocab); in float32 on a CPU by oneDNN (MKL rearranges
-    the weight on every call): pretraining in float32 2,166-2,299 -> 2,448-2,711 tokens/s."""
+    the weight on every call): pretraining in float32, 2-core EPYC, 2,166-2,299 -> 2,448-2,711 tokens/s
+    (docs/precision.md)."""
     if (h.device.type == "cpu" and h.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
             and torch.backends.mkldnn.is_available()):
         return torch.ops.mkldnn._linear_pointwise(h, weight, None, "none", [], "")

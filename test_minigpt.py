@@ -2685,8 +2685,8 @@ def test_inference_speed_beside_onnx_runtime_and_transformers(tmp_path, capsys):
     its own, best of 5, in 3 rounds, and prints the table and minigpt's ratios; otherwise it runs
     the same steps on the tiny shape, in this process, and checks that ONNX Runtime gives
     minigpt's answers, so the benchmark keeps working."""
-    ort = pytest.importorskip("onnxruntime", exc_type=ImportError,
-                              reason="the benchmark needs onnxruntime (pip install -r requirements-test.txt)")
+    pytest.importorskip("onnxruntime", exc_type=ImportError,
+                        reason="the benchmark needs onnxruntime (pip install -r requirements-test.txt)")
     pytest.importorskip("onnxscript", exc_type=ImportError, reason="torch.onnx.export needs onnxscript")
     pytest.importorskip("transformers", exc_type=ImportError, reason="the benchmark needs transformers")
     from onnxruntime.quantization import QuantType, quantize_dynamic

@@ -419,6 +419,19 @@ def cut_70_10_20(items):
     return items[:n_train], items[n_train:n_train + n_validation], items[n_train + n_validation:]
 
 
+def stratified_split(examples, rng):
+    """Each class shuffled and cut 70/10/20 on its own, so each split has the classes in the
+    proportions of the whole file; then each split shuffled. "unseen" is empty."""
+    splits = {name: [] for name in SPLITS}
+    for members in by_class(examples).values():
+        members = [members[i] for i in rng.permutation(len(members))]
+        for name, part in zip(SPLITS, cut_70_10_20(members)):
+            splits[name] += part
+    splits = {name: [part[i] for i in rng.permutation(len(part))] for name, part in splits.items()}
+    splits["unseen"] = []
+    return splits
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. Training and measuring. The loop is the book's train_classifier_simple.
 # ----------------------------------------------------------------------------------------------
@@ -817,19 +830,6 @@ def own_splits(args, examples, counts):
         splits[name] = read_examples(path, args.text_column, args.label_column)
         if unknown := sorted({label for label, _ in splits[name]} - counts.keys()):
             raise minigpt.DataError(f"{path}: label {unknown[0]!r} never occurs in the training data {args.data}")
-    return splits
-
-
-def stratified_split(examples, rng):
-    """Each class shuffled and cut 70/10/20 on its own, so each split has the classes in the
-    proportions of the whole file; then each split shuffled. "unseen" is empty."""
-    splits = {name: [] for name in SPLITS}
-    for members in by_class(examples).values():
-        members = [members[i] for i in rng.permutation(len(members))]
-        for name, part in zip(SPLITS, cut_70_10_20(members)):
-            splits[name] += part
-    splits = {name: [part[i] for i in rng.permutation(len(part))] for name, part in splits.items()}
-    splits["unseen"] = []
     return splits
 
 

@@ -2739,8 +2739,9 @@ def benchmark_ids(preset):
 
 
 def benchmark_engine(engine, dtype, folder, preset):
-    """ids (B, T) -> class probabilities (B, T, 2) of one engine in one dtype, built from `folder`
-    (minigpt's state in model.pt, ONNX Runtime's model in float32.onnx and int8.onnx)."""
+    """ids (B, T) -> what one engine computes in one dtype: class probabilities (B, T, 2) (for
+    transformers, its logits (B, 2), for speed only), built from `folder` (minigpt's state in
+    model.pt, ONNX Runtime's model in float32.onnx and int8.onnx)."""
     if engine == "ONNX Runtime":
         import onnxruntime as ort
         options = ort.SessionOptions()

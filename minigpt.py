@@ -924,7 +924,7 @@ def pack_for_cpu(model, dtype):
 def cast_for_inference(model, dtype):
     """The model in `dtype` ("float32", "bfloat16" or "int8") for inference, in place. The float
     dtypes cast the parameters, then on a CPU pack the products' weights for oneDNN (PackedDense);
-    other devices run the model as it is."""
+    other devices run the model as it is. int8's layers pack their own (Int8Dense, pack_int8)."""
     if dtype == "int8":
         return to_int8(model)
     cast_parameters(model, dtype)

@@ -805,7 +805,9 @@ class Int8Dense(nn.Module):
         self.register_buffer("weight_q", torch.round(weight / self.scale).to(torch.int8))  # (in, out)
         self.register_buffer("bias", None if bias is None else bias.detach().float())
         self.gelu = gelu
-        self.packed = pack_int8(self.weight_q)  # W_q for oneDNN's product on an x86 CPU, else None
+        # W_q rearranged for oneDNN's product on an x86 CPU, else None. weight_q stays: the plain
+        # product's operand (integer_sums), and W_q as a reader (and a test) can look at it.
+        self.packed = pack_int8(self.weight_q)
         self.zero_points = torch.zeros(1, dtype=torch.long)  # W_q's, for oneDNN: none, its steps are symmetric
 
     def forward(self, x):

@@ -374,34 +374,25 @@ def split_examples(examples, seed, balance, dedupe=False):
     """{"train", "validation", "test", "unseen"}: lists of (label, text), shuffled with
     np.random.default_rng(seed) (--split-seed 123 by default) and cut 70/10/20 (cut_70_10_20).
 
-    balance (--balance: on for the SMS data, as in the book's create_balanced_dataset and
-    random_split): every class down-sampled to the size of the smallest, shuffled together, then
-    cut: the SMS data's 747 spam + 747 of its 4,825 ham = 1,494 become 1,045 / 149 / 300.
-    "unseen" holds what sampling left out: real examples, never trained on (for the SMS data: ham,
-    for a false-positive rate). Else each class is cut on its own (stratified_split).
+    balance (--balance: on for the SMS data) is the book's create_balanced_dataset and random_split:
+    the SMS data's 747 spam + 747 of its 4,825 ham = 1,494 become 1,045 / 149 / 300. "unseen" holds
+    what sampling left out: real examples, never trained on (for the SMS data: ham, for a
+    false-positive rate). Without balance each class is cut on its own (stratified_split).
     """
     if dedupe:
         examples = list(dict.fromkeys(examples))  # first of each exact duplicate, order kept
     rng = np.random.default_rng(seed)
-    if balance:
-        kept, unseen = balance_classes(examples, rng)
-        splits = dict(zip(SPLITS, cut_70_10_20(kept)), unseen=unseen)
-    else:
-        splits = stratified_split(examples, rng)
-    return splits
-
-
-def balance_classes(examples, rng):
-    """(kept, left out): every class down-sampled to the size of the smallest (only the larger
-    classes are sampled), then the kept examples shuffled together."""
-    classes = by_class(examples)                    # {label: [its examples, in file order]}, labels sorted
+    classes = by_class(examples)                  # {label: [its examples, in file order]}, labels sorted
+    if not balance:
+        return stratified_split(classes, rng)
     smallest = min(len(members) for members in classes.values())
-    kept, left_out = [], []
-    for members in classes.values():
+    kept, unseen = [], []
+    for members in classes.values():              # every larger class sampled down to the smallest's size
         order = rng.permutation(len(members)) if len(members) > smallest else range(smallest)
         kept += [members[i] for i in order[:smallest]]
-        left_out += [members[i] for i in order[smallest:]]
-    return [kept[i] for i in rng.permutation(len(kept))], left_out
+        unseen += [members[i] for i in order[smallest:]]
+    kept = [kept[i] for i in rng.permutation(len(kept))]  # the classes shuffled together, then cut
+    return dict(zip(SPLITS, cut_70_10_20(kept)), unseen=unseen)
 
 
 def by_class(examples):
@@ -419,11 +410,11 @@ def cut_70_10_20(items):
     return items[:n_train], items[n_train:n_train + n_validation], items[n_train + n_validation:]
 
 
-def stratified_split(examples, rng):
-    """Each class shuffled and cut 70/10/20 on its own, so each split has the classes in the
-    proportions of the whole file; then each split shuffled. "unseen" is empty."""
+def stratified_split(classes, rng):
+    """Each class ({label: its examples}) shuffled and cut 70/10/20 on its own, so each split has
+    the classes in the proportions of the whole file; then each split shuffled. "unseen" is empty."""
     splits = {name: [] for name in SPLITS}
-    for members in by_class(examples).values():
+    for members in classes.values():
         members = [members[i] for i in rng.permutation(len(members))]
         for name, part in zip(SPLITS, cut_70_10_20(members)):
             splits[name] += part
@@ -820,12 +811,10 @@ def write_unlabelled(args, splits, examples):
 
 def own_splits(args, examples, counts):
     """--validation-data and --test-data: the user's own splits; --data is all training data."""
-    if args.dedupe:
-        examples = list(dict.fromkeys(examples))
-    splits = {"train": examples, "unseen": []}
-    if args.balance:
-        kept, unseen = balance_classes(examples, np.random.default_rng(args.split_seed))
-        splits = {"train": kept, "unseen": unseen}
+    splits = {"train": list(dict.fromkeys(examples)) if args.dedupe else examples, "unseen": []}
+    if args.balance:  # balanced as split_examples balances, and all of it trains
+        parts = split_examples(examples, args.split_seed, True, args.dedupe)
+        splits = {"train": parts["train"] + parts["validation"] + parts["test"], "unseen": parts["unseen"]}
     for name, path in (("validation", args.validation_data), ("test", args.test_data)):
         splits[name] = read_examples(path, args.text_column, args.label_column)
         if unknown := sorted({label for label, _ in splits[name]} - counts.keys()):

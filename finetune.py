@@ -467,10 +467,10 @@ def train(model, batches, labels, frozen, args, dtype):
 
 @torch.no_grad()
 def predict(model, batches, pool, frozen, dtype=torch.float32):
-    """Class probabilities (N, classes) of every row of `batches`, in the rows' own order;
-    the softmax in float32."""
+    """Class probabilities (N, classes) of every row of `batches`, in the rows' own order, in eval
+    mode (no dropout); the softmax in float32."""
     probs = None
-    with minigpt.eval_mode(model):  # model.eval() (dropout off) inside, then the mode it was in
+    with minigpt.eval_mode(model):  # model.eval() inside, then the mode it was in
         for index, x, lengths in batches:
             p = torch.softmax(class_logits(model, x, lengths, pool, frozen, dtype).float(), dim=-1).cpu()
             probs = torch.zeros(len(batches.rows), p.shape[1]) if probs is None else probs
@@ -478,16 +478,10 @@ def predict(model, batches, pool, frozen, dtype=torch.float32):
     return probs
 
 
-@torch.no_grad()
 def accuracy(model, batches, labels, pool, frozen, dtype=torch.float32):
-    """The book's calc_accuracy_loader: the share of a split's texts whose most likely class is their
-    label, every text once (batches: in length order, make_batches), in eval mode (no dropout)."""
-    right = 0
-    with minigpt.eval_mode(model):
-        for index, x, lengths in batches:
-            predicted = class_logits(model, x, lengths, pool, frozen, dtype).argmax(dim=-1)  # (B,)
-            right += (predicted.cpu() == labels[index]).sum().item()
-    return right / len(batches.rows)
+    """The book's calc_accuracy_loader: the share of a split's texts (every one once) whose most
+    likely class is their label; labels: (N,), in the rows' order."""
+    return (predict(model, batches, pool, frozen, dtype).argmax(dim=1) == labels).sum().item() / len(labels)
 
 
 def record_losses(model, batches, labels, history, seen, epoch, step, args, frozen, dtype):

@@ -717,7 +717,7 @@ def parse_args(argv=None):
     p = parser()
     first = p.parse_args(argv)  # --help, usage errors, and which setting
     setting = first.setting or ("corpus" if first.corpus in ("books", "shakespeare") else "default")
-    p.set_defaults(setting=setting, **SETTINGS[setting])
+    p.set_defaults(setting=setting, **SETTINGS[setting])  # SETTINGS['default'] is {}: the flags' own defaults
     args = p.parse_args(argv)
     args.given = flags_given(p, argv, vars(args))
     if args.minutes:  # the budget is the time: a setting's epochs or steps apply only if given

@@ -62,21 +62,16 @@ def make_classifier(model, trainable, n_classes, lora_rank, lora_alpha):
     model.requires_grad_(trainable == "all")                 # all: everything trains; else frozen, then:
     if trainable in ("last_block", "last_two_blocks"):       # the top one or two blocks train
         model.h[frozen_blocks(model, trainable):].requires_grad_(True)
-    if trainable in ("lora", "qlora"):
-        add_lora(model, lora_rank, lora_alpha)
+    if trainable in ("lora", "qlora"):                       # every Dense layer of every block: a LoRA
+        for block in model.h:                                # shapes (in, out)
+            block.attn.c_attn = LoRA(block.attn.c_attn, lora_rank, lora_alpha)  # (C, 3C): q, k, v
+            block.attn.c_proj = LoRA(block.attn.c_proj, lora_rank, lora_alpha)  # (C, C)
+            block.mlp.c_fc = LoRA(block.mlp.c_fc, lora_rank, lora_alpha)        # (C, 4C)
+            block.mlp.c_proj = LoRA(block.mlp.c_proj, lora_rank, lora_alpha)    # (4C, C)
     if trainable != "head":                                  # all but head: the final LayerNorm trains
         model.ln_f.requires_grad_(True)
     model.lm_head.requires_grad_(True)                       # the new head always trains
     return model
-
-
-def add_lora(model, rank, alpha):
-    """Every Dense layer of every block wrapped in a LoRA; shapes (in, out)."""
-    for block in model.h:
-        block.attn.c_attn = LoRA(block.attn.c_attn, rank, alpha)  # (C, 3C): q, k, v
-        block.attn.c_proj = LoRA(block.attn.c_proj, rank, alpha)  # (C, C)
-        block.mlp.c_fc = LoRA(block.mlp.c_fc, rank, alpha)        # (C, 4C)
-        block.mlp.c_proj = LoRA(block.mlp.c_proj, rank, alpha)    # (4C, C)
 
 
 class LoRA(nn.Module):

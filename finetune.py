@@ -365,28 +365,22 @@ def read_data(args):
     return read_examples(args.data, args.text_column, args.label_column)
 
 
-def split_examples(examples, seed, balance, dedupe=False):
-    """{"train", "validation", "test", "unseen"}: lists of (label, text), shuffled with
-    np.random.default_rng(seed) (--split-seed 123 by default) and cut 70/10/20 (cut_70_10_20).
-
-    balance (--balance: on for the SMS data) is the book's create_balanced_dataset and random_split:
-    the SMS data's 747 spam + 747 of its 4,825 ham = 1,494 become 1,045 / 149 / 300. "unseen" holds
+def balanced_split(examples, seed):
+    """The book's create_balanced_dataset and random_split (--balance: on for the SMS data): every
+    class sampled down to the size of the smallest, the kept examples shuffled together and cut
+    70/10/20 (cut_70_10_20), with np.random.default_rng(seed) (--split-seed 123 by default). The
+    SMS data's 747 spam + 747 of its 4,825 ham = 1,494 become 1,045 / 149 / 300. "unseen" holds
     what sampling left out: real examples, never trained on (for the SMS data: ham, for a
-    false-positive rate). Without balance each class is cut on its own (stratified_split).
-    """
-    if dedupe:
-        examples = list(dict.fromkeys(examples))  # first of each exact duplicate, order kept
+    false-positive rate). Returns {"train", "validation", "test", "unseen"}: lists of (label, text)."""
     rng = np.random.default_rng(seed)
     classes = by_class(examples)                  # {label: [its examples, in file order]}, labels sorted
-    if not balance:
-        return stratified_split(classes, rng)
     smallest = min(len(members) for members in classes.values())
     kept, unseen = [], []
-    for members in classes.values():              # every larger class sampled down to the smallest's size
+    for members in classes.values():              # only a larger class is sampled
         order = rng.permutation(len(members)) if len(members) > smallest else range(smallest)
         kept += [members[i] for i in order[:smallest]]
         unseen += [members[i] for i in order[smallest:]]
-    kept = [kept[i] for i in rng.permutation(len(kept))]  # the classes shuffled together, then cut
+    kept = [kept[i] for i in rng.permutation(len(kept))]  # the classes shuffled together
     return dict(zip(SPLITS, cut_70_10_20(kept)), unseen=unseen)
 
 
@@ -405,11 +399,12 @@ def cut_70_10_20(items):
     return items[:n_train], items[n_train:n_train + n_validation], items[n_train + n_validation:]
 
 
-def stratified_split(classes, rng):
-    """Each class ({label: its examples}) shuffled and cut 70/10/20 on its own, so each split has
-    the classes in the proportions of the whole file; then each split shuffled. "unseen" is empty."""
+def stratified_split(examples, seed):
+    """Without --balance: each class shuffled and cut 70/10/20 on its own, so each split has the
+    classes in the proportions of the whole file; then each split shuffled. "unseen" is empty."""
+    rng = np.random.default_rng(seed)
     splits = {name: [] for name in SPLITS}
-    for members in classes.values():
+    for members in by_class(examples).values():
         members = [members[i] for i in rng.permutation(len(members))]
         for name, part in zip(SPLITS, cut_70_10_20(members)):
             splits[name] += part
@@ -750,10 +745,13 @@ def load_splits(args, examples=None):
     Nothing is written yet (see save_outputs): bad data costs nothing."""
     examples = read_data(args) if examples is None else examples
     counts = count_labels(examples, args.data)
+    if args.dedupe:
+        examples = list(dict.fromkeys(examples))  # the first of each exact duplicate, in order
     if args.validation_data:  # the user's own splits: --data is all training data
         splits = own_splits(args, examples, counts)
     else:
-        splits = split_examples(examples, args.split_seed, args.balance, args.dedupe)
+        split = balanced_split if args.balance else stratified_split
+        splits = split(examples, args.split_seed)
         check_every_class_in_every_split(splits, examples, args.balance)
     classes = sorted({label for label, _ in splits["train"]})
     if args.unseen != "all":  # a sample of --unseen of what balancing left out
@@ -800,9 +798,9 @@ def write_unlabelled(args, splits, examples):
 
 def own_splits(args, examples, counts):
     """--validation-data and --test-data: the user's own splits; --data is all training data."""
-    splits = {"train": list(dict.fromkeys(examples)) if args.dedupe else examples, "unseen": []}
-    if args.balance:  # balanced as split_examples balances, and all of it trains
-        parts = split_examples(examples, args.split_seed, True, args.dedupe)
+    splits = {"train": examples, "unseen": []}
+    if args.balance:  # balanced as balanced_split balances, and all of it trains
+        parts = balanced_split(examples, args.split_seed)
         splits = {"train": parts["train"] + parts["validation"] + parts["test"], "unseen": parts["unseen"]}
     for name, path in (("validation", args.validation_data), ("test", args.test_data)):
         splits[name] = read_examples(path, args.text_column, args.label_column)

@@ -1041,18 +1041,18 @@ def synthetic_messages(n_ham=60, n_spam=20, seed=0):
 
 def test_balance_and_split_are_deterministic():
     messages = synthetic_messages() + [("ham", "dup"), ("ham", "dup")]
-    a, b = (finetune.split_examples(messages, seed=1, balance=True) for _ in range(2))
-    assert a == b and a != finetune.split_examples(messages, seed=2, balance=True)
+    a, b = (finetune.balanced_split(messages, seed=1) for _ in range(2))
+    assert a == b and a != finetune.balanced_split(messages, seed=2)
     assert [len(a[k]) for k in ("train", "validation", "test", "unseen")] == [28, 4, 8, 42]
     balanced = a["train"] + a["validation"] + a["test"]
     assert sum(label == "spam" for label, _ in balanced) == 20
     assert sorted(balanced + a["unseen"]) == sorted(messages)  # every message used exactly once
-    assert len(finetune.split_examples(messages, seed=1, balance=True, dedupe=True)["unseen"]) == 41
+    assert len(finetune.balanced_split(list(dict.fromkeys(messages)), seed=1)["unseen"]) == 41
 
 
 def test_stratified_split_keeps_each_class_in_proportion():
     examples = [(label, f"{label} {i}") for label, n in (("a", 500), ("b", 300), ("c", 30)) for i in range(n)]
-    splits = finetune.split_examples(examples, seed=3, balance=False)
+    splits = finetune.stratified_split(examples, seed=3)
     for name, share in (("train", 0.7), ("validation", 0.1), ("test", 0.2)):
         counts = Counter(label for label, _ in splits[name])
         for label, n in (("a", 500), ("b", 300), ("c", 30)):
@@ -1060,7 +1060,7 @@ def test_stratified_split_keeps_each_class_in_proportion():
     assert splits["unseen"] == [] and sorted(sum((splits[k] for k in finetune.SPLITS), [])) == sorted(examples)
     with pytest.raises(minigpt.DataError, match="class 'c' has 9 examples: too few to appear in the validation"):
         few = examples[:800] + examples[800:809]
-        finetune.check_every_class_in_every_split(finetune.split_examples(few, seed=3, balance=False), few, False)
+        finetune.check_every_class_in_every_split(finetune.stratified_split(few, seed=3), few, False)
 
 
 @needs_mirror
@@ -1071,7 +1071,7 @@ def test_the_real_collection_parses_to_the_published_counts():
     assert messages[5081][1].startswith('"Keep ur problems') and messages[5081][1].endswith("SD..")
     assert messages[5082] == ("ham", "Yeah, give me a call if you've got a minute")
     assert messages[5083][1].startswith('"HI BABE') and messages[5083][1].endswith('CALL U"')
-    splits = finetune.split_examples(messages, seed=123, balance=True)
+    splits = finetune.balanced_split(messages, seed=123)
     assert [len(splits[k]) for k in ("train", "validation", "test", "unseen")] == [1045, 149, 300, 4080]
     # The very same splits as before labels became general (this digest was computed with that
     # code, finetune.split_sms at commit 43ab457): same figures for `python finetune.py`.
@@ -2417,7 +2417,7 @@ def test_every_flag_the_docs_mention_is_in_the_scripts_help(helps):
 
 @pytest.mark.parametrize("function, flags", [
     ("pretrain.learning_rate", ("--lr", "--warmup")),
-    ("finetune.split_examples", ("--split-seed",)),
+    ("finetune.balanced_split", ("--split-seed",)),
     ("finetune.class_logits", ("--pool",)),
     ("finetune.make_classifier", ("--lora-rank", "--lora-alpha")),
 ])

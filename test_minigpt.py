@@ -2638,6 +2638,30 @@ def test_int8_model_logits_are_within_tolerance_of_float32(tiny_classifier):
     assert max(abs(a["spam_probability"] - b["spam_probability"]) for a, b in zip(plain, int8)) < 0.05
 
 
+def test_compiled_classifier_answers_as_the_eager_one_and_compiles_only_at_start(tiny_classifier):
+    """--compile (minigpt.compile_model): eager int8's answers, for one text and many, of one token
+    and of many; every program compiled by compile_warm_up, none after it."""
+    try:
+        compiled = classify.Classifier(tiny_classifier, dtype="int8", compile=True)
+    except minigpt.DataError as e:
+        pytest.skip(str(e))
+    eager = classify.Classifier(tiny_classifier, dtype="int8")
+    texts = [t for _, t in synthetic_messages(9, 10, seed=3)] + ["ok"]
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a new program would raise
+        for batch in (texts, texts[:1], texts[-1:], texts[-2:], texts[:5]):
+            rows, lengths, _ = eager.encode(batch)
+            got, expected = compiled.probabilities(rows, lengths)[0], eager.probabilities(rows, lengths)[0]
+            assert np.abs(np.array(got) - np.array(expected)).max() < 0.02
+    assert isinstance(compiled.model.h[0].mlp.c_fc, minigpt.Int8Dense)  # the compiled model is the int8 one
+
+
+def test_compile_without_a_cpp_compiler_is_a_one_line_error(monkeypatch):
+    import torch._inductor.config
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "no-such-c++-compiler"))
+    with pytest.raises(minigpt.DataError, match="--compile needs a C[+][+] compiler"):
+        minigpt.compile_model(tiny_model())
+
+
 def fail_if_timed(monkeypatch):
     """Every timing function of minigpt fails: what runs after this decides nothing by the clock."""
     def timer(*args, **kwargs):
@@ -2703,7 +2727,7 @@ def test_inference_speed_beside_onnx_runtime_and_transformers(tmp_path, capsys):
                                    atol=1e-4, rtol=0)  # the same model
         assert (benchmark_engine("ONNX Runtime", "int8", tmp_path, preset)(batch) - expected).abs().max() < 0.1
     engines = [("ONNX Runtime", "float32"), ("ONNX Runtime", "int8"), ("minigpt", "float32"),
-               ("minigpt", "bfloat16"), ("minigpt", "int8"), ("transformers", "bfloat16")]
+               ("minigpt", "bfloat16"), ("minigpt", "int8"), ("minigpt --compile", "int8"), ("transformers", "bfloat16")]
     seconds = {}
     # A process per engine: ONNX Runtime's idle threads, kept in this process, slowed torch's next
     # run (minigpt int8, one text: 16.3-17.4 ms before a session ran, 18.5-26.3 after).
@@ -2748,10 +2772,12 @@ def benchmark_engine(engine, dtype, folder, preset):
         options.intra_op_num_threads = torch.get_num_threads()  # the cores torch uses
         session = ort.InferenceSession(str(folder / f"{dtype}.onnx"), options, providers=["CPUExecutionProvider"])
         return lambda ids: numpy_softmax(session.run(None, {"ids": ids.numpy()})[0])
-    if engine == "minigpt":
+    if engine.startswith("minigpt"):
         model = benchmark_model(preset)
         model.load_state_dict(torch.load(folder / "model.pt"))
         model = minigpt.cast_for_inference(model, dtype)
+        if engine == "minigpt --compile":  # compiled at its first pass of each shape (best_time's warm-up)
+            model = minigpt.compile_model(model)
         return lambda ids: classify.prefix_probabilities(model, ids)
     import transformers
     cfg = minigpt.PRESETS[preset]
@@ -2784,9 +2810,10 @@ def print_speed_table(seconds):
         if shape == "lone":
             print(f"{engine + ', ' + dtype:28} {1000 * seconds[(engine, dtype), 'lone']:11.1f} ms "
                   f"{32 / seconds[(engine, dtype), 'batch']:10.1f} texts/s")
-    for dtype, other in (("float32", "ONNX Runtime"), ("int8", "ONNX Runtime"), ("bfloat16", "transformers")):
-        ratios = [seconds[(other, dtype), shape] / seconds[("minigpt", dtype), shape] for shape in ("lone", "batch")]
-        print(f"minigpt {dtype} over {other} {dtype}: lone {ratios[0]:.2f}, batch {ratios[1]:.2f}")
+    for ours, dtype, other in (("minigpt", "float32", "ONNX Runtime"), ("minigpt", "int8", "ONNX Runtime"),
+                               ("minigpt --compile", "int8", "ONNX Runtime"), ("minigpt", "bfloat16", "transformers")):
+        ratios = [seconds[(other, dtype), shape] / seconds[(ours, dtype), shape] for shape in ("lone", "batch")]
+        print(f"{ours} {dtype} over {other} {dtype}: lone {ratios[0]:.2f}, batch {ratios[1]:.2f}")
 
 
 def test_int8_units_are_read_from_cpuinfo():

@@ -935,10 +935,11 @@ def compile_model(model):
     products (int8's quantize and rescale of each input, the bias, GELU, LayerNorm's statistics)
     into a few passes, in place of eager PyTorch's 1,100 or so calls a pass, each its own trip
     through Python and the dispatcher. The products stay oneDNN's. 124M shape, 2-core EPYC, int8,
-    each in a process of its own (docs/precision.md): one text of 30 tokens 8.1 -> 7.7 ms, 32
-    texts 223 -> 255 texts/s, the service at 32 clients 164-168 -> 192-198 messages/s. float32
-    and bfloat16 passes are nearly all products: no gain beyond the noise. What it costs: a C++
-    compiler, and 10-30 s of compiling for each kind of input (compile_warm_up), at start.
+    each in a process of its own, two runs (docs/precision.md): one text of 30 tokens 9.2-9.5 ->
+    6.8-7.6 ms, 32 texts 199-212 -> 236-242 texts/s, the service at 32 clients 164-168 -> 192-198
+    messages/s. float32 and bfloat16 passes are nearly all products: no gain beyond the noise.
+    What it costs: a C++ compiler, and 10-30 s of compiling for each kind of input
+    (compile_warm_up), at start.
     """
     import torch._inductor.config
     from torch._inductor.cpp_builder import get_cpp_compiler

@@ -2638,7 +2638,16 @@ def test_int8_model_logits_are_within_tolerance_of_float32(tiny_classifier):
     assert max(abs(a["spam_probability"] - b["spam_probability"]) for a, b in zip(plain, int8)) < 0.05
 
 
-def test_compiled_classifier_answers_as_the_eager_one_and_compiles_only_at_start(tiny_classifier):
+@pytest.fixture
+def inductor_in_tmp(tmp_path, monkeypatch):
+    """torch.compile's files (Inductor's C++ and its cache) go to the test's folder, not /tmp/torchinductor_<user>;
+    its precompiled headers, whose folder is fixed when torch._inductor loads, are not made."""
+    import torch._inductor.config
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(torch._inductor.config, "cpp_cache_precompile_headers", False)
+
+
+def test_compiled_classifier_answers_as_the_eager_one_and_compiles_only_at_start(tiny_classifier, inductor_in_tmp):
     """--compile (minigpt.compile_model): eager int8's answers, for one text and many, of one token
     and of many; every program compiled by compile_warm_up, none after it."""
     try:
@@ -2701,11 +2710,11 @@ def test_packed_float_layers_give_the_plain_models_answers():
 BENCHMARK = os.environ.get("MINIGPT_BENCHMARK") == "1"  # the 124M shape, timed; else the tiny one, checked
 
 
-def test_inference_speed_beside_onnx_runtime_and_transformers(tmp_path, capsys):
+def test_inference_speed_beside_onnx_runtime_and_transformers(tmp_path, capsys, inductor_in_tmp):
     """minigpt's classifying path (classify.prefix_probabilities on a cast_for_inference model, a
     2-way head) beside ONNX Runtime on the same model (exported by torch.onnx; int8 by its
     quantize_dynamic) and transformers' GPT-2 in bfloat16: one text of 30 tokens, and 32. With
-    MINIGPT_BENCHMARK=1 (the 124M shape, about 4 minutes) it times each engine in a process of
+    MINIGPT_BENCHMARK=1 (the 124M shape, about 8 minutes) it times each engine in a process of
     its own, best of 5, in 3 rounds, and prints the table and minigpt's ratios; otherwise it runs
     the same steps on the tiny shape, in this process, and checks that ONNX Runtime gives
     minigpt's answers, so the benchmark keeps working."""
@@ -2776,8 +2785,9 @@ def benchmark_engine(engine, dtype, folder, preset):
         model = benchmark_model(preset)
         model.load_state_dict(torch.load(folder / "model.pt"))
         model = minigpt.cast_for_inference(model, dtype)
-        if engine == "minigpt --compile":  # compiled at its first pass of each shape (best_time's warm-up)
+        if engine == "minigpt --compile":  # as classify.py --compile: every program compiled here
             model = minigpt.compile_model(model)
+            minigpt.compile_warm_up(model, "cpu")
         return lambda ids: classify.prefix_probabilities(model, ids)
     import transformers
     cfg = minigpt.PRESETS[preset]

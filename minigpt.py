@@ -948,7 +948,8 @@ def compile_model(model):
     except Exception as e:  # Inductor's own check: none of $CXX, g++ (clang++ on macOS) runs
         raise DataError(f"--compile needs a C++ compiler ({e}): install g++ or clang++, or set CXX") from None
     # Freezing: the weights become constants of the compiled code, which Inductor's lowering of
-    # oneDNN's int8 product (qlinear_pointwise on packed weights) requires.
+    # oneDNN's int8 product (qlinear_pointwise on packed weights) requires. A setting of the
+    # process: every model it compiles after this is frozen too (inference only, as here).
     torch._inductor.config.freezing = True
     return torch.compile(model)
 
